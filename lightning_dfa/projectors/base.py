@@ -1,0 +1,70 @@
+"""The projector seam: what every feedback projector is, whatever computes it.
+
+A projector is an ``nn.Module`` that maps errors ``(N, in_features)`` to feedback
+``(N, out_features)``, like ``nn.Linear`` without trainable weights. It is built from
+``(in_features, out_features, seed=...)`` and is deterministic given its seed on every
+device, process and resume. Its ``state_dict`` carries the seed and shapes (as extra
+state), never a large matrix, so checkpoints stay small and a resumed run can prove it
+rebuilt the very same projection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class Projector(nn.Module):
+    """Base class of the projector kinds.
+
+    Subclasses implement :meth:`forward` and may override :meth:`settings` to add the
+    constructor arguments that define them (saved and checked on load).
+
+    Example::
+
+        class Scaled(Projector):
+            def forward(self, error):
+                return error.repeat(1, self.out_features // self.in_features)
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, seed: int = 0) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {value!r}.")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"{type(self).__name__}: seed must be a non-negative integer, got {seed!r}.")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.seed = seed
+
+    def settings(self) -> dict[str, Any]:
+        """The arguments that define this projector (saved in checkpoints, checked on load)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "seed": self.seed}
+
+    @torch.no_grad()
+    def materialize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The ``(in_features, out_features)`` matrix ``M`` such that ``forward(e) == e @ M``.
+
+        Only meaningful for linear projectors and small sizes (it allocates the matrix).
+        """
+        device = next((b.device for b in self.buffers()), torch.device("cpu"))
+        eye = torch.eye(self.in_features, dtype=dtype, device=device)
+        return self(eye)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"kind": type(self).__name__, **self.settings()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        expected = self.get_extra_state()
+        if state != expected:
+            diff = {k: (state.get(k), expected.get(k)) for k in set(state) | set(expected) if state.get(k) != expected.get(k)}
+            raise ValueError(
+                f"Saved projector does not match this one (saved, current): {diff}. "
+                "Resume with the same projector settings the run was started with."
+            )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.settings().items())

@@ -1,0 +1,46 @@
+"""Dense Gaussian feedback: the reference projector, materialised, for small sizes and audits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_dfa.projectors.base import Projector
+
+
+def default_std(in_features: int) -> float:
+    """The library-wide scale convention: entries ``N(0, 1/in_features)``.
+
+    With it a feedback entry ``(e @ B)_j`` has the variance of the mean squared error entry,
+    ``|e|^2 / d_e``: feedback keeps the size of the error whatever ``d_e`` is.
+    """
+    return 1.0 / math.sqrt(in_features)
+
+
+class Gaussian(Projector):
+    """``B`` with i.i.d. entries ``N(0, std^2)``, ``std = 1/sqrt(in_features)`` by default.
+
+    The matrix is drawn once on the CPU from ``seed`` (so every device and rank gets the same
+    one) and kept as a non-persistent buffer: the state dict holds the seed and shapes only.
+
+    Example::
+
+        >>> B = Gaussian(10, 300, seed=0)
+        >>> B(torch.randn(4, 10)).shape
+        torch.Size([4, 300])
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, seed: int = 0, std: float | None = None) -> None:
+        super().__init__(in_features, out_features, seed=seed)
+        self.std = default_std(in_features) if std is None else float(std)
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.randn(in_features, out_features, generator=generator).mul_(self.std)
+        self.register_buffer("weight", weight, persistent=False)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "std": self.std}
+
+    def forward(self, error: Tensor) -> Tensor:
+        return error @ self.weight.to(error.dtype)
