@@ -1,0 +1,304 @@
+"""The feedback engine: Direct Feedback Alignment on any ``nn.Module``, with hooks, no Lightning.
+
+Everything happens inside one ordinary ``loss.backward()``:
+
+1. a forward pre-hook on every feedback point detaches its inputs (hidden states, skips, time
+   embeddings), so autograd never computes a gradient for a block's input;
+2. a forward hook records each point's output and hands a detached copy downstream, so no
+   gradient crosses a block boundary (nor reaches the blocks from the head);
+3. a forward hook on the output point wraps its output in :class:`FeedbackRouter`: in backward
+   the error ``e`` reaching it flows on to the head (which trains with its true gradient), and
+   ``projector(e)`` is computed once, sliced by :attr:`layout`, and given to the recorded
+   outputs as their gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_dfa.feedback.outputs import any_requires_grad, detach_all, first_tensor, replace_first
+from lightning_dfa.feedback.points import auto_output, resolve_module, resolve_points
+from lightning_dfa.feedback.router import FeedbackRouter, in_backward
+from lightning_dfa.feedback.rows import SEQUENCE_FEEDBACK, PointShape, error_row_dims
+from lightning_dfa.projectors import build_projector
+from lightning_dfa.projectors.registry import ProjectorSpec, check_projector_sizes
+
+MODES = ("dfa", "backprop")
+
+
+class FeedbackEngine:
+    """Direct Feedback Alignment for a model's blocks, usable from plain PyTorch.
+
+    Args:
+        blocks: module paths or glob patterns (``"transformer.h.*"``, ``["0", "1"]``), or ``"auto"``
+            for the blocks of HuggingFace models (``_no_split_modules``) and diffusers UNets.
+        output: module path whose output's gradient is the error ``e`` (logits, or the last hidden
+            state before the head). ``None`` picks it for known families (LM head, classifier, UNet
+            ``conv_out``).
+        projector: ``"gaussian"`` (default), a projector module, a ``(d_e, sum d_i)`` matrix, a class,
+            or a config ``{"class_path": ..., "init_args": {...}}``. Built at the first forward pass.
+        seed: seed of the projection; the same seed gives the same feedback on every device and rank.
+        mode: ``"dfa"``, or ``"backprop"`` to run the identical pipeline with true gradients.
+        error_rows: leading dimensions of the error that are rows (default: 2 for ``(B, T, V)``
+            errors, else 1). See :mod:`lightning_dfa.feedback.rows`.
+        sequence_feedback: ``"broadcast"`` or ``"flatten"``, for per-sample errors with per-token points.
+        check_finite: raise if the error holds NaN or inf instead of spreading it into every block.
+
+    Example::
+
+        dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(model)
+        loss_fn(model(x), y).backward()      # blocks get projector(e) slices, the head its true gradient
+        dfa.detach()                         # plain backprop again
+    """
+
+    def __init__(
+        self,
+        blocks: str | Sequence[str] = "auto",
+        output: str | None = None,
+        projector: ProjectorSpec = "gaussian",
+        seed: int = 0,
+        mode: str = "dfa",
+        error_rows: int | None = None,
+        sequence_feedback: str = "broadcast",
+        check_finite: bool = True,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if sequence_feedback not in SEQUENCE_FEEDBACK:
+            raise ValueError(f"sequence_feedback must be one of {SEQUENCE_FEEDBACK}, got {sequence_feedback!r}.")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+        self.blocks = blocks
+        self.output = output
+        self.projector_spec = projector
+        self.seed = seed
+        self.mode = mode
+        self.error_rows = error_rows
+        self.sequence_feedback = sequence_feedback
+        self.check_finite = check_finite
+        self.projector: nn.Module | None = None
+        self.layout: dict[str, slice] = {}
+        self.points: list[str] = []
+        self.model: nn.Module | None = None
+        self._records: dict[str, Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+        self._saved_state: dict[str, Any] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments of this engine (to rebuild it with some of them changed)."""
+        return {
+            "blocks": self.blocks,
+            "output": self.output,
+            "projector": self.projector_spec,
+            "seed": self.seed,
+            "mode": self.mode,
+            "error_rows": self.error_rows,
+            "sequence_feedback": self.sequence_feedback,
+            "check_finite": self.check_finite,
+        }
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self, model: nn.Module) -> FeedbackEngine:
+        """Select the feedback points of ``model`` and install the hooks (none in backprop mode)."""
+        if self.model is not None:
+            raise RuntimeError("This DFA is already attached to a model; call detach() first.")
+        points = resolve_points(model, self.blocks)
+        output = self.output if self.output is not None else auto_output(model)
+        if output is None:
+            raise ValueError(
+                f"output=None and no known error point in {type(model).__name__}: name the module whose output's "
+                f"gradient is the error, e.g. the head (top-level children: {[n for n, _ in model.named_children()]})."
+            )
+        output_module = resolve_module(model, output, role="output")
+        for point in points:
+            if output == point or output.startswith(point + "."):
+                raise ValueError(f"The output point {output!r} lies inside the feedback point {point!r}.")
+        self.model, self.points, self.output = model, points, output
+        if self.mode == "dfa":
+            modules = dict(model.named_modules())
+            for name in points:
+                self._handles.append(modules[name].register_forward_pre_hook(self._cut_inputs, with_kwargs=True))
+                self._handles.append(modules[name].register_forward_hook(self._recorder(name)))
+            self._handles.append(output_module.register_forward_hook(self._route))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook: the model is exactly as before (plain backprop)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._records.clear()
+        self.model = None
+
+    def __enter__(self) -> FeedbackEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ hooks
+    def _cut_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if torch.is_grad_enabled():
+            return detach_all(args), detach_all(kwargs)
+        if any_requires_grad((args, kwargs)):
+            raise RuntimeError(
+                "A feedback point runs without grad on inputs that require grad: this is reentrant activation "
+                "checkpointing, which DFA cannot route feedback through. Use non-reentrant checkpointing: "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+                "or torch.utils.checkpoint.checkpoint(..., use_reentrant=False)."
+            )
+        return None
+
+    def _recorder(self, name: str):
+        def record(module: nn.Module, args: tuple, output: Any) -> Any:
+            hidden = first_tensor(output, f"Feedback point {name!r}")
+            if not torch.is_grad_enabled() or in_backward():
+                return None
+            if name in self._records:
+                raise RuntimeError(
+                    f"Feedback point {name!r} ran again before the output point {self.output!r} did: either the "
+                    "output module never runs in forward (choose one that runs after every block), or the block "
+                    "is called twice per forward pass (shared blocks are not supported)."
+                )
+            self._records[name] = hidden
+            return replace_first(output, hidden.detach())
+
+        return record
+
+    def _route(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        error_point = first_tensor(output, f"Output point {self.output!r}")
+        if not torch.is_grad_enabled() or in_backward() or not error_point.requires_grad:
+            return None
+        missing = [name for name in self.points if name not in self._records]
+        if missing:
+            raise RuntimeError(
+                f"Feedback points {missing} did not run before the output point {self.output!r}; every block must "
+                "run before the error is taken. Choose an output module that runs last (e.g. the head)."
+            )
+        records, self._records = self._records, {}
+        shapes = self._point_shapes(records, error_point)
+        routed = [(name, shapes[name]) for name in self.points if self._trains(name, records[name])]
+        routed_outputs = (records[name] for name, _ in routed)
+        return replace_first(output, FeedbackRouter.apply(self, routed, error_point, *routed_outputs))
+
+    def _trains(self, name: str, hidden: Tensor) -> bool:
+        if hidden.requires_grad:
+            return True
+        if any(p.requires_grad for p in self.model.get_submodule(name).parameters()):
+            raise RuntimeError(
+                f"Feedback point {name!r} has trainable parameters but its output does not require grad; was it "
+                "run under torch.no_grad() or reentrant checkpointing?"
+            )
+        return False  # a frozen block: nothing to train
+
+    def check_routed(self) -> None:
+        """Raise if block outputs were recorded but the output point never ran (call after backward)."""
+        if self._records:
+            raise RuntimeError(
+                f"The output point {self.output!r} did not run in the forward pass, so the feedback points "
+                f"{list(self._records)} got no feedback. Choose an output module that runs after every block."
+            )
+
+    # ------------------------------------------------------------------ layout and projection
+    def _point_shapes(self, records: dict[str, Tensor], error_point: Tensor) -> dict[str, PointShape]:
+        """Each point's rows and feature size; builds the layout and projector at the first call."""
+        rows = error_row_dims(error_point.shape, self.error_rows)
+        shapes = {
+            name: PointShape.of(name, records[name].shape, error_point.shape, rows, self.sequence_feedback)
+            for name in self.points
+        }
+        error_features = math.prod(error_point.shape[rows:])
+        if self.projector is None:
+            self._build(shapes, error_features, error_point.device)
+        for name, shape in shapes.items():
+            have = self.layout[name].stop - self.layout[name].start
+            if shape.features != have:
+                raise ValueError(
+                    f"Feedback point {name!r} now needs {shape.features} features per row, but the layout gave it "
+                    f"{have} (output shape {tuple(shape.shape)}). Keep feature sizes fixed, or use "
+                    "sequence_feedback='broadcast' for per-sample errors with varying sequence lengths."
+                )
+        if error_features != self.projector.in_features:
+            raise ValueError(
+                f"The error at {self.output!r} has {error_features} features per row, the projector takes "
+                f"{self.projector.in_features} (error shape {tuple(error_point.shape)})."
+            )
+        return shapes
+
+    def _build(self, shapes: dict[str, PointShape], error_features: int, device: torch.device) -> None:
+        layout, start = {}, 0
+        for name, shape in shapes.items():
+            layout[name] = slice(start, start + shape.features)
+            start += shape.features
+        if self._saved_state is not None:
+            _check_saved_layout(self._saved_state, layout, error_features)
+        self.projector = build_projector(self.projector_spec, error_features, start, self.seed).to(device)
+        self.layout = layout
+        if self._saved_state is not None:
+            self.projector.load_state_dict(self._saved_state["projector"])
+            self._saved_state = None
+
+    def _feedback(self, error: Tensor, routed: list[tuple[str, PointShape]], needed: Sequence[bool]) -> list:
+        """The gradients of the routed points' outputs: slices of one projection of the error."""
+        flat = error.reshape(-1, self.projector.in_features)
+        if self.check_finite and not torch.isfinite(flat).all():
+            raise FloatingPointError(
+                f"The error at {self.output!r} holds NaN or inf values; no feedback was applied. Check the loss "
+                "and learning rate, or use bf16/fp32 instead of fp16."
+            )
+        feedback = self.projector(flat.float())
+        grads: list[Tensor | None] = []
+        for (name, shape), need in zip(routed, needed):
+            grads.append(shape.gradient(feedback[:, self.layout[name]]).to(error.dtype) if need else None)
+        return grads
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Seed, layout and projector state: enough to prove a resumed run uses the same projection."""
+        if self.projector is None:
+            return dict(self._saved_state) if self._saved_state else {"seed": self.seed}
+        return {
+            "seed": self.seed,
+            "error_features": self.projector.in_features,
+            "layout": {name: (s.start, s.stop) for name, s in self.layout.items()},
+            "projector": self.projector.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the feedback state; the projector is rebuilt (and checked) at the next forward pass."""
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"The checkpoint's feedback seed is {state['seed']}, this DFA's is {self.seed}: resume with "
+                f"seed={state['seed']} so the run keeps its projection."
+            )
+        if "layout" not in state:
+            return
+        if self.projector is None:
+            self._saved_state = dict(state)
+            return
+        _check_saved_layout(state, self.layout, self.projector.in_features)
+        check_projector_sizes(self.projector, state["error_features"], self.projector.out_features)
+        self.projector.load_state_dict(state["projector"])
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(blocks={self.blocks!r}, output={self.output!r}, projector={self.projector_spec!r}, "
+            f"seed={self.seed}, mode={self.mode!r})"
+        )
+
+
+def _check_saved_layout(state: dict[str, Any], layout: dict[str, slice], error_features: int) -> None:
+    saved = {name: tuple(span) for name, span in state["layout"].items()}
+    current = {name: (s.start, s.stop) for name, s in layout.items()}
+    if saved != current or state["error_features"] != error_features:
+        raise ValueError(
+            "The checkpoint's feedback layout does not match this model: saved "
+            f"{saved} with error size {state['error_features']}, now {current} with error size {error_features}. "
+            "Resume with the same model and feedback points."
+        )

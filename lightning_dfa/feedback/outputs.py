@@ -1,0 +1,53 @@
+"""Reading and rewriting module inputs and outputs: tensors, tuples (HF 4.x blocks), nested skips."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+
+def first_tensor(output: Any, where: str) -> Tensor:
+    """The hidden state of a module's output: the tensor itself, or the first item of a tuple/list."""
+    value = output[0] if isinstance(output, (tuple, list)) and output else output
+    if not isinstance(value, Tensor):
+        kind = (
+            type(value).__name__
+            if value is output
+            else f"{type(output).__name__} whose first item is {type(value).__name__}"
+        )
+        raise TypeError(
+            f"{where} returned a {kind}; a feedback or output point must return a tensor or a tuple "
+            "starting with one. Select the submodule that produces the hidden state instead."
+        )
+    return value
+
+
+def replace_first(output: Any, value: Tensor) -> Any:
+    """``output`` with its hidden state replaced by ``value`` (same container type)."""
+    if isinstance(output, Tensor):
+        return value
+    return type(output)([value, *output[1:]]) if isinstance(output, list) else (value, *output[1:])
+
+
+def detach_all(value: Any) -> Any:
+    """Detach every tensor inside nested tuples, lists and dicts (block inputs, skips, time embeddings)."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(detach_all(v) for v in value)
+    if isinstance(value, list):
+        return [detach_all(v) for v in value]
+    if isinstance(value, dict):
+        return {k: detach_all(v) for k, v in value.items()}
+    return value
+
+
+def any_requires_grad(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return value.requires_grad
+    if isinstance(value, (tuple, list)):
+        return any(any_requires_grad(v) for v in value)
+    if isinstance(value, dict):
+        return any(any_requires_grad(v) for v in value.values())
+    return False

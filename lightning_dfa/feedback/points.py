@@ -1,0 +1,130 @@
+"""Choosing feedback points: module paths, glob patterns, or the blocks of known model families."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Sequence
+
+from torch import nn
+
+#: Attribute names of diffusers UNets' block containers, in forward order.
+UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
+
+
+def resolve_points(model: nn.Module, blocks: str | Sequence[str]) -> list[str]:
+    """Module paths selected by ``blocks``, in the model's registration (forward) order.
+
+    ``blocks`` is ``"auto"``, one path or glob pattern (``"transformer.h.*"``), or a list of them.
+    A pattern matches whole dotted paths; ``*`` does not cross dots.
+    """
+    if blocks == "auto":
+        return auto_points(model)
+    patterns = [blocks] if isinstance(blocks, str) else list(blocks)
+    if not patterns:
+        raise ValueError("blocks is empty: give module paths, glob patterns or 'auto'.")
+    names = [name for name, _ in model.named_modules() if name]
+    selected: list[str] = []
+    for pattern in patterns:
+        matches = [name for name in names if _matches(name, str(pattern))]
+        if not matches:
+            raise ValueError(_no_match_message(str(pattern), names, model))
+        selected += [m for m in matches if m not in selected]
+    order = {name: i for i, name in enumerate(names)}
+    selected.sort(key=order.__getitem__)
+    _check_not_nested(selected)
+    return selected
+
+
+def resolve_module(model: nn.Module, path: str, role: str = "output") -> nn.Module:
+    """The submodule at ``path``, or a clear error listing the closest paths."""
+    names = dict(model.named_modules())
+    if path not in names or not path:
+        raise ValueError(_no_match_message(path, [n for n in names if n], model, role=role))
+    return names[path]
+
+
+def auto_points(model: nn.Module) -> list[str]:
+    """The blocks of a HuggingFace model (``_no_split_modules``) or of a diffusers UNet."""
+    for prefix, module in model.named_modules():
+        classes = getattr(module, "_no_split_modules", None)
+        if classes and hasattr(module, "config"):
+            found = [
+                _join(prefix, name) for name, sub in module.named_modules() if name and type(sub).__name__ in classes
+            ]
+            if found:
+                _check_not_nested(found)
+                return found
+        if _is_unet(module):
+            return [_join(prefix, path) for path in _unet_block_paths(module)]
+    raise ValueError(
+        "blocks='auto' found no HuggingFace model (with _no_split_modules) or diffusers UNet in "
+        f"{type(model).__name__}. Name the blocks, e.g. blocks={_suggest_patterns(model)!r}; "
+        f"module containers here: {candidate_containers(model)}."
+    )
+
+
+def auto_output(model: nn.Module) -> str | None:
+    """The error point of known families: an LM's output embeddings, a classifier head, a UNet's conv_out."""
+    for prefix, module in model.named_modules():
+        if hasattr(module, "_no_split_modules") and hasattr(module, "config"):
+            head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+            for name, sub in module.named_modules():
+                if head is not None and sub is head or head is None and name in ("classifier", "score"):
+                    return _join(prefix, name)
+        if _is_unet(module) and hasattr(module, "conv_out"):
+            return _join(prefix, "conv_out")
+    return None
+
+
+def _is_unet(module: nn.Module) -> bool:
+    return all(hasattr(module, attr) for attr in UNET_BLOCKS) and isinstance(module.down_blocks, nn.ModuleList)
+
+
+def _unet_block_paths(unet: nn.Module) -> list[str]:
+    paths = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
+    if unet.mid_block is not None:
+        paths.append("mid_block")
+    return paths + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+
+
+def candidate_containers(model: nn.Module, limit: int = 12) -> list[str]:
+    """Paths whose children look like a stack of blocks (ModuleList / Sequential), for error messages."""
+    found = [name for name, m in model.named_modules() if name and isinstance(m, (nn.ModuleList, nn.Sequential))]
+    return found[:limit]
+
+
+def _suggest_patterns(model: nn.Module) -> list[str]:
+    return [f"{name}.*" for name in candidate_containers(model, limit=3)] or ["<path>.*"]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if name == pattern:
+        return True
+    if not any(ch in pattern for ch in "*?["):
+        return False
+    parts, pattern_parts = name.split("."), pattern.split(".")
+    return len(parts) == len(pattern_parts) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern_parts))
+
+
+def _no_match_message(pattern: str, names: list[str], model: nn.Module, role: str = "blocks") -> str:
+    close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+    hint = f" Closest paths: {close}." if close else ""
+    return (
+        f"{role}: {pattern!r} matches no module of {type(model).__name__}.{hint} "
+        f"Containers of blocks: {candidate_containers(model)}; top-level children: "
+        f"{[n for n, _ in model.named_children()]}."
+    )
+
+
+def _check_not_nested(paths: list[str]) -> None:
+    for outer in paths:
+        for inner in paths:
+            if inner.startswith(outer + "."):
+                raise ValueError(
+                    f"Feedback points {outer!r} and {inner!r} are nested; select blocks that do not contain each other."
+                )
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
