@@ -60,7 +60,11 @@ class Projector(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         expected = self.get_extra_state()
         if state != expected:
-            diff = {k: (state.get(k), expected.get(k)) for k in set(state) | set(expected) if state.get(k) != expected.get(k)}
+            diff = {
+                k: (state.get(k), expected.get(k))
+                for k in set(state) | set(expected)
+                if state.get(k) != expected.get(k)
+            }
             raise ValueError(
                 f"Saved projector does not match this one (saved, current): {diff}. "
                 "Resume with the same projector settings the run was started with."

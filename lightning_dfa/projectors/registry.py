@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -14,7 +14,7 @@ from lightning_dfa.projectors.matrix import Matrix
 #: Projector kinds by the name accepted in ``DFA(projector=...)`` and in YAML configs.
 PROJECTORS: dict[str, Callable[..., nn.Module]] = {"gaussian": Gaussian}
 
-ProjectorSpec = Union[str, Mapping[str, Any], nn.Module, Tensor, Callable[..., nn.Module]]
+ProjectorSpec = str | Mapping[str, Any] | nn.Module | Tensor | Callable[..., nn.Module]
 
 
 def register_projector(name: str, factory: Callable[..., nn.Module]) -> None:
@@ -37,7 +37,9 @@ def build_projector(spec: ProjectorSpec, in_features: int, out_features: int, se
             raise ValueError(
                 f"A projector config needs 'class_path' and optional 'init_args', got keys {sorted(spec)}."
             )
-        projector = _factory(spec["class_path"])(in_features, out_features, seed=seed, **dict(spec.get("init_args") or {}))
+        projector = _factory(spec["class_path"])(
+            in_features, out_features, seed=seed, **dict(spec.get("init_args") or {})
+        )
     elif isinstance(spec, Tensor):
         projector = Matrix(spec)
     elif isinstance(spec, nn.Module):
