@@ -145,7 +145,12 @@ class FeedbackEngine:
     # ------------------------------------------------------------------ hooks
     def _cut_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if torch.is_grad_enabled():
-            return detach_all(args), detach_all(kwargs)
+            args, kwargs = detach_all(args), detach_all(kwargs)
+            if args and isinstance(args[0], Tensor) and torch.is_floating_point(args[0]) and reentrant(module):
+                # Reentrant checkpointing only runs backward through positional inputs that require grad:
+                # here (and only here) the block input must require grad, at the cost of its unused gradient.
+                args = (args[0].requires_grad_(), *args[1:])
+            return args, kwargs
         if any_requires_grad((args, kwargs)):
             raise RuntimeError(
                 "A feedback point runs without grad on inputs that require grad: this is reentrant activation "
@@ -291,6 +296,14 @@ class FeedbackEngine:
             f"{type(self).__name__}(blocks={self.blocks!r}, output={self.output!r}, projector={self.projector_spec!r}, "
             f"seed={self.seed}, mode={self.mode!r})"
         )
+
+
+def reentrant(module: nn.Module) -> bool:
+    """Whether a HuggingFace layer checkpoints its ``forward`` with reentrant checkpointing."""
+    if not (getattr(module, "gradient_checkpointing", False) and module.training):
+        return False
+    options = getattr(getattr(module, "_gradient_checkpointing_func", None), "keywords", {})
+    return options.get("use_reentrant", True)
 
 
 def _check_saved_layout(state: dict[str, Any], layout: dict[str, slice], error_features: int) -> None:

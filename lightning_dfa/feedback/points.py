@@ -89,8 +89,12 @@ def _unet_block_paths(unet: nn.Module) -> list[str]:
 
 
 def candidate_containers(model: nn.Module, limit: int = 12) -> list[str]:
-    """Paths whose children look like a stack of blocks (ModuleList / Sequential), for error messages."""
-    found = [name for name, m in model.named_modules() if name and isinstance(m, (nn.ModuleList, nn.Sequential))]
+    """Outermost ModuleList / Sequential paths: where stacks of blocks usually live (for error messages)."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(outer + ".") for outer in found)
+        if name and isinstance(module, (nn.ModuleList, nn.Sequential)) and not inside:
+            found.append(name)
     return found[:limit]
 
 

@@ -23,6 +23,11 @@ SEQUENCE_FEEDBACK = ("broadcast", "flatten")
 
 def error_row_dims(error_shape: torch.Size, error_rows: int | None) -> int:
     """How many leading dimensions of the error are rows."""
+    if len(error_shape) < 2:
+        raise ValueError(
+            f"The error has shape {tuple(error_shape)}: the output point must return a batch of vectors, "
+            "shape (batch, ..., features). Choose the module that produces logits or hidden states."
+        )
     if error_rows is None:
         error_rows = 2 if len(error_shape) == 3 else 1
     if not 1 <= error_rows < len(error_shape):

@@ -1,0 +1,128 @@
+"""Offline settings before any HF / W&B import, and small models shared by the tests."""
+
+import os
+import tempfile
+
+_CACHE = os.path.join(tempfile.gettempdir(), "lightning-dfa-test-cache")
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "HF_HOME": os.path.join(_CACHE, "hf"),
+    "WANDB_DIR": os.path.join(_CACHE, "wandb"),
+    "WANDB_CACHE_DIR": os.path.join(_CACHE, "wandb-cache"),
+    "WANDB_CONFIG_DIR": os.path.join(_CACHE, "wandb-config"),
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(key, value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+class TinyMLP(nn.Module):
+    """Blocks of Linear + Tanh and a linear head, as in the exact-gradient references."""
+
+    def __init__(self, widths=(5, 7, 7), classes=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(a, b), nn.Tanh()) for a, b in zip(widths, widths[1:]))
+        self.head = nn.Linear(widths[-1], classes)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def capture_grad(module, store, key):
+    """Store the gradient that reaches ``module``'s output (hooks registered before attach see the original)."""
+
+    def hook(mod, args, out):
+        out.register_hook(lambda grad: store.__setitem__(key, grad))
+
+    module.register_forward_hook(hook)
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    return TinyMLP()
+
+
+@pytest.fixture
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(4, 5, generator=generator), torch.tensor([0, 1, 2, 1])
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=64,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=10,
+    )
+    return ViTForImageClassification(config)
+
+
+def tiny_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
