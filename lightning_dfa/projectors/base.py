@@ -58,17 +58,19 @@ class Projector(nn.Module):
         return {"kind": type(self).__name__, **self.settings()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        expected = self.get_extra_state()
-        if state != expected:
-            diff = {
-                k: (state.get(k), expected.get(k))
-                for k in set(state) | set(expected)
-                if state.get(k) != expected.get(k)
-            }
-            raise ValueError(
-                f"Saved projector does not match this one (saved, current): {diff}. "
-                "Resume with the same projector settings the run was started with."
-            )
+        check_saved_state(state, self.get_extra_state())
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.settings().items())
+
+
+def check_saved_state(state: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Raise a clear error when a saved projector's kind, seed, shapes or settings differ from the current one."""
+    if state != expected:
+        diff = {
+            k: (state.get(k), expected.get(k)) for k in set(state) | set(expected) if state.get(k) != expected.get(k)
+        }
+        raise ValueError(
+            f"Saved projector does not match this one (saved, current): {diff}. "
+            "Resume with the same projector settings the run was started with."
+        )

@@ -10,9 +10,17 @@ from torch import Tensor, nn
 
 from lightning_dfa.projectors.gaussian import Gaussian
 from lightning_dfa.projectors.matrix import Matrix
+from lightning_dfa.projectors.opu import OPU
+from lightning_dfa.projectors.seeded import SeededGaussian
+from lightning_dfa.projectors.structured import Structured
 
 #: Projector kinds by the name accepted in ``DFA(projector=...)`` and in YAML configs.
-PROJECTORS: dict[str, Callable[..., nn.Module]] = {"gaussian": Gaussian}
+PROJECTORS: dict[str, Callable[..., nn.Module]] = {
+    "gaussian": Gaussian,
+    "seeded": SeededGaussian,
+    "structured": Structured,
+    "opu": OPU,
+}
 
 ProjectorSpec = str | Mapping[str, Any] | nn.Module | Tensor | Callable[..., nn.Module]
 

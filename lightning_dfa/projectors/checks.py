@@ -1,0 +1,49 @@
+"""Input checks shared by the projector kinds: shape, and what to do with NaN or infinite errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+#: Accepted values of the ``nonfinite=`` setting.
+NONFINITE_MODES = ("raise", "propagate")
+
+
+def check_nonfinite_mode(mode: str) -> str:
+    """Validate a ``nonfinite=`` setting (``"raise"`` or ``"propagate"``)."""
+    if mode not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {mode!r}.")
+    return mode
+
+
+def check_error(name: str, error: Tensor, in_features: int, nonfinite: str = "raise") -> Tensor | None:
+    """Check an error batch ``(N, in_features)``; return the mask of non-finite rows, or None if all are finite.
+
+    With ``nonfinite="raise"`` a NaN or infinite entry raises a ``ValueError`` that says how many rows are
+    affected. With ``"propagate"`` the caller sets those rows of the feedback to NaN (so that, for instance,
+    an fp16 ``GradScaler`` sees the overflow and skips the step) and a warning is issued.
+
+    Example::
+
+        >>> bad = check_error("SeededGaussian", torch.randn(4, 10), 10)
+        >>> bad is None
+        True
+    """
+    if error.ndim != 2 or error.shape[1] != in_features:
+        raise ValueError(f"{name} expects errors of shape (N, {in_features}), got {tuple(error.shape)}.")
+    if not torch.is_floating_point(error):
+        raise TypeError(f"{name} expects a floating-point error, got {error.dtype}.")
+    finite = torch.isfinite(error).all(dim=1)
+    if bool(finite.all()):
+        return None
+    count = int((~finite).sum())
+    if nonfinite == "raise":
+        raise ValueError(
+            f"{name}: {count} of {error.shape[0]} error rows contain NaN or infinite values. The loss or the "
+            "model diverged (or fp16 overflowed): lower the learning rate, clip gradients, or build the projector "
+            "with nonfinite='propagate' to pass NaN feedback through (an fp16 GradScaler then skips the step)."
+        )
+    warnings.warn(f"{name}: {count} error rows are not finite; their feedback is NaN.", RuntimeWarning, stacklevel=3)
+    return ~finite

@@ -1,0 +1,319 @@
+"""The optical processing unit (OPU) emulator: binary frames, a complex random medium, a camera, retrieval.
+
+Stages, each switchable (science.md has the physics):
+
+1. **Encoding** (:mod:`.encoding`): the real error becomes binary DMD frames, ternary (default) or
+   bit planes; ``encoding=None`` feeds the real error (non-physical, for audits). The encoding error
+   ``|e - decode(frames)| / |e|`` is reported in :attr:`OPU.stats`.
+2. **Medium**: a complex Gaussian transmission matrix ``R = A + iB`` (``A``, ``B`` i.i.d.
+   ``N(0, 1/d_e)``) over the ``d_e`` input pixels and ``anchor_pixels`` extra anchor pixels, drawn
+   from counter-seeded blocks like :class:`SeededGaussian`: never stored, regenerated tile by tile.
+3. **Detection**: intensities ``|R x|^2`` and ``|R (x + r)|^2`` for every frame ``x``.
+4. **Camera** (:mod:`.camera`): auto exposure on the anchor, shot and read noise, saturation
+   (counted in ``stats["saturated"]``, warned above 1 %), ``bit_depth``-bit quantisation.
+5. **Retrieval** (anchor scheme, Ohana et al. 2023): ``(|R(x+r)|^2 - |Rx|^2 - |Rr|^2) / (2 |Rr|)
+   = Re[(Rx) conj(Rr)] / |Rr| = x @ W`` with ``W = Re[R e^{-i angle(Rr)}]``, i.i.d. ``N(0, 1/d_e)``:
+   the library's scale convention. ``|Rr|^2`` is measured once (one camera frame per device pass).
+   Output pixels where the measured anchor reads 0 cannot be retrieved; they give 0 and are counted
+   (``stats["dark_pixels"]``).
+
+With ``camera=False`` (or no noise and ``bit_depth=None``) the map is exactly ``decode(frames) @ W``
+(:meth:`OPU.ideal_matrix` returns ``W``); with ``encoding=None`` too it is the linear projection ``e @ W``.
+
+Device limits (:mod:`.cost`): ``max_input`` DMD pixels (including the anchor), ``max_output`` camera
+pixels, ``frame_time`` and ``power_w``. Larger sizes raise an error, unless ``allow_tiling=True``:
+the projection is then split over ``tiles = (input passes, output passes)`` devices' worth of frames
+(each input pass its own camera exposures, partial results summed), with a warning.
+
+Example::
+
+    >>> opu = OPU(10, 300, seed=0)                                # ternary input, 8-bit noisy camera
+    >>> y = opu(torch.randn(32, 10))
+    >>> opu.stats["frames"], round(opu.stats["encoding_error"], 2) # 32 vectors x 2 frames x (x, x + r)
+    (128, 0.41)
+    >>> ideal = OPU(10, 300, seed=0, camera=False, encoding=None)
+    >>> torch.allclose(ideal.materialize(), ideal.ideal_matrix(), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_dfa.projectors.base import Projector, check_saved_state
+from lightning_dfa.projectors.camera import Camera
+from lightning_dfa.projectors.checks import check_error, check_nonfinite_mode
+from lightning_dfa.projectors.cost import FRAME_TIME, MAX_INPUT, MAX_OUTPUT, OPU_POWER_W, device_tiles, optical_cost
+from lightning_dfa.projectors.encoding import binary_frames, check_encoding, encode, encoding_error
+from lightning_dfa.projectors.seeded import round_tile
+from lightning_dfa.projectors.tiles import GENERATORS, gaussian_region, mix_seed
+
+_REAL, _IMAG, _NOISE, _ANCHOR_NOISE = 1, 2, 3, 4  # random streams
+SATURATION_WARNING = 0.01
+
+
+class OPU(Projector):
+    """Emulated optical random projection ``(N, in_features) -> (N, out_features)``; see the module doc.
+
+    Settings: ``encoding`` (``"ternary"``, ``"bitplanes"``, None), ``threshold`` and ``relative_threshold``
+    (ternary), ``bits`` (bit planes per sign); ``camera`` (False: ideal detector), ``bit_depth`` (8; None: no
+    quantisation; 0 is an error), ``full_well`` electrons, ``exposure`` (anchor mean / full well),
+    ``shot_noise``, ``read_noise`` (electrons rms); ``anchor_pixels`` (default ``in_features // 4``); device
+    limits ``max_input``, ``max_output``, ``frame_time``, ``power_w`` and ``allow_tiling``; ``tile`` (memory of
+    the matrix generation) and ``generator`` as in :class:`SeededGaussian`; ``nonfinite`` (``"raise"``).
+
+    After each call :attr:`stats` holds ``frames``, ``vectors``, ``encoding_error``, ``saturated``,
+    ``saturated_fraction``, ``dark_pixels`` and ``nonfinite_rows``; :attr:`totals` accumulates counts.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        seed: int = 0,
+        encoding: str | None = "ternary",
+        threshold: float = 0.5,
+        relative_threshold: bool = True,
+        bits: int = 4,
+        camera: bool = True,
+        bit_depth: int | None = 8,
+        full_well: float = 10_000.0,
+        exposure: float = 0.1,
+        shot_noise: bool = True,
+        read_noise: float = 5.0,
+        anchor_pixels: int | None = None,
+        max_input: int = MAX_INPUT,
+        max_output: int = MAX_OUTPUT,
+        frame_time: float = FRAME_TIME,
+        power_w: float = OPU_POWER_W,
+        allow_tiling: bool = False,
+        tile: int = 4096,
+        generator: str = "cpu",
+        nonfinite: str = "raise",
+    ) -> None:
+        super().__init__(in_features, out_features, seed=seed)
+        check_encoding(encoding, bits)
+        if generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}.")
+        self.encoding, self.threshold, self.relative_threshold, self.bits = (
+            encoding,
+            threshold,
+            relative_threshold,
+            bits,
+        )
+        self.camera = Camera(camera, bit_depth, full_well, exposure, shot_noise, read_noise)
+        self.anchor_pixels = max(1, in_features // 4) if anchor_pixels is None else int(anchor_pixels)
+        if self.anchor_pixels < 1:
+            raise ValueError(f"anchor_pixels must be at least 1, got {anchor_pixels}.")
+        self.max_input, self.max_output, self.frame_time, self.power_w = max_input, max_output, frame_time, power_w
+        self.allow_tiling = allow_tiling
+        self.tiles = self._check_limits()
+        self.tile, self.generator = round_tile(tile), generator
+        self.nonfinite = check_nonfinite_mode(nonfinite)
+        self.std = 1.0 / math.sqrt(in_features)
+        self.calls = 0
+        self.stats: dict[str, Any] = {}
+        self.totals = {"frames": 0, "vectors": 0, "saturated": 0, "pixels": 0, "nonfinite_rows": 0}
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+        self._anchor: dict[str, Tensor] | None = None  # field and measured intensity, computed on first use
+
+    # -- settings, limits, state -------------------------------------------------------------------
+    def settings(self) -> dict:
+        cam = self.camera
+        return {
+            **super().settings(),
+            "encoding": self.encoding,
+            "threshold": self.threshold,
+            "relative_threshold": self.relative_threshold,
+            "bits": self.bits,
+            "camera": cam.enabled,
+            "bit_depth": cam.bit_depth,
+            "full_well": cam.full_well,
+            "exposure": cam.exposure,
+            "shot_noise": cam.shot_noise,
+            "read_noise": cam.read_noise,
+            "anchor_pixels": self.anchor_pixels,
+            "max_input": self.max_input,
+            "max_output": self.max_output,
+            "generator": self.generator,
+        }
+
+    def get_extra_state(self) -> dict[str, Any]:
+        # The call counter seeds the camera noise, so a resumed run continues the same noise sequence.
+        return {**super().get_extra_state(), "calls": self.calls}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        calls = int(state.pop("calls", 0))
+        check_saved_state(state, super().get_extra_state())
+        self.calls = calls
+
+    def _check_limits(self) -> tuple[int, int]:
+        tiles = device_tiles(self.in_features, self.out_features, self.anchor_pixels, self.max_input, self.max_output)
+        if tiles != (1, 1) and not self.allow_tiling:
+            raise ValueError(
+                f"OPU: a {self.in_features}-pixel input (+ {self.anchor_pixels} anchor pixels) and a "
+                f"{self.out_features}-pixel output exceed the device ({self.max_input} input, {self.max_output} "
+                f"output pixels). Pass allow_tiling=True to split it over {tiles[0]} x {tiles[1]} device passes "
+                "(frames multiply accordingly), or raise max_input / max_output."
+            )
+        if tiles != (1, 1):
+            warnings.warn(
+                f"OPU: {self.in_features} -> {self.out_features} exceeds one device; tiled over {tiles[0]} input x "
+                f"{tiles[1]} output passes (see OPU.tiles); every vector costs {tiles[0] * tiles[1]}x the frames.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return tiles
+
+    def frames_per_vector(self) -> int:
+        """Camera frames per error vector, all device passes included."""
+        cost = optical_cost(
+            1,
+            self.in_features,
+            self.out_features,
+            encoding=self.encoding,
+            bits=self.bits,
+            anchor_pixels=self.anchor_pixels,
+            max_input=self.max_input,
+            max_output=self.max_output,
+        )
+        return cost.frames
+
+    # -- the medium ----------------------------------------------------------------------------------
+    def medium_tile(self, rows: tuple[int, int], cols: tuple[int, int], device: torch.device) -> Tensor:
+        """Rows ``[r0, r1)`` (pixels) and columns ``[c0, c1)`` of ``[A | B]``: shape ``(r1 - r0, 2 (c1 - c0))``."""
+        parts = [
+            gaussian_region(self.seed, s, rows, cols, self.std, device=device, generator=self.generator)
+            for s in (_REAL, _IMAG)
+        ]
+        return torch.cat(parts, dim=1)
+
+    def anchor(self, device: torch.device) -> dict[str, Tensor]:
+        """The anchor field ``R r`` (real, imag) and its intensity read once by the camera; computed on first use."""
+        if self._anchor is None:
+            self._anchor = self._measure_anchor()
+        if self._anchor["real"].device != device:
+            self._anchor = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self._anchor.items()}
+        return self._anchor
+
+    def _measure_anchor(self) -> dict[str, Any]:
+        rows = (self.in_features, self.in_features + self.anchor_pixels)
+        real, imag = torch.zeros(self.out_features), torch.zeros(self.out_features)
+        for c0 in range(0, self.out_features, self.tile):
+            c1 = min(c0 + self.tile, self.out_features)
+            for r0 in range(rows[0], rows[1], self.tile):
+                r1 = min(r0 + self.tile, rows[1])
+                block = self.medium_tile((r0, r1), (c0, c1), torch.device("cpu")).double().sum(0)
+                real[c0:c1] += block[: c1 - c0].float()
+                imag[c0:c1] += block[c1 - c0 :].float()
+        intensity = real.double() ** 2 + imag.double() ** 2
+        gain = self.camera.gain(intensity)
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, _ANCHOR_NOISE))
+        reading = self.camera.read(intensity, gain, generator)
+        self.totals["frames"] += self.tiles[0] * self.tiles[1]
+        return {
+            "real": real,
+            "imag": imag,
+            "intensity": reading.intensity.float(),
+            "gain": gain,
+            "saturated": reading.saturated,
+        }
+
+    @torch.no_grad()
+    def ideal_matrix(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``W = Re[R e^{-i angle(Rr)}]`` over the input pixels: the map of the ideal emulator (small sizes)."""
+        device = self._device_anchor.device
+        anchor = self.anchor(device)
+        medium = self.medium_tile((0, self.in_features), (0, self.out_features), device)
+        real, imag = medium[:, : self.out_features], medium[:, self.out_features :]
+        modulus = torch.sqrt(anchor["real"] ** 2 + anchor["imag"] ** 2)
+        return ((real * anchor["real"] + imag * anchor["imag"]) / modulus).to(dtype)
+
+    # -- the projection ------------------------------------------------------------------------------
+    def forward(self, error: Tensor) -> Tensor:
+        bad_rows = check_error(type(self).__name__, error, self.in_features, self.nonfinite)
+        work = torch.float64 if error.dtype == torch.float64 else torch.float32
+        clean = error.to(work) if bad_rows is None else error.to(work).masked_fill(bad_rows[:, None], 0.0)
+        frames = encode(
+            clean, self.encoding, threshold=self.threshold, relative=self.relative_threshold, bits=self.bits
+        )
+        anchor = self.anchor(error.device)
+        generator = torch.Generator(device=error.device).manual_seed(mix_seed(self.seed, _NOISE, self.calls))
+        count = binary_frames(self.encoding, self.bits)
+        flat = frames.frames.reshape(count * error.shape[0], self.in_features)
+        out = torch.zeros(error.shape[0], self.out_features, dtype=work, device=error.device)
+        saturated = read = 0
+        chunk = self.max_input - self.anchor_pixels  # input pixels per device pass
+        for c0 in range(0, self.out_features, self.tile):
+            c1 = min(c0 + self.tile, self.out_features)
+            for i0 in range(0, self.in_features, chunk):
+                i1 = min(i0 + chunk, self.in_features)
+                field = self._field(flat, (i0, i1), (c0, c1), work)
+                y, sat, n = self._retrieve(field, anchor, (c0, c1), generator)
+                out[:, c0:c1] += (frames.weights * y.view(count, error.shape[0], c1 - c0)).sum(0)
+                saturated, read = saturated + sat, read + n
+        self._record(error, clean, frames, anchor, saturated, read, bad_rows)
+        if bad_rows is not None:
+            out[bad_rows] = float("nan")
+        return out.to(error.dtype)
+
+    def _field(self, flat: Tensor, rows: tuple[int, int], cols: tuple[int, int], work: torch.dtype) -> Tensor:
+        """``[Re, Im]`` of ``R x`` for the frames' pixels ``rows`` and output ``cols``: ``(F N, 2 width)``."""
+        field = None
+        for r0 in range(rows[0], rows[1], self.tile):
+            r1 = min(r0 + self.tile, rows[1])
+            part = flat[:, r0:r1] @ self.medium_tile((r0, r1), cols, flat.device).to(work)
+            field = part if field is None else field.add_(part)
+        return field
+
+    def _retrieve(self, field: Tensor, anchor: dict, cols: tuple[int, int], generator: torch.Generator):
+        """Intensities of ``x`` and ``x + r`` through the camera, then the anchor retrieval ``x @ W``."""
+        width = cols[1] - cols[0]
+        real, imag = field[:, :width], field[:, width:]
+        a_real, a_imag = (anchor[k][cols[0] : cols[1]].to(field.dtype) for k in ("real", "imag"))
+        alone = self.camera.read(real**2 + imag**2, anchor["gain"], generator)
+        with_anchor = self.camera.read((real + a_real) ** 2 + (imag + a_imag) ** 2, anchor["gain"], generator)
+        anchor_intensity = anchor["intensity"][cols[0] : cols[1]].to(field.dtype)
+        lit = anchor_intensity > 0
+        denominator = torch.where(lit, 2 * anchor_intensity.sqrt(), torch.ones_like(anchor_intensity))
+        y = (with_anchor.intensity - alone.intensity - anchor_intensity) / denominator
+        return y * lit, alone.saturated + with_anchor.saturated, alone.pixels + with_anchor.pixels
+
+    def _record(self, error, clean, frames, anchor, saturated, read, bad_rows) -> None:
+        self.calls += 1
+        vectors = error.shape[0]
+        frame_count = vectors * self.frames_per_vector()
+        fraction = saturated / max(read, 1)
+        self.stats = {
+            "vectors": vectors,
+            "frames": frame_count,
+            "encoding_error": encoding_error(clean, frames),
+            "saturated": saturated,
+            "saturated_fraction": fraction,
+            "anchor_saturated": anchor["saturated"],
+            "dark_pixels": int((anchor["intensity"] <= 0).sum()),
+            "nonfinite_rows": 0 if bad_rows is None else int(bad_rows.sum()),
+            "tiles": self.tiles,
+        }
+        for key, value in (
+            ("frames", frame_count),
+            ("vectors", vectors),
+            ("saturated", saturated),
+            ("pixels", read),
+            ("nonfinite_rows", self.stats["nonfinite_rows"]),
+        ):
+            self.totals[key] += value
+        if fraction > SATURATION_WARNING:
+            warnings.warn(
+                f"OPU camera: {fraction:.1%} of the pixels saturated in this call (stats['saturated']); "
+                "lower `exposure` or raise `full_well`.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
