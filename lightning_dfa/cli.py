@@ -76,13 +76,13 @@ def summary_table(trainer, metrics: dict[str, float], elapsed: float) -> str:
     return "\n".join(lines)
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> DFACLI | None:
     args = list(sys.argv[1:] if args is None else args)
     if args[:1] == ["recipes"]:
         for name in recipe_names():
             first = (RECIPES / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
             print(f"{name:<20} {first}")
-        return
+        return None
     for i, arg in enumerate(args):
         if arg == "--config" and i + 1 < len(args):
             args[i + 1] = resolve_recipe(args[i + 1])
@@ -91,7 +91,7 @@ def main(args: list[str] | None = None) -> None:
     default_wandb_mode()
     import lightning_dfa  # noqa: F401  (registers the strategies before the Trainer is parsed)
 
-    DFACLI(
+    return DFACLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

@@ -1,0 +1,186 @@
+"""The Lightning layer: strategies, the DFA callback, configure_dfa, DDP and checkpoints."""
+
+import pickle
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.strategies import StrategyRegistry
+
+import lightning_dfa  # noqa: F401  (registers the strategies)
+from lightning_dfa import DFA, DFADDPStrategy, DFAStrategy
+from lightning_dfa.data import DigitsDataModule
+from lightning_dfa.models import MLPClassifier
+
+
+def trainer(**kwargs):
+    options = dict(
+        accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    return pl.Trainer(**{**options, **kwargs})
+
+
+class Recorder(pl.Callback):
+    """Keeps the DFA engine and the gradients of the last training step."""
+
+    def on_after_backward(self, trainer, pl_module):
+        self.dfa = trainer.strategy.dfa if hasattr(trainer.strategy, "dfa") else None
+        self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def test_strategies_are_registered_by_name():
+    for name in ("dfa", "dfa_ddp", "dfa_ddp_spawn"):
+        assert name in StrategyRegistry.available_strategies()
+    assert isinstance(trainer(strategy="dfa").strategy, DFAStrategy)
+    assert isinstance(trainer(strategy="dfa_ddp_spawn", devices=2).strategy, DFADDPStrategy)
+
+
+def test_dfa_strategy_trains_with_the_blocks_from_configure_dfa():
+    recorder = Recorder()
+    model = MLPClassifier(hidden=16, depth=2)
+    before = model.blocks[0][0].weight.detach().clone()
+    trainer(strategy="dfa", callbacks=[recorder]).fit(model, datamodule=DigitsDataModule())
+    assert recorder.dfa.points == ["blocks.0", "blocks.1"] and recorder.dfa.output == "head"
+    assert recorder.dfa.mode == "dfa" and recorder.dfa.projector is not None
+    assert not torch.equal(before, model.blocks[0][0].weight)
+    assert not model.blocks[0][0]._forward_hooks, "hooks are removed when fit ends"
+
+
+def test_strategy_arguments_override_configure_dfa():
+    recorder = Recorder()
+    strategy = DFAStrategy(mode="backprop", seed=7)
+    trainer(strategy=strategy, callbacks=[recorder]).fit(MLPClassifier(hidden=16, depth=2), DigitsDataModule())
+    assert (recorder.dfa.mode, recorder.dfa.seed, recorder.dfa.points) == ("backprop", 7, ["blocks.0", "blocks.1"])
+
+
+def test_strategy_blocks_replace_configure_dfa():
+    recorder = Recorder()
+    strategy = DFAStrategy(blocks=["blocks.1"], output="head")
+    trainer(strategy=strategy, callbacks=[recorder]).fit(MLPClassifier(hidden=16, depth=2), DigitsDataModule())
+    assert recorder.dfa.points == ["blocks.1"]
+    assert "blocks.0.0.weight" not in recorder.grads, "modules below the first point get no gradient"
+    assert recorder.grads["blocks.1.0.weight"].abs().sum() > 0
+
+
+def test_dfa_callback_works_under_another_strategy():
+    dfa = DFA(blocks="blocks.*", output="head")
+    model = MLPClassifier(hidden=16, depth=2)
+    trainer(strategy="auto", callbacks=[dfa]).fit(model, datamodule=DigitsDataModule())
+    assert list(dfa.layout) == ["blocks.0", "blocks.1"]
+    assert dfa.model is None, "detached at the end of fit"
+
+
+def test_dfa_strategy_with_a_dfa_callback_is_an_error():
+    with pytest.raises(ValueError, match="already applies DFA; remove the DFA callback"):
+        trainer(strategy="dfa", callbacks=[DFA(blocks="blocks.*", output="head")]).fit(
+            MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule()
+        )
+
+
+def test_configure_dfa_with_a_bad_return_is_an_error():
+    class Bad(MLPClassifier):
+        def configure_dfa(self):
+            return ["blocks.*"]
+
+    with pytest.raises(TypeError, match=r"Bad.configure_dfa\(\) must return a DFA or a dict"):
+        trainer(strategy="dfa").fit(Bad(hidden=16, depth=2), datamodule=DigitsDataModule())
+
+
+def test_dfa_strategy_refuses_several_devices():
+    with pytest.raises(ValueError, match="use strategy='dfa_ddp'"):
+        trainer(strategy="dfa", devices=2).fit(MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule())
+
+
+def test_checkpoint_resume_restores_the_same_projection(tmp_path):
+    first = Recorder()
+    run = trainer(strategy="dfa", callbacks=[first], max_steps=2)
+    run.fit(MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule())
+    path = tmp_path / "last.ckpt"
+    run.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["callbacks"]["lightning_dfa.DFA"]
+    assert saved["seed"] == 0 and set(saved["layout"]) == {"blocks.0", "blocks.1"}
+    assert not any(torch.is_tensor(v) and v.numel() > 1 for v in saved["projector"].values()), "no matrix saved"
+
+    resumed = Recorder()
+    trainer(strategy="dfa", callbacks=[resumed], max_steps=3).fit(
+        MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule(), ckpt_path=path
+    )
+    torch.testing.assert_close(resumed.dfa.projector.materialize(), first.dfa.projector.materialize(), rtol=0, atol=0)
+
+
+def test_resuming_with_another_seed_is_an_error(tmp_path):
+    run = trainer(strategy="dfa", max_steps=1)
+    run.fit(MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule())
+    run.save_checkpoint(tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match="resume with seed=0"):
+        trainer(strategy=DFAStrategy(seed=1), max_steps=2).fit(
+            MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule(), ckpt_path=tmp_path / "last.ckpt"
+        )
+
+
+class RankDump(pl.Callback):
+    """Writes each rank's projection and post-all-reduce gradients of the first step to disk."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == 0:
+            state = {
+                "projection": trainer.strategy.dfa.projector.materialize(),
+                "grads": {n: p.grad.clone() for n, p in pl_module.named_parameters()},
+            }
+            with open(Path(self.folder) / f"rank{trainer.global_rank}.pkl", "wb") as file:
+                pickle.dump(state, file)
+
+
+def test_ddp_spawn_gives_every_rank_the_same_projection_and_gradients(tmp_path):
+    run = trainer(strategy="dfa_ddp_spawn", devices=2, callbacks=[RankDump(str(tmp_path))], max_steps=2)
+    run.fit(MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule(batch_size=16))
+    ranks = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in (0, 1)]
+    torch.testing.assert_close(ranks[0]["projection"], ranks[1]["projection"], rtol=0, atol=0)
+    for name, grad in ranks[0]["grads"].items():
+        torch.testing.assert_close(grad, ranks[1]["grads"][name])
+        assert grad.abs().sum() > 0, name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dfa_strategy_trains_on_cuda():
+    recorder = Recorder()
+    trainer(strategy="dfa", accelerator="cuda", devices=1, callbacks=[recorder]).fit(
+        MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule()
+    )
+    assert recorder.grads["blocks.0.0.weight"].is_cuda
+    assert next(recorder.dfa.projector.buffers()).is_cuda
+
+
+class ManualMLP(MLPClassifier):
+    """Manual optimisation: records the batch, the initial weights and the gradients of its one step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.initial = {k: v.clone() for k, v in self.state_dict().items()}
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+        self.seen = (batch, {n: p.grad.clone() for n, p in self.named_parameters()})
+        optimizer.step()
+
+
+def test_manual_optimisation_gets_the_engine_gradients():
+    model = ManualMLP(hidden=16, depth=2)
+    trainer(strategy="dfa", max_steps=1).fit(model, datamodule=DigitsDataModule())
+    (x, y), lightning_grads = model.seen
+
+    reference = MLPClassifier(hidden=16, depth=2)
+    reference.load_state_dict(model.initial)
+    DFA(blocks="blocks.*", output="head").attach(reference)
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(lightning_grads[name], param.grad, msg=name)
