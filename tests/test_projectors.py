@@ -85,7 +85,8 @@ def test_structured_preserves_norms_and_distances_like_a_jl_map(d_e):
     for x in (dense, spiky):
         ratio = (p(x).pow(2).sum(1) / x.pow(2).sum(1)) * d_e / d_fb
         assert float((ratio - 1).abs().max()) < 0.15  # chi-square with ~d_fb dof: sd ~ 0.02
-        assert abs(float(ratio.mean()) - 1) < 0.02
+        # The gains are shared by all vectors: the mean ratio is one chi-square draw with d_fb dof.
+        assert abs(float(ratio.mean()) - 1) < 4 * (2 / d_fb) ** 0.5
     diff = dense[:50] - dense[50:]
     ratio = (p(dense[:50]) - p(dense[50:])).pow(2).sum(1) / diff.pow(2).sum(1) * d_e / d_fb
     assert float((ratio - 1).abs().max()) < 0.15

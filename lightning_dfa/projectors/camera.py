@@ -1,8 +1,8 @@
 """The OPU's camera: exposure and gain, shot and read noise, saturation, and analog-to-digital quantisation.
 
 Intensities ``I`` (in the emulator's units, ``|R x|^2``) become photo-electrons ``I * gain``, where the
-gain is set once by an automatic exposure: the anchor field's mean intensity fills ``exposure`` of
-the full well. Then:
+gain is set once by an automatic exposure (``OPU.calibrate``): the expected mean intensity of the
+first frames, anchor included, fills ``exposure`` of the full well. Then:
 
 * shot noise (Poisson, emulated by its Gaussian approximation ``N(λ, λ)``, exact in mean and
   variance; good above ~10 electrons) and read noise ``N(0, read_noise^2)`` electrons;
@@ -62,10 +62,6 @@ class Camera:
     @property
     def noisy(self) -> bool:
         return self.enabled and (self.shot_noise or self.read_noise > 0)
-
-    def gain(self, anchor_intensity: Tensor) -> float:
-        """Electrons per intensity unit: the anchor's mean intensity fills ``exposure`` of the full well."""
-        return self.exposure * self.full_well / float(anchor_intensity.mean().clamp_min(1e-30))
 
     def read(self, intensity: Tensor, gain: float, generator: torch.Generator | None = None) -> Reading:
         """Expose, add noise, saturate and quantise ``intensity``; return it in intensity units."""

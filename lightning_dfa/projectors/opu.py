@@ -9,7 +9,7 @@ Stages, each switchable (science.md has the physics):
    ``N(0, 1/d_e)``) over the ``d_e`` input pixels and ``anchor_pixels`` extra anchor pixels, drawn
    from counter-seeded blocks like :class:`SeededGaussian`: never stored, regenerated tile by tile.
 3. **Detection**: intensities ``|R x|^2`` and ``|R (x + r)|^2`` for every frame ``x``.
-4. **Camera** (:mod:`.camera`): auto exposure on the anchor, shot and read noise, saturation
+4. **Camera** (:mod:`.camera`): auto exposure (once), shot and read noise, saturation
    (counted in ``stats["saturated"]``, warned above 1 %), ``bit_depth``-bit quantisation.
 5. **Retrieval** (anchor scheme, Ohana et al. 2023): ``(|R(x+r)|^2 - |Rx|^2 - |Rr|^2) / (2 |Rr|)
    = Re[(Rx) conj(Rr)] / |Rr| = x @ W`` with ``W = Re[R e^{-i angle(Rr)}]``, i.i.d. ``N(0, 1/d_e)``:
@@ -62,7 +62,7 @@ class OPU(Projector):
 
     Settings: ``encoding`` (``"ternary"``, ``"bitplanes"``, None), ``threshold`` and ``relative_threshold``
     (ternary), ``bits`` (bit planes per sign); ``camera`` (False: ideal detector), ``bit_depth`` (8; None: no
-    quantisation; 0 is an error), ``full_well`` electrons, ``exposure`` (anchor mean / full well),
+    quantisation; 0 is an error), ``full_well`` electrons, ``exposure`` (mean signal / full well),
     ``shot_noise``, ``read_noise`` (electrons rms); ``anchor_pixels`` (default ``in_features // 4``); device
     limits ``max_input``, ``max_output``, ``frame_time``, ``power_w`` and ``allow_tiling``; ``tile`` (memory of
     the matrix generation) and ``generator`` as in :class:`SeededGaussian`; ``nonfinite`` (``"raise"``).
@@ -84,7 +84,7 @@ class OPU(Projector):
         camera: bool = True,
         bit_depth: int | None = 8,
         full_well: float = 10_000.0,
-        exposure: float = 0.1,
+        exposure: float = 0.2,
         shot_noise: bool = True,
         read_noise: float = 5.0,
         anchor_pixels: int | None = None,
@@ -121,7 +121,9 @@ class OPU(Projector):
         self.stats: dict[str, Any] = {}
         self.totals = {"frames": 0, "vectors": 0, "saturated": 0, "pixels": 0, "nonfinite_rows": 0}
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
-        self._anchor: dict[str, Tensor] | None = None  # field and measured intensity, computed on first use
+        self._anchor: dict[str, Tensor] | None = None  # the anchor field, computed on first use
+        self._anchor_reading: dict[str, Any] | None = None  # its intensity as the camera read it
+        self.gain: float | None = None  # electrons per intensity unit, set by the auto exposure
 
     # -- settings, limits, state -------------------------------------------------------------------
     def settings(self) -> dict:
@@ -146,13 +148,14 @@ class OPU(Projector):
 
     def get_extra_state(self) -> dict[str, Any]:
         # The call counter seeds the camera noise, so a resumed run continues the same noise sequence.
-        return {**super().get_extra_state(), "calls": self.calls}
+        # The gain, set by the auto exposure on the first call, is part of the camera's state too.
+        return {**super().get_extra_state(), "calls": self.calls, "gain": self.gain}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        calls = int(state.pop("calls", 0))
+        calls, gain = int(state.pop("calls", 0)), state.pop("gain", None)
         check_saved_state(state, super().get_extra_state())
-        self.calls = calls
+        self.calls, self.gain, self._anchor_reading = calls, gain, None
 
     def _check_limits(self) -> tuple[int, int]:
         tiles = device_tiles(self.in_features, self.out_features, self.anchor_pixels, self.max_input, self.max_output)
@@ -196,14 +199,14 @@ class OPU(Projector):
         return torch.cat(parts, dim=1)
 
     def anchor(self, device: torch.device) -> dict[str, Tensor]:
-        """The anchor field ``R r`` (real, imag) and its intensity read once by the camera; computed on first use."""
+        """The anchor field ``R r`` (``"real"``, ``"imag"``, float32 on ``device``); computed once, on first use."""
         if self._anchor is None:
-            self._anchor = self._measure_anchor()
+            self._anchor = self._anchor_field()
         if self._anchor["real"].device != device:
-            self._anchor = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self._anchor.items()}
+            self._anchor = {k: v.to(device) for k, v in self._anchor.items()}
         return self._anchor
 
-    def _measure_anchor(self) -> dict[str, Any]:
+    def _anchor_field(self) -> dict[str, Tensor]:
         rows = (self.in_features, self.in_features + self.anchor_pixels)
         real, imag = torch.zeros(self.out_features), torch.zeros(self.out_features)
         for c0 in range(0, self.out_features, self.tile):
@@ -213,18 +216,33 @@ class OPU(Projector):
                 block = self.medium_tile((r0, r1), (c0, c1), torch.device("cpu")).double().sum(0)
                 real[c0:c1] += block[: c1 - c0].float()
                 imag[c0:c1] += block[c1 - c0 :].float()
-        intensity = real.double() ** 2 + imag.double() ** 2
-        gain = self.camera.gain(intensity)
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, _ANCHOR_NOISE))
-        reading = self.camera.read(intensity, gain, generator)
-        self.totals["frames"] += self.tiles[0] * self.tiles[1]
-        return {
-            "real": real,
-            "imag": imag,
-            "intensity": reading.intensity.float(),
-            "gain": gain,
-            "saturated": reading.saturated,
-        }
+        return {"real": real, "imag": imag}
+
+    def calibrate(self, frames: Tensor) -> float:
+        """Auto exposure, once: the gain that puts the expected mean ``|R(x + r)|^2`` of ``frames`` at ``exposure``.
+
+        Over the random medium ``E |R(x + r)|_j^2 = 2 (|x|_0 + anchor_pixels) / d_e`` for a binary frame ``x``,
+        so the gain depends on the first frames' pixel counts only (not on the tile size or the device).
+        """
+        if self.gain is None:
+            lit = float(frames.sum()) / max(1, frames.shape[0] * frames.shape[1]) if frames.numel() else 0.0
+            mean_intensity = 2.0 * (lit + self.anchor_pixels) / self.in_features
+            self.gain = self.camera.exposure * self.camera.full_well / mean_intensity
+            self._anchor_reading = None
+        return self.gain
+
+    def anchor_reading(self, device: torch.device) -> dict[str, Any]:
+        """``|R r|^2`` read once by the camera (one frame per device pass), after :meth:`calibrate`."""
+        if self._anchor_reading is None:
+            field = self.anchor(torch.device("cpu"))
+            intensity = field["real"].double() ** 2 + field["imag"].double() ** 2
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, _ANCHOR_NOISE))
+            reading = self.camera.read(intensity, self.gain, generator)
+            self.totals["frames"] += self.tiles[0] * self.tiles[1]
+            self._anchor_reading = {"intensity": reading.intensity.float(), "saturated": reading.saturated}
+        if self._anchor_reading["intensity"].device != device:
+            self._anchor_reading["intensity"] = self._anchor_reading["intensity"].to(device)
+        return self._anchor_reading
 
     @torch.no_grad()
     def ideal_matrix(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -244,7 +262,8 @@ class OPU(Projector):
         frames = encode(
             clean, self.encoding, threshold=self.threshold, relative=self.relative_threshold, bits=self.bits
         )
-        anchor = self.anchor(error.device)
+        self.calibrate(frames.frames)
+        anchor = {**self.anchor(error.device), **self.anchor_reading(error.device)}
         generator = torch.Generator(device=error.device).manual_seed(mix_seed(self.seed, _NOISE, self.calls))
         count = binary_frames(self.encoding, self.bits)
         flat = frames.frames.reshape(count * error.shape[0], self.in_features)
@@ -278,8 +297,8 @@ class OPU(Projector):
         width = cols[1] - cols[0]
         real, imag = field[:, :width], field[:, width:]
         a_real, a_imag = (anchor[k][cols[0] : cols[1]].to(field.dtype) for k in ("real", "imag"))
-        alone = self.camera.read(real**2 + imag**2, anchor["gain"], generator)
-        with_anchor = self.camera.read((real + a_real) ** 2 + (imag + a_imag) ** 2, anchor["gain"], generator)
+        alone = self.camera.read(real**2 + imag**2, self.gain, generator)
+        with_anchor = self.camera.read((real + a_real) ** 2 + (imag + a_imag) ** 2, self.gain, generator)
         anchor_intensity = anchor["intensity"][cols[0] : cols[1]].to(field.dtype)
         lit = anchor_intensity > 0
         denominator = torch.where(lit, 2 * anchor_intensity.sqrt(), torch.ones_like(anchor_intensity))

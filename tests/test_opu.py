@@ -1,0 +1,187 @@
+"""The OPU emulator: exact ideal map, encodings to their stated precision, camera physics, limits, bad input."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from lightning_dfa.projectors import OPU, Camera
+from lightning_dfa.projectors.encoding import bitplanes, encode, encoding_error, ternarize
+
+D_E, D_FB = 64, 512
+
+
+def linearity_error(opu: OPU, error: torch.Tensor) -> float:
+    """Relative distance of the OPU's output from the exact linear projection of its encoded input."""
+    reference = encode(error, opu.encoding, threshold=opu.threshold, bits=opu.bits).decode() @ opu.ideal_matrix()
+    return float((opu(error) - reference).norm() / reference.norm())
+
+
+@pytest.fixture
+def errors() -> torch.Tensor:
+    return torch.randn(32, D_E, generator=torch.Generator().manual_seed(0))
+
+
+def test_ideal_opu_is_exactly_a_real_linear_gaussian_projection(errors):
+    opu = OPU(D_E, D_FB, seed=1, camera=False, encoding=None)
+    w = opu.ideal_matrix()
+    assert torch.allclose(opu(errors), errors @ w, rtol=0, atol=1e-5 * float((errors @ w).abs().max()))
+    assert torch.allclose(opu.materialize(), w, atol=1e-5)
+    assert abs(float(w.var()) * D_E - 1) < 0.02  # the library's scale convention, N(0, 1/d_e)
+
+
+def test_ideal_opu_projects_the_ternarised_error_and_reports_the_encoding_error(errors):
+    opu = OPU(D_E, D_FB, seed=1, camera=False)
+    frames = ternarize(errors, 0.5)
+    assert torch.allclose(opu(errors), frames.decode() @ opu.ideal_matrix(), atol=1e-4)
+    assert opu.stats["encoding_error"] == pytest.approx(encoding_error(errors, frames))
+    assert 0.3 < opu.stats["encoding_error"] < 0.55
+
+
+def test_ternarisation_is_the_least_squares_ternary_code_with_the_stated_error():
+    e = torch.randn(200, 4096, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    frames = ternarize(e, threshold=0.5)
+    assert set(frames.frames.unique().tolist()) <= {0.0, 1.0} and frames.frames.shape == (2, 200, 4096)
+    decoded = frames.decode()
+    t = 0.5 * e.pow(2).mean(1, keepdim=True).sqrt()
+    assert torch.equal(decoded != 0, e.abs() > t) and torch.equal(decoded.sign(), e.sign() * (e.abs() > t))
+    # For N(0,1) entries and threshold tau: relative error^2 = 1 - 2 phi(tau)^2 / (1 - Phi(tau)).
+    tau = 0.5
+    phi, tail = math.exp(-(tau**2) / 2) / math.sqrt(2 * math.pi), 0.5 * math.erfc(tau / math.sqrt(2))
+    assert encoding_error(e, frames) == pytest.approx(math.sqrt(1 - 2 * phi**2 / tail), abs=0.005)
+
+
+def test_absolute_threshold_ternarises_against_the_given_value():
+    e = torch.tensor([[0.2, -0.35, 0.5, -2.0]])
+    assert torch.equal(ternarize(e, 0.3, relative=False).frames[:, 0], torch.tensor([[0, 0, 1, 0], [0, 1, 0, 1.0]]))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_bit_planes_reconstruct_every_entry_within_half_a_level(bits):
+    e = torch.randn(50, 300, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
+    frames = bitplanes(e, bits)
+    assert frames.frames.shape == (2 * bits, 50, 300) and set(frames.frames.unique().tolist()) <= {0.0, 1.0}
+    bound = e.abs().amax(1, keepdim=True) / (2 * (2**bits - 1))
+    assert bool(((frames.decode() - e).abs() <= bound * (1 + 1e-9)).all())
+
+
+def test_more_bit_planes_give_a_smaller_encoding_error():
+    e = torch.randn(20, 500, generator=torch.Generator().manual_seed(0))
+    errs = [encoding_error(e, bitplanes(e, k)) for k in (1, 2, 3, 4, 6, 8)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 0.01
+
+
+def test_linearity_error_falls_with_bit_depth_and_is_zero_without_a_camera(errors):
+    quiet = dict(shot_noise=False, read_noise=0.0, seed=3, exposure=0.05)  # exposure low enough not to saturate
+    errs = [linearity_error(OPU(D_E, D_FB, bit_depth=b, **quiet), errors) for b in (2, 4, 6, 8, 10, 12, 16)]
+    assert all(later < earlier for earlier, later in zip(errs, errs[1:])), errs
+    assert errs[-1] < 0.01 and errs[0] / errs[-1] > 100  # about 4x less per 2 bits
+    assert linearity_error(OPU(D_E, D_FB, bit_depth=None, **quiet), errors) < 1e-4
+    assert linearity_error(OPU(D_E, D_FB, camera=False, seed=3), errors) < 1e-5
+
+
+def test_linearity_error_grows_with_noise(errors):
+    settings = [
+        dict(shot_noise=False, read_noise=0.0),
+        dict(shot_noise=False, read_noise=5.0),
+        dict(shot_noise=True, read_noise=5.0),
+        dict(shot_noise=True, read_noise=50.0),
+    ]
+    errs = [linearity_error(OPU(D_E, D_FB, seed=3, bit_depth=None, exposure=0.05, **s), errors) for s in settings]
+    assert errs[0] < 1e-4 and all(later > earlier for earlier, later in zip(errs, errs[1:])), errs
+    assert errs[-1] < 1.0  # still a usable projection at 50 electrons of read noise
+
+
+def test_more_light_means_less_relative_shot_noise(errors):
+    dim = OPU(D_E, D_FB, seed=3, bit_depth=None, read_noise=0.0, full_well=1_000.0, exposure=0.05)
+    bright = OPU(D_E, D_FB, seed=3, bit_depth=None, read_noise=0.0, full_well=100_000.0, exposure=0.05)
+    assert linearity_error(bright, errors) < linearity_error(dim, errors) / 5  # sqrt(100) = 10 expected
+
+
+def test_saturation_is_counted_and_warned_not_silent(errors):
+    with pytest.warns(RuntimeWarning, match="saturated"):
+        opu = OPU(D_E, D_FB, seed=0, exposure=1.0, shot_noise=False, read_noise=0.0)
+        opu(errors)
+    assert opu.stats["saturated"] > 0 and opu.stats["saturated_fraction"] > 0.01
+    assert opu.totals["saturated"] == opu.stats["saturated"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dim = OPU(D_E, D_FB, seed=0, exposure=0.02)
+        dim(errors)
+    assert dim.stats["saturated"] == 0
+
+
+def test_camera_clips_quantises_and_counts():
+    cam = Camera(bit_depth=2, full_well=3.0, exposure=0.5, shot_noise=False, read_noise=0.0)
+    reading = cam.read(torch.tensor([0.0, 0.4, 1.6, 2.9, 3.0, 7.0]), gain=1.0)
+    assert torch.equal(reading.intensity, torch.tensor([0.0, 0.0, 2.0, 3.0, 3.0, 3.0]))
+    assert reading.saturated == 2 and reading.pixels == 6
+
+
+def test_camera_noise_has_the_stated_variance():
+    cam = Camera(bit_depth=None, full_well=1e9, shot_noise=True, read_noise=10.0)
+    electrons = torch.full((200_000,), 400.0, dtype=torch.float64)
+    reading = cam.read(electrons, gain=1.0, generator=torch.Generator().manual_seed(0))
+    assert float(reading.intensity.mean()) == pytest.approx(400, abs=0.5)
+    assert float(reading.intensity.var()) == pytest.approx(400 + 100, rel=0.02)
+
+
+def test_bit_depth_zero_is_an_error():
+    with pytest.raises(ValueError, match="bit_depth must be an integer from 1 to 32"):
+        OPU(D_E, D_FB, bit_depth=0)
+
+
+def test_frames_are_counted_per_vector_and_the_anchor_once(errors):
+    ternary = OPU(D_E, D_FB, seed=0, camera=False)
+    ternary(errors)
+    ternary(errors[:5])
+    assert ternary.stats["frames"] == 5 * 4  # (p, n) x (alone, with anchor)
+    assert ternary.totals["frames"] == 1 + 37 * 4  # plus the anchor's one frame
+    planes = OPU(D_E, D_FB, seed=0, camera=False, encoding="bitplanes", bits=3)
+    planes(errors)
+    assert planes.stats["frames"] == 32 * 2 * 6
+
+
+def test_sizes_past_the_device_limits_are_an_error():
+    with pytest.raises(ValueError, match="exceed the device.*allow_tiling=True"):
+        OPU(2_000_000, 100)
+    with pytest.raises(ValueError, match="exceed the device"):
+        OPU(100, 3_000_000)
+
+
+def test_tiling_past_the_limits_says_so_and_keeps_the_same_map(errors):
+    with pytest.warns(UserWarning, match="tiled over 3 input x 2 output passes"):
+        tiled = OPU(D_E, D_FB, seed=4, camera=False, encoding=None, max_input=40, max_output=300, allow_tiling=True)
+    whole = OPU(D_E, D_FB, seed=4, camera=False, encoding=None)
+    assert tiled.tiles == (3, 2) and whole.tiles == (1, 1)
+    assert torch.allclose(tiled(errors), whole(errors), atol=1e-4)
+    assert tiled.stats["frames"] == 32 * 2 * 3 * 2
+
+
+def test_noise_is_reproducible_and_resumes_with_the_state_dict(errors):
+    a, b = OPU(D_E, D_FB, seed=5), OPU(D_E, D_FB, seed=5)
+    first = a(errors)
+    assert torch.equal(first, b(errors))
+    second = a(errors)
+    assert not torch.equal(first, second)  # a fresh noise draw per call
+    resumed = OPU(D_E, D_FB, seed=5)
+    resumed.load_state_dict(b.state_dict())
+    assert torch.equal(resumed(errors), second)
+
+
+def test_zero_errors_give_zero_feedback_even_with_noise():
+    opu = OPU(D_E, D_FB, seed=0, read_noise=50.0)
+    for encoding in ("ternary", "bitplanes"):
+        opu.encoding = encoding
+        y = opu(torch.zeros(3, D_E))
+        assert torch.equal(y, torch.zeros(3, D_FB))
+
+
+def test_float64_errors_are_projected_in_float64(errors):
+    opu = OPU(D_E, D_FB, seed=0, camera=False, encoding=None)
+    y = opu(errors.double())
+    assert y.dtype == torch.float64
+    assert torch.allclose(y, errors.double() @ opu.ideal_matrix(torch.float64), atol=1e-6)
