@@ -30,28 +30,55 @@ def test_an_unknown_recipe_lists_the_shipped_ones():
 def test_every_recipe_parses(recipe):
     result = subprocess.run(
         [sys.executable, "-m", "lightning_dfa.cli", "fit", "--config", recipe, "--print_config"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "class_path: lightning_dfa" in result.stdout
 
 
 def test_fit_one_batch_from_the_command_line(tmp_path):
-    cli = main(["fit", "--config", "digits-mlp", "--trainer.fast_dev_run=true",
-                f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            "digits-mlp",
+            "--trainer.fast_dev_run=true",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
     assert cli.trainer.global_step == 1
     assert cli.trainer.strategy.dfa.mode == "dfa"
 
 
 def test_one_override_switches_the_recipe_to_backprop(tmp_path):
-    cli = main(["fit", "--config", "digits-mlp", "--trainer.fast_dev_run=true", "--trainer.strategy.mode=backprop",
-                f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            "digits-mlp",
+            "--trainer.fast_dev_run=true",
+            "--trainer.strategy.mode=backprop",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
     assert cli.trainer.strategy.dfa.mode == "backprop"
 
 
 def run_quick_start(mode, tmp_path):
-    cli = main(["fit", "--config", "digits-mlp", f"--trainer.strategy.mode={mode}",
-                f"--trainer.default_root_dir={tmp_path}", *QUIET])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            "digits-mlp",
+            f"--trainer.strategy.mode={mode}",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
     return float(cli.trainer.callback_metrics["test/acc"])
 
 

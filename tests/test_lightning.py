@@ -16,8 +16,14 @@ from lightning_dfa.models import MLPClassifier
 
 def trainer(**kwargs):
     options = dict(
-        accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     return pl.Trainer(**{**options, **kwargs})
 
