@@ -1,0 +1,86 @@
+"""The optical cost ledger: per-step entries logged, totals that add up, a summary at the end of fit."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_dfa import DFA
+from lightning_dfa.callbacks import OpticalLedger
+from lightning_dfa.data import DigitsDataModule
+from lightning_dfa.models import MLPClassifier
+from lightning_dfa.projectors import optical_cost
+
+
+def fit(tmp_path, projector, ledger, batches=6):
+    model = MLPClassifier(hidden=16, depth=2)
+    dfa = DFA(blocks="blocks.*", output="head", projector=projector)
+    trainer = pl.Trainer(
+        max_steps=batches,
+        limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[dfa, ledger],
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    return trainer, dfa
+
+
+def test_ledger_logs_each_step_and_sums_them_for_an_electronic_projector(tmp_path, capsys):
+    ledger = OpticalLedger()
+    trainer, dfa = fit(tmp_path, "gaussian", ledger)
+    d_e, d_fb = dfa.projector.in_features, dfa.projector.out_features
+    total = ledger.summary()
+    assert total["steps"] == 6 and total["vectors"] == 6 * 32
+    expected = optical_cost(6 * 32, d_e, d_fb)
+    assert total["frames"] == expected.frames == 6 * 32 * 4
+    assert total["optical_time_s"] == pytest.approx(expected.time_s)
+    assert total["electronic_time_s"] > 0
+    assert total["electronic_energy_j"] == pytest.approx(total["electronic_time_s"] * 65.0)
+    logged = trainer.logged_metrics
+    assert logged["ledger/frames"] == 32 * 4 and logged["ledger/total_frames"] == 6 * 32 * 4
+    assert "Optical cost ledger" in capsys.readouterr().out
+
+
+def test_ledger_uses_the_emulators_own_frames_and_a_timed_electronic_reference(tmp_path):
+    ledger = OpticalLedger(verbose=False)
+    fit(tmp_path, {"class_path": "opu", "init_args": {"encoding": "bitplanes", "bits": 2}}, ledger, batches=3)
+    total = ledger.summary()
+    assert total["frames"] == 3 * 32 * 2 * 2 * 2
+    assert total["optical_energy_j"] == pytest.approx(total["frames"] * 0.5e-3 * 30)
+    assert ledger._reference_s_per_vector > 0
+    assert total["electronic_time_s"] == pytest.approx(ledger._reference_s_per_vector * 96)
+
+
+def test_ledger_without_dfa_says_what_is_missing(tmp_path):
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[OpticalLedger()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    with pytest.raises(RuntimeError, match="OpticalLedger needs DFA"):
+        trainer.fit(MLPClassifier(hidden=8, depth=1), datamodule=DigitsDataModule())
+
+
+def test_step_cost_for_a_hand_computed_case():
+    ledger = OpticalLedger(encoding="ternary", electronic_power_w=100.0)
+    projector = torch.nn.Linear(10, 20)
+    entry = ledger.step_cost(projector, vectors=5, seconds=0.01, frames=0, device=torch.device("cpu"))
+    assert entry == {
+        "vectors": 5,
+        "frames": 20,
+        "optical_time_s": pytest.approx(0.01),
+        "optical_energy_j": pytest.approx(0.3),
+        "electronic_time_s": 0.01,
+        "electronic_energy_j": pytest.approx(1.0),
+    }
