@@ -154,3 +154,18 @@ def test_embedding_can_be_a_feedback_point():
     assert list(dfa.layout) == ["0", "1"]
     assert model[0].weight.grad[[1, 2, 3]].abs().sum() > 0
     assert model[0].weight.grad[[0, 4, 5]].abs().sum() == 0
+
+
+def test_frozen_control_trains_only_the_head_and_restores_on_detach(mlp, batch):
+    blocks_before = {k: v.clone() for k, v in mlp.blocks.state_dict().items()}
+    dfa = DFA(blocks="blocks.*", output="head", mode="frozen").attach(mlp)
+    optimizer = torch.optim.SGD([p for p in mlp.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(mlp(batch[0]), batch[1]).backward()
+        optimizer.step()
+    for name, value in mlp.blocks.state_dict().items():
+        assert torch.equal(value, blocks_before[name]), f"{name} changed under the frozen control"
+    assert mlp.head.weight.grad.abs().sum() > 0
+    dfa.detach()
+    assert all(p.requires_grad for p in mlp.parameters())

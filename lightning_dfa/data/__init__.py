@@ -1,5 +1,16 @@
-"""Data modules with bundled defaults that need no network."""
+"""Data modules with bundled defaults that need no network (imported on first use)."""
 
-from lightning_dfa.data.digits import DigitsDataModule
+from importlib import import_module
 
-__all__ = ["DigitsDataModule"]
+_EXPORTS = {
+    "DigitsDataModule": "lightning_dfa.data.digits",
+    "TextDataModule": "lightning_dfa.data.text",
+    "ImageDataModule": "lightning_dfa.data.images",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_dfa.data' has no attribute {name!r}")

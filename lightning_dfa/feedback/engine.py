@@ -29,7 +29,7 @@ from lightning_dfa.feedback.rows import SEQUENCE_FEEDBACK, PointShape, error_row
 from lightning_dfa.projectors import build_projector
 from lightning_dfa.projectors.registry import ProjectorSpec, check_projector_sizes
 
-MODES = ("dfa", "backprop")
+MODES = ("dfa", "backprop", "frozen")
 
 
 class FeedbackEngine:
@@ -44,7 +44,9 @@ class FeedbackEngine:
         projector: ``"gaussian"`` (default), a projector module, a ``(d_e, sum d_i)`` matrix, a class,
             or a config ``{"class_path": ..., "init_args": {...}}``. Built at the first forward pass.
         seed: seed of the projection; the same seed gives the same feedback on every device and rank.
-        mode: ``"dfa"``, or ``"backprop"`` to run the identical pipeline with true gradients.
+        mode: ``"dfa"``; ``"backprop"`` runs the identical pipeline with true gradients; ``"frozen"`` is the
+            frozen-blocks control: the DFA pipeline with the points' parameters frozen at init, so only
+            what DFA trains besides the blocks (the head) learns. DFA only learns if it beats it.
         error_rows: leading dimensions of the error that are rows (default: 2 for ``(B, T, V)``
             errors, else 1). See :mod:`lightning_dfa.feedback.rows`.
         sequence_feedback: ``"broadcast"`` or ``"flatten"``, for per-sample errors with per-token points.
@@ -88,6 +90,7 @@ class FeedbackEngine:
         self.model: nn.Module | None = None
         self._records: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = []
+        self._frozen: list[nn.Parameter] = []
         self._saved_state: dict[str, Any] | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -120,7 +123,11 @@ class FeedbackEngine:
             if output == point or output.startswith(point + "."):
                 raise ValueError(f"The output point {output!r} lies inside the feedback point {point!r}.")
         self.model, self.points, self.output = model, points, output
-        if self.mode == "dfa":
+        if self.mode == "frozen":
+            self._frozen = [p for name in points for p in model.get_submodule(name).parameters() if p.requires_grad]
+            for param in self._frozen:
+                param.requires_grad_(False)
+        if self.mode in ("dfa", "frozen"):
             modules = dict(model.named_modules())
             for name in points:
                 self._handles.append(modules[name].register_forward_pre_hook(self._cut_inputs, with_kwargs=True))
@@ -134,6 +141,9 @@ class FeedbackEngine:
             handle.remove()
         self._handles.clear()
         self._records.clear()
+        for param in self._frozen:
+            param.requires_grad_(True)
+        self._frozen = []
         self.model = None
 
     def __enter__(self) -> FeedbackEngine:
