@@ -65,16 +65,24 @@ class Camera:
 
     def read(self, intensity: Tensor, gain: float, generator: torch.Generator | None = None) -> Reading:
         """Expose, add noise, saturate and quantise ``intensity``; return it in intensity units."""
+        return self.read_(intensity.clone(), gain, generator)
+
+    def read_(self, intensity: Tensor, gain: float, generator: torch.Generator | None = None) -> Reading:
+        """:meth:`read`, overwriting ``intensity`` (saves memory and time on large frames)."""
         if not self.enabled:
             return Reading(intensity, 0, intensity.numel())
-        electrons = intensity * gain
+        electrons = intensity.mul_(gain)
         if self.noisy:
-            variance = (electrons.clamp_min(0) if self.shot_noise else 0.0) + self.read_noise**2
             noise = torch.randn(electrons.shape, generator=generator, device=electrons.device, dtype=electrons.dtype)
-            electrons = electrons + noise.mul_(torch.as_tensor(variance, dtype=electrons.dtype).sqrt())
+            if self.shot_noise:
+                noise.mul_(electrons.clamp_min(0).add_(self.read_noise**2).sqrt_())
+            else:
+                noise.mul_(self.read_noise)
+            electrons.add_(noise)
+            del noise
         saturated = int((electrons >= self.full_well).sum())
-        electrons = electrons.clamp(0.0, self.full_well)
-        if self.bit_depth is not None:
-            step = self.full_well / ((1 << self.bit_depth) - 1)
-            electrons = torch.round(electrons / step) * step
-        return Reading(electrons / gain, saturated, electrons.numel())
+        electrons.clamp_(0.0, self.full_well)
+        if self.bit_depth is None:
+            return Reading(electrons.div_(gain), saturated, electrons.numel())
+        step = self.full_well / ((1 << self.bit_depth) - 1)
+        return Reading(electrons.div_(step).round_().mul_(step / gain), saturated, electrons.numel())

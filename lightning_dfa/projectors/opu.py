@@ -276,7 +276,8 @@ class OPU(Projector):
                 i1 = min(i0 + chunk, self.in_features)
                 field = self._field(flat, (i0, i1), (c0, c1), work)
                 y, sat, n = self._retrieve(field, anchor, (c0, c1), generator)
-                out[:, c0:c1] += (frames.weights * y.view(count, error.shape[0], c1 - c0)).sum(0)
+                for weight, part in zip(frames.weights, y.view(count, error.shape[0], c1 - c0)):
+                    out[:, c0:c1].addcmul_(weight, part)
                 saturated, read = saturated + sat, read + n
         self._record(error, clean, frames, anchor, saturated, read, bad_rows)
         if bad_rows is not None:
@@ -297,13 +298,14 @@ class OPU(Projector):
         width = cols[1] - cols[0]
         real, imag = field[:, :width], field[:, width:]
         a_real, a_imag = (anchor[k][cols[0] : cols[1]].to(field.dtype) for k in ("real", "imag"))
-        alone = self.camera.read(real**2 + imag**2, self.gain, generator)
-        with_anchor = self.camera.read((real + a_real) ** 2 + (imag + a_imag) ** 2, self.gain, generator)
+        alone = self.camera.read_(real.square().addcmul_(imag, imag), self.gain, generator)
+        lit_field = (real + a_real).square_().add_((imag + a_imag).square_())
+        with_anchor = self.camera.read_(lit_field, self.gain, generator)
         anchor_intensity = anchor["intensity"][cols[0] : cols[1]].to(field.dtype)
         lit = anchor_intensity > 0
         denominator = torch.where(lit, 2 * anchor_intensity.sqrt(), torch.ones_like(anchor_intensity))
-        y = (with_anchor.intensity - alone.intensity - anchor_intensity) / denominator
-        return y * lit, alone.saturated + with_anchor.saturated, alone.pixels + with_anchor.pixels
+        y = with_anchor.intensity.sub_(alone.intensity).sub_(anchor_intensity).div_(denominator).mul_(lit)
+        return y, alone.saturated + with_anchor.saturated, alone.pixels + with_anchor.pixels
 
     def _record(self, error, clean, frames, anchor, saturated, read, bad_rows) -> None:
         self.calls += 1
