@@ -133,6 +133,27 @@ def row(r: dict) -> str:
     )
 
 
+def check_devices(device: torch.device) -> None:
+    """Print whether each seeded kind gives the same matrix and feedback on the CPU and on ``device``."""
+    from lightning_dfa.projectors import OPU
+
+    makers = {
+        "seeded": lambda **kw: build_projector("seeded", 3000, 5000, seed=3),
+        "structured": lambda **kw: build_projector("structured", 3000, 5000, seed=3),
+        "opu (ideal)": lambda **kw: OPU(3000, 5000, seed=3, camera=False, encoding=None),
+    }
+    x = torch.randn(64, 3000)
+    for name, make in makers.items():
+        here, there = make(), make().to(device)
+        matrix = here.ideal_matrix if isinstance(here, OPU) else here.materialize
+        other = there.ideal_matrix if isinstance(there, OPU) else there.materialize
+        a, b = here(x), there(x.to(device)).cpu()
+        print(
+            f"# {name}: CPU and {device} matrices equal: {torch.equal(matrix(), other().cpu())}; "
+            f"feedback relative difference {float((a - b).norm() / a.norm()):.2e}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -142,6 +163,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--check-devices", action="store_true", help="first compare CPU and --device matrices")
     args = parser.parse_args()
     device = torch.device(args.device)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -150,6 +172,8 @@ def main() -> None:
         f"{'' if device.type == 'cuda' else 'CPU cores, ' + str(torch.get_num_threads()) + ' threads'}), "
         f"N={args.rows}, repeats={args.repeats}, torch {torch.__version__}"
     )
+    if args.check_devices:
+        check_devices(device)
     print(HEADER)
     results = run(sizes, args.kinds.split(","), args.rows, device, args.repeats, args.warmup)
     text = json.dumps(results, indent=1)
