@@ -63,3 +63,9 @@ def as_dfa(spec: DFA | FeedbackEngine | Mapping[str, Any], where: str) -> DFA:
         except TypeError as err:
             raise TypeError(f"{where} returned invalid DFA arguments {sorted(spec)}: {err}") from err
     raise TypeError(f"{where} must return a DFA or a dict of its arguments, got {type(spec).__name__}.")
+
+
+def find_dfa(trainer: pl.Trainer) -> FeedbackEngine | None:
+    """The DFA engine of a run: the strategy's, or a ``DFA`` among the callbacks; ``None`` without DFA."""
+    engine = getattr(trainer.strategy, "dfa", None)
+    return engine or next((c for c in trainer.callbacks if isinstance(c, FeedbackEngine)), None)

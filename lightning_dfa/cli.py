@@ -14,9 +14,15 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_dfa.callbacks.history import plot_history
+from lightning_dfa.feedback import MODES
+from lightning_dfa.summary import RunResult, summary_table
 
 RECIPES = resources.files("lightning_dfa") / "recipes"
 
@@ -46,37 +52,92 @@ def default_wandb_mode() -> None:
 
 
 class DFACLI(LightningCLI):
-    """LightningCLI that tests the fitted model and prints a summary after ``fit``."""
+    """LightningCLI that, after ``fit``, tests the model, runs the requested baselines and prints a summary.
+
+    ``--baselines=[frozen,backprop]`` reruns the same config in those modes (same seed, data and steps)
+    and prints them beside the DFA run; with ``History`` callbacks their curves share one plot.
+    """
+
+    def __init__(self, *args: Any, cli_args: list[str] | None = None, summary: bool = True, **kwargs: Any) -> None:
+        self.cli_args, self.print_summary = list(cli_args or []), summary
+        self.result: RunResult | None = None
+        super().__init__(*args, args=cli_args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--baselines",
+            type=list[str],
+            default=[],
+            help="modes to rerun after fit for comparison: frozen (frozen-blocks control), backprop",
+        )
 
     def before_fit(self) -> None:
+        _check_baselines(self.config.fit.baselines, self.trainer)
         self._fit_started = time.perf_counter()
 
     def after_fit(self) -> None:
-        trainer, elapsed = self.trainer, time.perf_counter() - self._fit_started
-        fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        test_metrics: dict[str, float] = {}
+        seconds = time.perf_counter() - self._fit_started
+        metrics = dict(self.trainer.callback_metrics)
         if is_overridden("test_step", self.model) and is_overridden("test_dataloader", self.datamodule):
-            results = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-            test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-        if trainer.is_global_zero:
-            print(summary_table(trainer, fit_metrics | test_metrics, elapsed))
+            results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            metrics.update(results[0] if results else {})
+        self.result = RunResult.of(self.trainer, seconds, metrics)
+        _finish_wandb(self.trainer)
+        runs = [self.result] + [self._baseline(mode) for mode in self.config.fit.baselines]
+        if self.print_summary and self.trainer.is_global_zero:
+            references = getattr(self.datamodule, "reference_metrics", dict)()
+            print(summary_table(runs, references))
+            self._plot(runs)
+
+    def _baseline(self, mode: str) -> RunResult:
+        args = [*self.cli_args, f"--trainer.strategy.mode={mode}", "--baselines=[]"]
+        wandb_name = next(
+            (lg._wandb_init.get("name") for lg in self.trainer.loggers if isinstance(lg, WandbLogger)), None
+        )
+        if wandb_name:
+            args.append(f"--trainer.logger.init_args.name={wandb_name}-{mode}")
+        return DFACLI(cli_args=args, summary=False, **_CLI_OPTIONS).result
+
+    def _plot(self, runs: list[RunResult]) -> None:
+        histories = {run.mode: run.history for run in runs if run.history is not None and run.history.run_dir}
+        if len(histories) > 1:
+            path = plot_history(histories, self.result.history.path("comparison.png"))
+            print(f"curves: {path}")
 
 
-def summary_table(trainer, metrics: dict[str, float], elapsed: float) -> str:
-    dfa = getattr(trainer.strategy, "dfa", None) or next(
-        (c for c in trainer.callbacks if type(c).__name__ == "DFA"), None
-    )
-    mode = dfa.mode if dfa is not None else "backprop (no DFA)"
-    rows = [("mode", mode), ("steps", str(trainer.global_step)), ("fit time", f"{elapsed:.1f} s")]
-    if trainer.global_step:
-        rows.append(("time per step", f"{1000 * elapsed / trainer.global_step:.1f} ms"))
-    rows += [(k, f"{v:.4f}") for k, v in sorted(metrics.items()) if not k.endswith("_step")]
-    width = max(len(k) for k, _ in rows)
-    lines = ["", "lightning-dfa summary", "-" * (width + 20)] + [f"{k:<{width}}  {v}" for k, v in rows]
-    return "\n".join(lines)
+def _finish_wandb(trainer: Any) -> None:
+    """Close this run's W&B run, so that a baseline (or the next run in this process) gets its own."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
-def main(args: list[str] | None = None) -> DFACLI | None:
+def _check_baselines(baselines: list[str], trainer: Any) -> None:
+    unknown = [mode for mode in baselines if mode not in MODES]
+    if unknown:
+        raise ValueError(f"--baselines: unknown modes {unknown}; choose from {list(MODES)}.")
+    if baselines and not hasattr(trainer.strategy, "dfa"):
+        raise ValueError(
+            "--baselines reruns the config with --trainer.strategy.mode=<mode>: the trainer's strategy must be "
+            "a lightning_dfa.DFAStrategy (or DFADDPStrategy) given as class_path + init_args."
+        )
+
+
+_CLI_OPTIONS: dict[str, Any] = dict(
+    subclass_mode_model=True,
+    subclass_mode_data=True,
+    save_config_kwargs={"overwrite": True},
+    seed_everything_default=0,
+)
+
+
+def main(args: list[str] | None = None) -> None:
+    """The ``lightning-dfa`` console script."""
+    run(args)
+
+
+def run(args: list[str] | None = None) -> DFACLI | None:
+    """Run the CLI on ``args`` (default: ``sys.argv[1:]``) and return it, e.g. to read ``cli.trainer``."""
     args = list(sys.argv[1:] if args is None else args)
     if args[:1] == ["recipes"]:
         for name in recipe_names():
@@ -89,15 +150,7 @@ def main(args: list[str] | None = None) -> DFACLI | None:
         elif arg.startswith("--config="):
             args[i] = "--config=" + resolve_recipe(arg.split("=", 1)[1])
     default_wandb_mode()
-    import lightning_dfa  # noqa: F401  (registers the strategies before the Trainer is parsed)
-
-    return DFACLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        args=args,
-    )
+    return DFACLI(cli_args=args, **_CLI_OPTIONS)
 
 
 if __name__ == "__main__":

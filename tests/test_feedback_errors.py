@@ -101,7 +101,7 @@ def test_nested_points_are_an_error(mlp):
 
 
 def test_unknown_mode_is_an_error():
-    with pytest.raises(ValueError, match=r"mode must be one of \('dfa', 'backprop'\)"):
+    with pytest.raises(ValueError, match=r"mode must be one of \('dfa', 'backprop', 'frozen'\), got 'bp'"):
         DFA(mode="bp")
 
 

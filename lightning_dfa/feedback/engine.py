@@ -15,7 +15,8 @@ Everything happens inside one ordinary ``loss.backward()``:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -91,6 +92,8 @@ class FeedbackEngine:
         self._records: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = []
         self._frozen: list[nn.Parameter] = []
+        #: Called as ``observe(error, {point: feedback})`` in every backward (rows x features), for diagnostics.
+        self.observers: list[Callable[[Tensor, dict[str, Tensor]], None]] = []
         self._saved_state: dict[str, Any] | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -118,7 +121,7 @@ class FeedbackEngine:
                 f"output=None and no known error point in {type(model).__name__}: name the module whose output's "
                 f"gradient is the error, e.g. the head (top-level children: {[n for n, _ in model.named_children()]})."
             )
-        output_module = resolve_module(model, output, role="output")
+        resolve_module(model, output, role="output")
         for point in points:
             if output == point or output.startswith(point + "."):
                 raise ValueError(f"The output point {output!r} lies inside the feedback point {point!r}.")
@@ -128,19 +131,36 @@ class FeedbackEngine:
             for param in self._frozen:
                 param.requires_grad_(False)
         if self.mode in ("dfa", "frozen"):
-            modules = dict(model.named_modules())
-            for name in points:
-                self._handles.append(modules[name].register_forward_pre_hook(self._cut_inputs, with_kwargs=True))
-                self._handles.append(modules[name].register_forward_hook(self._recorder(name)))
-            self._handles.append(output_module.register_forward_hook(self._route))
+            self._install_hooks()
         return self
 
-    def detach(self) -> None:
-        """Remove every hook: the model is exactly as before (plain backprop)."""
+    def _install_hooks(self) -> None:
+        modules = dict(self.model.named_modules())
+        for name in self.points:
+            self._handles.append(modules[name].register_forward_pre_hook(self._cut_inputs, with_kwargs=True))
+            self._handles.append(modules[name].register_forward_hook(self._recorder(name)))
+        self._handles.append(modules[self.output].register_forward_hook(self._route))
+
+    def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._records.clear()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Plain backprop inside the block (hooks out, frozen points still frozen): for true-gradient probes."""
+        active = bool(self._handles)
+        self._remove_hooks()
+        try:
+            yield
+        finally:
+            if active:
+                self._install_hooks()
+
+    def detach(self) -> None:
+        """Remove every hook: the model is exactly as before (plain backprop)."""
+        self._remove_hooks()
         for param in self._frozen:
             param.requires_grad_(True)
         self._frozen = []
@@ -268,6 +288,8 @@ class FeedbackEngine:
                 "and learning rate, or use bf16/fp32 instead of fp16."
             )
         feedback = self.projector(flat.float())
+        for observe in self.observers:
+            observe(flat, {name: feedback[:, self.layout[name]] for name, _ in routed})
         grads: list[Tensor | None] = []
         for (name, shape), need in zip(routed, needed):
             grads.append(shape.gradient(feedback[:, self.layout[name]]).to(error.dtype) if need else None)

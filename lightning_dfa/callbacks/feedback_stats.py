@@ -1,0 +1,66 @@
+"""``FeedbackStats``: the size of the error and of each point's feedback, as training sees them.
+
+Every ``every_n_steps`` steps it logs, from the projection the step really used,
+
+- ``feedback/error_rms``: root mean square of the error entries that were projected;
+- ``feedback_rms/<point>``: root mean square of the point's feedback entries;
+- ``feedback_ratio/<point>``: that feedback RMS over the error RMS (the scale convention at work:
+  about 1 for the default Gaussian, whatever ``d_e``).
+
+Together with :class:`~lightning_dfa.callbacks.alignment.Alignment`'s ``grad_ratio/<point>`` (DFA
+update norm over true gradient norm), this shows whether feedback is too large or too small.
+
+Example::
+
+    Trainer(strategy="dfa", callbacks=[FeedbackStats(every_n_steps=50)])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_dfa.callback import find_dfa
+
+
+class FeedbackStats(Callback):
+    """Error and feedback RMS per point, logged every ``every_n_steps`` steps (see the module docstring)."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps}.")
+        self.every_n_steps = every_n_steps
+        self.latest: dict[str, float] = {}
+        self._due = False
+        self._dfa: Any = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._dfa = find_dfa(trainer)
+        if self._dfa is not None:
+            self._dfa.observers.append(self._observe)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._dfa is not None and self._observe in self._dfa.observers:
+            self._dfa.observers.remove(self._observe)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._due = trainer.global_step % self.every_n_steps == 0
+        self.latest = {}
+
+    def _observe(self, error: Tensor, feedback: dict[str, Tensor]) -> None:
+        if not self._due:
+            return
+        error_rms = error.float().pow(2).mean().sqrt().item()
+        self.latest["feedback/error_rms"] = error_rms
+        for name, values in feedback.items():
+            rms = values.pow(2).mean().sqrt().item()
+            self.latest[f"feedback_rms/{name}"] = rms
+            self.latest[f"feedback_ratio/{name}"] = rms / max(error_rms, 1e-30)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._due and self.latest:
+            pl_module.log_dict(self.latest, on_step=True, on_epoch=False)
+        self._due = False

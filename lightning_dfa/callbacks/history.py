@@ -1,0 +1,113 @@
+"""``History``: the run's curves (loss, validation metrics, alignment), saved as JSON and a PNG with the run.
+
+At the end of ``fit`` it writes ``history.json`` and ``curves.png`` to the run directory
+(``trainer.log_dir``, else ``default_root_dir``) and, with a ``WandbLogger``, logs the picture too.
+
+Example::
+
+    history = History()
+    Trainer(strategy="dfa", callbacks=[Alignment(), history]).fit(model)
+    history.path("curves.png")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+from lightning_dfa.callbacks.alignment import Alignment
+
+
+class History(Callback):
+    """Training loss per step, validation metrics per validation, alignment per probe (module docstring)."""
+
+    def __init__(self, plot: bool = True) -> None:
+        self.plot = plot
+        self.train: list[tuple[int, float]] = []
+        self.val: list[dict[str, float]] = []
+        self.alignment: list[dict[str, float]] = []
+        self.run_dir: Path | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.train.append((trainer.global_step, float(loss)))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+        self.val.append({"step": float(trainer.global_step), **metrics})
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        probe = next((c for c in trainer.callbacks if isinstance(c, Alignment)), None)
+        self.alignment = list(probe.history) if probe is not None else []
+        if not trainer.is_global_zero:
+            return
+        self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path("history.json").write_text(json.dumps(self.as_dict(), indent=1))
+        if self.plot:
+            plot_history({"run": self}, self.path("curves.png"))
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image("curves", [str(self.path("curves.png"))])
+
+    def path(self, name: str) -> Path:
+        if self.run_dir is None:
+            raise RuntimeError("History has no run directory before the end of fit.")
+        return self.run_dir / name
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"train": self.train, "val": self.val, "alignment": self.alignment}
+
+
+def plot_history(runs: dict[str, History], path: Path) -> Path:
+    """Training loss, validation metrics and alignment of one or several runs (e.g. DFA, frozen, backprop)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    val_keys = sorted({k for h in runs.values() for row in h.val for k in row if k != "step"})
+    panels = ["train/loss", *val_keys] + (["alignment"] if any(h.alignment for h in runs.values()) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for label, history in runs.items():
+            _draw(ax, panel, label, history, several=len(runs) > 1)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _draw(ax: Any, panel: str, label: str, history: History, several: bool) -> None:
+    if panel == "train/loss" and history.train:
+        steps, losses = zip(*history.train)
+        ax.plot(steps, _smooth(list(losses)), label=label)
+    elif panel == "alignment":
+        names = sorted({k for row in history.alignment for k in row if k.startswith("alignment/")})
+        for name in names if not several else ["alignment/mean"]:
+            rows = [row for row in history.alignment if name in row]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[name] for r in rows], label=f"{label} {name[10:]}")
+        ax.axhline(0, color="grey", lw=0.5)
+    else:
+        rows = [row for row in history.val if panel in row]
+        ax.plot([r["step"] for r in rows], [r[panel] for r in rows], marker=".", label=label)
+
+
+def _smooth(values: list[float], window: int = 20) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out

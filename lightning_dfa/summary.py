@@ -1,0 +1,76 @@
+"""The end-of-fit summary: one run, or DFA beside its baselines (frozen-blocks control, backprop)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_dfa.callback import find_dfa
+from lightning_dfa.callbacks.history import History
+
+#: Metric families shown in the summary (per-point diagnostics stay in the logs and plots).
+SHOWN = ("val/", "test/", "train/loss", "alignment/mean")
+
+
+@dataclass
+class RunResult:
+    """What a finished ``fit`` (and its test) produced."""
+
+    mode: str
+    steps: int
+    seconds: float
+    metrics: dict[str, float]
+    history: History | None = None
+    extras: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, trainer: pl.Trainer, seconds: float, metrics: dict[str, Any]) -> RunResult:
+        dfa = find_dfa(trainer)
+        shown = {k: float(v) for k, v in metrics.items() if k.startswith(SHOWN) and not k.endswith("_step")}
+        history = next((c for c in trainer.callbacks if isinstance(c, History)), None)
+        extras = {}
+        ledger = next((c for c in trainer.callbacks if type(c).__name__ == "OpticalLedger"), None)
+        if ledger is not None and getattr(ledger, "totals", None):
+            t = ledger.totals
+            extras["optical / electronic projection time"] = (
+                f"{t['optical_time_s']:.3g} s / {t['electronic_time_s']:.3g} s"
+            )
+            extras["optical / electronic projection energy"] = (
+                f"{t['optical_energy_j']:.3g} J / {t['electronic_energy_j']:.3g} J"
+            )
+        mode = dfa.mode if dfa is not None else "backprop (no DFA)"
+        return cls(mode, trainer.global_step, seconds, shown, history, extras)
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000 * self.seconds / self.steps if self.steps else math.nan
+
+
+def summary_table(runs: list[RunResult], references: dict[str, float] | None = None) -> str:
+    """A plain-text table: a column per run (mode), a row per metric, then reference values."""
+    columns = [run.mode for run in runs]
+    rows: list[tuple[str, list[str]]] = [
+        ("steps", [str(run.steps) for run in runs]),
+        ("fit time (s)", [f"{run.seconds:.1f}" for run in runs]),
+        ("time per step (ms)", [f"{run.ms_per_step:.1f}" for run in runs]),
+    ]
+    for key in sorted({k for run in runs for k in run.metrics}):
+        rows.append((key, [_fmt(run.metrics.get(key)) for run in runs]))
+    for key in sorted({k for run in runs for k in run.extras}):
+        rows.append((key, [run.extras.get(key, "-") for run in runs]))
+    for key, value in (references or {}).items():
+        rows.append((f"{key} (reference)", [_fmt(value)] + [""] * (len(runs) - 1)))
+    width = max(len(name) for name, _ in rows)
+    cells = [max(len(c), *(len(values[i]) for _, values in rows)) for i, c in enumerate(columns)]
+    line = lambda name, values: f"{name:<{width}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(values, cells))  # noqa: E731
+    out = ["", "lightning-dfa summary", line("", columns), "-" * (width + 2 + sum(cells) + 2 * len(cells))]
+    return "\n".join(out + [line(name, values) for name, values in rows])
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"

@@ -1,0 +1,62 @@
+"""Run history and feedback statistics: curves saved with the run, feedback sizes as the step used them."""
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+
+import lightning_dfa  # noqa: F401
+from lightning_dfa.callbacks import Alignment, FeedbackStats, History
+from lightning_dfa.data import DigitsDataModule
+from lightning_dfa.models import MLPClassifier
+
+
+def fit(tmp_path, callbacks, mode="dfa", steps=6):
+    trainer = pl.Trainer(
+        strategy=lightning_dfa.DFAStrategy(mode=mode),
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=3,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+    )
+    trainer.fit(MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule(batch_size=16))
+    return trainer
+
+
+def test_history_saves_curves_and_json_with_the_run(tmp_path):
+    history = History()
+    fit(tmp_path, [Alignment(every_n_steps=2), history])
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert [step for step, _ in saved["train"]] == [1, 2, 3, 4, 5, 6]
+    assert [row["step"] for row in saved["val"]] == [3.0, 6.0] and "val/acc" in saved["val"][0]
+    assert [row["step"] for row in saved["alignment"]] == [0.0, 2.0, 4.0]
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_feedback_stats_follow_the_gaussian_scale_convention(tmp_path):
+    stats = FeedbackStats(every_n_steps=1)
+    trainer = fit(tmp_path, [stats])
+    assert stats.latest["feedback/error_rms"] > 0
+    for name in ("blocks.0", "blocks.1"):
+        # entries of e @ B with B ~ N(0, 1/d_e) have the error's RMS on average (16 rows: loose bounds)
+        assert 0.3 < stats.latest[f"feedback_ratio/{name}"] < 3
+    assert "feedback_rms/blocks.0" in trainer.callback_metrics
+    assert not trainer.strategy.dfa.observers, "the observer is removed at the end of fit"
+
+
+def test_feedback_stats_log_nothing_without_feedback(tmp_path):
+    stats = FeedbackStats(every_n_steps=1)
+    fit(tmp_path, [stats], mode="backprop")
+    assert stats.latest == {}
+
+
+@pytest.mark.parametrize("callback", [FeedbackStats, Alignment])
+def test_diagnostics_refuse_a_zero_interval(callback):
+    with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
+        callback(every_n_steps=0)
