@@ -1,0 +1,173 @@
+"""``ImageClassifier``: HuggingFace ViT image classification, built from a config or a local checkpoint.
+
+DFA points (``configure_dfa``): ``blocks="auto"`` gives HF's own block classes, here the
+``ViTEmbeddings`` (patch + position embeddings and the class token) and every ``ViTLayer``; the
+error is the gradient at the logits (``model.classifier``), one row per image. Blocks output
+``(B, tokens, hidden)``, so each point gets ``hidden`` feedback values per image, the same for
+every token (``sequence_feedback="broadcast"``; flattening tokens x hidden did far worse in the
+prototype, see science.md). The final layer norm and the classifier train with their true gradient.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Sizes the model takes from the datamodule when they are not given: ViTConfig key -> datamodule reading.
+DATA_SIZES = {"num_labels": "classes", "image_size": "image_size", "num_channels": "channels"}
+
+
+class ImageClassifier(pl.LightningModule):
+    """A ``ViTForImageClassification`` (``self.model``) trained with cross-entropy; logs loss and accuracy.
+
+    Args:
+        config: ``ViTConfig`` arguments (``{"patch_size": 2, "hidden_size": 64, ...}``).
+        pretrained: a LOCAL directory saved with ``save_pretrained`` (no hub access); its weights
+            and sizes are used, and ``num_labels`` replaces the head when it differs.
+        num_labels, image_size, num_channels: override ``config``; when neither gives them they are
+            read from the trainer's datamodule (``num_classes``, ``image_shape``) as training starts,
+            so the recipe needs no argument linking.
+        lr, weight_decay, betas: AdamW.
+
+    Example::
+
+        model = ImageClassifier({"patch_size": 2, "hidden_size": 64, "num_hidden_layers": 2})
+        Trainer(strategy="dfa").fit(model, datamodule=ImageDataModule("digits"))   # sizes from the data
+        ImageClassifier({"patch_size": 2}, num_labels=10, image_size=8, num_channels=1).model  # built at once
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        num_labels: int | None = None,
+        image_size: int | None = None,
+        num_channels: int | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ) -> None:
+        super().__init__()
+        if config is not None and pretrained is not None:
+            raise ValueError("Give either config (a new ViT) or pretrained (a local checkpoint), not both.")
+        self.save_hyperparameters()
+        self.model = None
+        sizes = self._given_sizes()
+        if pretrained is not None or all(sizes.get(k) is not None for k in DATA_SIZES):
+            self._build(sizes)
+
+    # ------------------------------------------------------------------ building
+    def _given_sizes(self) -> dict[str, Any]:
+        hp, config = self.hparams, dict(self.hparams.config or {})
+        return {key: hp[key] if hp[key] is not None else config.get(key) for key in DATA_SIZES}
+
+    def _build(self, sizes: dict[str, Any]) -> None:
+        from transformers import ViTConfig, ViTForImageClassification
+
+        if self.hparams.pretrained is not None:
+            path = local_checkpoint(self.hparams.pretrained)
+            extra = {"num_labels": sizes["num_labels"], "ignore_mismatched_sizes": True} if sizes["num_labels"] else {}
+            self.model = ViTForImageClassification.from_pretrained(path, **extra)
+        else:
+            config = {**(self.hparams.config or {}), **{k: v for k, v in sizes.items() if v is not None}}
+            self.model = ViTForImageClassification(ViTConfig(**config))
+        for key in DATA_SIZES:  # resolved sizes go into the checkpoint, so load_from_checkpoint rebuilds the same
+            self.hparams[key] = getattr(self.model.config, key)
+
+    def configure_callbacks(self) -> list:
+        # The earliest hook that sees the trainer's datamodule, on every rank, before callbacks' setup (where
+        # DFA attaches to the built model) and before the optimizer.
+        if self.model is None:
+            self._build(sizes_from_data(self, self._given_sizes(), DATA_SIZES))
+        else:
+            check_data_sizes(self, {k: getattr(self.model.config, k) for k in DATA_SIZES}, DATA_SIZES)
+        return []
+
+    def configure_dfa(self) -> dict[str, Any]:
+        return {"blocks": "auto", "output": "model.classifier"}
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        if self.model is None:
+            raise RuntimeError(
+                "ImageClassifier is not built yet: give num_labels, image_size and num_channels, or train it with a "
+                "datamodule that has num_classes and image_shape (ImageDataModule)."
+            )
+        return self.model(pixel_values=pixel_values).logits
+
+    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log(f"{split}/loss", loss, prog_bar=split != "test")
+        if split != "train":
+            self.log(f"{split}/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        return torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+
+
+# ---------------------------------------------------------------------- shared with Diffusion
+def local_checkpoint(path: str) -> str:
+    """``path`` if it is a local directory with a ``config.json``; a clear error otherwise (no hub look-up)."""
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"pretrained={path!r} is not a local checkpoint directory (no config.json there). Save one with "
+            "model.save_pretrained(dir) and pass that dir; hub names are not fetched."
+        )
+    return str(path)
+
+
+def data_sizes(module: pl.LightningModule) -> dict[str, int] | None:
+    """The datamodule's ``{"classes", "channels", "image_size"}``, or ``None`` without one that tells them."""
+    trainer = getattr(module, "_trainer", None)
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None or not hasattr(datamodule, "image_shape"):
+        return None
+    channels, height, width = datamodule.image_shape
+    if height != width:
+        raise ValueError(f"The data's images are {height}x{width}; {type(module).__name__} needs square images.")
+    return {"classes": getattr(datamodule, "num_classes", None), "channels": channels, "image_size": height}
+
+
+def sizes_from_data(module: pl.LightningModule, sizes: dict[str, Any], readings: dict[str, str]) -> dict[str, Any]:
+    """``sizes`` with its ``None`` entries read from the trainer's datamodule (``readings``: key -> reading)."""
+    data, filled = data_sizes(module), dict(sizes)
+    for key in (k for k, v in sizes.items() if v is None):
+        if data is None or data[readings[key]] is None:
+            raise ValueError(
+                f"{type(module).__name__} needs {key}: give it (argument or config), or train with a datamodule "
+                "that has num_classes and image_shape (lightning_dfa.data.ImageDataModule)."
+            )
+        filled[key] = data[readings[key]]
+    check_data_sizes(module, filled, readings)
+    return filled
+
+
+def check_data_sizes(module: pl.LightningModule, sizes: dict[str, Any], readings: dict[str, str]) -> None:
+    """Raise if the model's sizes disagree with the trainer's datamodule (naming both)."""
+    data = data_sizes(module)
+    if data is None:
+        return
+    for key, reading in readings.items():
+        if data[reading] is not None and sizes[key] != data[reading]:
+            raise ValueError(
+                f"{type(module).__name__} has {key}={sizes[key]} but the data has {reading}={data[reading]}: "
+                f"set {key}={data[reading]} (or leave it out to take it from the data), or change the data."
+            )
