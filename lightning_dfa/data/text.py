@@ -1,0 +1,253 @@
+"""Text for next-token prediction: bundled pydoc corpus, local files and folders, or HF ``datasets``.
+
+Every source becomes a list of documents, split into train / validation **by document** (a seeded
+permutation, so the same documents go to validation on every run and rank), tokenized, joined with
+an end-of-text token after each document, and cut into contiguous blocks of ``block_size + 1``
+tokens. A block ``x`` is one training example: the model reads ``x[:-1]`` and predicts ``x[1:]``
+(consecutive blocks share one token, so every token of the stream is predicted once; a last
+partial block is dropped).
+
+Sources (``source=``):
+
+- ``"pydoc"`` (default): Python's own ``pydoc_data.topics`` (79 documents, ~465K characters of
+  English documentation; nothing to download);
+- a ``.txt`` file (its blank-line separated paragraphs are the documents), or a folder of ``.txt``
+  files (searched recursively; each file is a document);
+- a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, read with HF ``datasets``' own loaders
+  (each row is a document, its text in the column ``text_field``);
+- ``"hf:<name>"``: a dataset of the HF hub by name (its ``train`` split; ``dataset_config`` picks the
+  configuration), from the local HF cache or the network.
+
+Example::
+
+    dm = TextDataModule()                                               # pydoc, BPE 4096, blocks of 128
+    dm = TextDataModule("notes/", block_size=256)                      # a folder of .txt files
+    dm = TextDataModule("hf:wikitext", dataset_config="wikitext-2-raw-v1", tokenizer="/models/gpt2")
+    dm.vocab_size, dm.reference_metrics()                               # {"unigram val ppl": ...}
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lightning_dfa.data.tokenizer import bpe_tokenizer, load_tokenizer
+
+#: HF ``datasets`` loader for each local file type.
+FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Blocks of ``block_size + 1`` token ids (``LongTensor[B, block_size + 1]`` batches) from one text source.
+
+    Args:
+        source: ``"pydoc"``, a local file or folder, or ``"hf:<name>"`` (see the module doc).
+        tokenizer: a local tokenizer folder (``save_pretrained`` output); None trains a byte-level BPE
+            on the training documents (cached, see :mod:`lightning_dfa.data.tokenizer`).
+        vocab_size: the BPE's target size when training one. The tokenizer's actual size,
+            ``self.vocab_size`` (``len(self.tokenizer)``), is smaller if the corpus runs out of merges.
+        block_size: tokens the model reads per example (its context length).
+        val_fraction: share of the documents held out for validation (at least one document each way).
+        split_seed: seed of the document permutation that makes the split.
+        dataset_config: configuration name of an ``hf:`` dataset (e.g. ``"wikitext-2-raw-v1"``).
+        text_field: the column holding the text in tabular and HF sources.
+
+    The test split is the validation split (there is no third split): ``trainer.test`` reports
+    the held-out perplexity of the final model.
+    """
+
+    def __init__(
+        self,
+        source: str = "pydoc",
+        tokenizer: str | None = None,
+        vocab_size: int = 4096,
+        block_size: int = 128,
+        batch_size: int = 16,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        dataset_config: str | None = None,
+        text_field: str = "text",
+    ) -> None:
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+        if block_size < 1 or batch_size < 1:
+            raise ValueError(f"block_size and batch_size must be positive, got {block_size} and {batch_size}.")
+        self.save_hyperparameters()
+        self._documents: dict[str, list[str]] | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.blocks: dict[str, Tensor] = {}
+
+    # -- documents and tokenizer (built on first use, so a model can ask for the vocabulary early) --
+    @property
+    def documents(self) -> dict[str, list[str]]:
+        """``{"train": [...], "val": [...]}``: the source's documents, split by document."""
+        if self._documents is None:
+            hp = self.hparams
+            docs = load_documents(hp.source, hp.dataset_config, hp.text_field)
+            train, val = split_documents(len(docs), hp.val_fraction, hp.split_seed)
+            self._documents = {"train": [docs[i] for i in train], "val": [docs[i] for i in val]}
+        return self._documents
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer: loaded from ``tokenizer=`` or trained on the training documents (cached)."""
+        if self._tokenizer is None:
+            path = self.hparams.tokenizer
+            self._tokenizer = (
+                load_tokenizer(path) if path else bpe_tokenizer(self.documents["train"], self.hparams.vocab_size)
+            )
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the embedding a model needs: ``len(self.tokenizer)`` (special tokens included)."""
+        return len(self.tokenizer)
+
+    # -- Lightning hooks --------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.blocks:
+            return
+        for split, docs in self.documents.items():
+            stream = token_stream(self.tokenizer, docs)
+            self.blocks[split] = cut_blocks(stream, self.hparams.block_size, split)
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        if not self.blocks:
+            self.setup()
+        return DataLoader(
+            self.blocks[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    # -- baselines -----------------------------------------------------------------------------------
+    def reference_metrics(self) -> dict[str, float]:
+        """``{"unigram val ppl": p}``: what a model that ignores context scores on the validation blocks.
+
+        The unigram model counts the training stream's tokens with add-one (Laplace) smoothing,
+        ``P(t) = (count(t) + 1) / (N + V)`` over the ``V = self.vocab_size`` tokens, and is scored
+        on exactly the tokens a language model predicts in validation (each block's ``x[1:]``):
+        ``p = exp(-mean log P(t))``. A model whose ``val/ppl`` is not below ``p`` has learned
+        nothing beyond token frequencies.
+        """
+        if not self.blocks:
+            self.setup()
+        train = token_stream(self.tokenizer, self.documents["train"])
+        counts = torch.bincount(train, minlength=self.vocab_size).double() + 1.0
+        log_p = counts.log() - math.log(float(counts.sum()))
+        targets = self.blocks["val"][:, 1:].reshape(-1)
+        return {"unigram val ppl": math.exp(-float(log_p[targets].mean()))}
+
+
+def load_documents(source: str, dataset_config: str | None = None, text_field: str = "text") -> list[str]:
+    """The non-empty documents of ``source`` (see the module doc), in a fixed order."""
+    if source == "pydoc":
+        from pydoc_data.topics import topics
+
+        docs = [topics[key] for key in sorted(topics)]
+    elif source.startswith("hf:"):
+        docs = _hf_documents(source[3:], dataset_config, text_field)
+    else:
+        docs = _local_documents(source, text_field)
+    docs = [doc for doc in docs if doc and doc.strip()]
+    if not docs:
+        raise ValueError(f"The text source {source!r} has no non-empty documents.")
+    return docs
+
+
+def split_documents(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train and validation document indices (sorted, disjoint): ``round(val_fraction * n)`` go to validation."""
+    if n < 2:
+        raise ValueError(
+            f"Splitting by document needs at least 2 documents, the source has {n}. Give a folder of files, a "
+            ".txt file with blank-line separated paragraphs, or a table with one document per row."
+        )
+    n_val = min(n - 1, max(1, round(val_fraction * n)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def token_stream(tokenizer: PreTrainedTokenizerBase, documents: list[str]) -> Tensor:
+    """All documents' token ids, each followed by the end-of-text token, as one ``LongTensor``."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"The tokenizer {type(tokenizer).__name__} has no eos token to separate documents.")
+    ids = tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
+
+
+def cut_blocks(stream: Tensor, block_size: int, split: str = "train") -> Tensor:
+    """Contiguous windows ``stream[i*b : i*b + b + 1]`` (``b = block_size``): ``LongTensor[n, b + 1]``."""
+    if len(stream) < block_size + 1:
+        raise ValueError(
+            f"The {split} split has {len(stream)} tokens, fewer than block_size + 1 = {block_size + 1}: lower "
+            "block_size, raise val_fraction, or use a larger corpus."
+        )
+    return stream.unfold(0, block_size + 1, block_size).contiguous()
+
+
+def _local_documents(source: str, text_field: str) -> list[str]:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Text source {source!r} is not 'pydoc', 'hf:<dataset name>', or an existing file or folder. Give a "
+            f".txt file, a folder of .txt files, a {'/'.join(FILE_LOADERS)} file, or 'hf:{source}' for a "
+            "HuggingFace dataset."
+        )
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"The folder {str(path)!r} has no .txt files (each .txt file is a document).")
+        return [file.read_text(encoding="utf-8") for file in files]
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return path.read_text(encoding="utf-8").split("\n\n")
+    if suffix in FILE_LOADERS:
+        import datasets
+
+        table = datasets.load_dataset(FILE_LOADERS[suffix], data_files=str(path), split="train")
+        return _column(table, text_field, str(path))
+    raise ValueError(
+        f"Cannot read {str(path)!r}: text sources are .txt files, folders of them, or {sorted(FILE_LOADERS)} files."
+    )
+
+
+def _hf_documents(name: str, config: str | None, text_field: str) -> list[str]:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(name, config, split="train")
+    except Exception as err:  # offline, not cached, unknown name, or a missing config: say what to do
+        raise FileNotFoundError(
+            f"HF dataset {name!r} (config {config!r}) could not be loaded: it is not in the local HF cache "
+            f"(HF_HOME) and could not be downloaded ({type(err).__name__}: {err}). With network access, unset "
+            f"HF_DATASETS_OFFLINE / HF_HUB_OFFLINE and run once: python -c \"import datasets; "
+            f"datasets.load_dataset({name!r}, {config!r})\"; or save the text to a local .jsonl/.parquet/.txt "
+            "file and pass its path as source. Check the name and dataset_config (e.g. 'hf:wikitext' needs "
+            "dataset_config='wikitext-2-raw-v1')."
+        ) from err
+    return _column(table, text_field, f"hf:{name}")
+
+
+def _column(table, text_field: str, where: str) -> list[str]:
+    if text_field not in table.column_names:
+        raise ValueError(f"{where} has no column {text_field!r}; its columns are {table.column_names}: set text_field.")
+    return list(table[text_field])

@@ -1,0 +1,263 @@
+"""``CausalLM``: any HuggingFace ``AutoModelForCausalLM`` as a LightningModule, trained on next-token loss.
+
+Example::
+
+    lm = CausalLM(config={"model_type": "gpt2", "n_layer": 4, "n_embd": 128, "n_head": 4})
+    Trainer(strategy="dfa", max_steps=600).fit(lm, datamodule=TextDataModule())   # vocab from the data
+
+    CausalLM(config={"model_type": "llama", "hidden_size": 64, ...}, vocab_size=512)  # built at once
+    CausalLM(pretrained="/models/my-gpt")                                            # a local folder
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torchmetrics import MeanMetric
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+SCHEDULES = ("cosine", "constant")
+
+
+class CausalLM(pl.LightningModule):
+    """Next-token prediction with ``self.model``, a HuggingFace causal LM built from a config or a local folder.
+
+    Args:
+        config: ``{"model_type": "gpt2" | "llama" | ..., **config_kwargs}`` for ``AutoConfig.for_model``;
+            the model is built with ``AutoModelForCausalLM.from_config`` (random init).
+        pretrained: a local folder written by ``save_pretrained`` (instead of ``config``), loaded in float32
+            (the Trainer's ``precision`` decides the training dtype).
+        vocab_size: the embedding size. Default: ``config["vocab_size"]`` if set, else the datamodule's
+            ``vocab_size`` (its tokenizer's length). With a vocabulary known at construction the model is
+            built at once; otherwise when the Trainer connects the module (before any callback's ``setup``,
+            so DFA finds the blocks), and the resolved size is saved in ``hparams`` for checkpoints.
+        lr, weight_decay, betas: AdamW (no weight decay on biases and norms).
+        warmup_steps, schedule: linear warmup, then ``"cosine"`` decay to 0 at the last step or ``"constant"``.
+        sample_prompt, sample_tokens, sample_top_k, sample_seed: the text sample generated after each
+            validation (top-k sampling with a fixed seed, so samples of different epochs and runs compare).
+
+    Batches are ``LongTensor[B, T + 1]`` blocks (:class:`~lightning_dfa.data.TextDataModule`), or dicts with
+    ``input_ids`` of that shape: the model reads ``x[:, :-1]`` and is scored on ``x[:, 1:]``. Logged:
+    ``train/loss``; ``val/loss`` and ``val/ppl = exp(val/loss)``, with the loss averaged over every
+    validation token of the epoch; ``test/loss`` and ``test/ppl`` likewise (the datamodule's test split,
+    which for ``TextDataModule`` is the validation split).
+
+    After each validation (not the sanity check) a sample continues ``sample_prompt``; it is appended to
+    ``<log_dir>/samples.txt`` and, under a ``WandbLogger``, logged as the table ``samples``
+    (columns epoch, step, text). Every rank generates (FSDP needs all ranks in a forward); rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        vocab_size: int | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 0,
+        schedule: str = "constant",
+        sample_prompt: str = "The",
+        sample_tokens: int = 32,
+        sample_top_k: int = 20,
+        sample_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if (config is None) == (pretrained is None):
+            raise ValueError(
+                "CausalLM needs exactly one of config={'model_type': 'gpt2', ...} (a new model) or "
+                f"pretrained='<local folder>' (a saved one); got config={config!r}, pretrained={pretrained!r}."
+            )
+        if config is not None and "model_type" not in config:
+            raise ValueError(f"config needs a 'model_type' (e.g. 'gpt2', 'llama'), got keys {sorted(config)}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+        self.save_hyperparameters()
+        self.model: PreTrainedModel | None = None
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self._samples: list[list[Any]] = []
+        if pretrained is not None or vocab_size is not None or "vocab_size" in config:
+            self.build()
+
+    # -- building the HF model ---------------------------------------------------------------------------
+    def build(self, vocab_size: int | None = None, tokenizer: Any = None) -> PreTrainedModel:
+        """Build ``self.model`` (once): from ``pretrained``, or from ``config`` with the given vocabulary."""
+        if self.model is not None:
+            return self.model
+        hp = self.hparams
+        if hp.pretrained is not None:
+            self.model = load_pretrained(hp.pretrained)
+        else:
+            kwargs = {k: v for k, v in hp.config.items() if k != "model_type"}
+            kwargs["vocab_size"] = hp.vocab_size or kwargs.get("vocab_size") or vocab_size
+            if not kwargs["vocab_size"]:
+                raise ValueError(
+                    "CausalLM(config=...) does not know its vocabulary size: pass vocab_size=..., set "
+                    "config['vocab_size'], or train with a datamodule that has .vocab_size (TextDataModule)."
+                )
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if tokenizer is not None and name not in kwargs and getattr(tokenizer, name, None) is not None:
+                    kwargs[name] = getattr(tokenizer, name)
+            self.model = AutoModelForCausalLM.from_config(AutoConfig.for_model(hp.config["model_type"], **kwargs))
+        hp.vocab_size = self.model.get_input_embeddings().num_embeddings
+        if tokenizer is not None and len(tokenizer) > hp.vocab_size:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the model's embedding only {hp.vocab_size}: use the "
+                "model's own tokenizer (TextDataModule(tokenizer=<the pretrained folder>)) or a larger vocab_size."
+            )
+        count = sum(p.numel() for p in self.model.parameters())
+        rank_zero_info(f"CausalLM: {type(self.model).__name__} with {count / 1e6:.1f}M parameters")
+        return self.model
+
+    def _build_from_trainer(self) -> None:
+        """Build with the attached datamodule's vocabulary (the first hook that sees it calls this)."""
+        if self.model is None:
+            datamodule = getattr(self._trainer, "datamodule", None)
+            self.build(getattr(datamodule, "vocab_size", None), getattr(datamodule, "tokenizer", None))
+
+    def configure_callbacks(self) -> list:
+        # Called when the Trainer connects the module, before any callback's setup: DFA attaches there.
+        self._build_from_trainer()
+        return []
+
+    def setup(self, stage: str) -> None:
+        self._build_from_trainer()
+
+    def configure_dfa(self) -> dict[str, Any]:
+        """Feedback at every transformer block, error at the logits.
+
+        - ``blocks="auto"``: the HF model's ``_no_split_modules`` classes (``GPT2Block``,
+          ``LlamaDecoderLayer``, ...), one feedback point per block, each getting per-token feedback.
+        - ``output``: the LM head (the model's output embeddings), so ``e = dL/dlogits`` = softmax minus
+          one-hot per token, the classic DFA error. The final norm and the head train with their true
+          gradient.
+        - The token (and position) embeddings are not a point: they get no gradient under DFA and stay at
+          their init, except where tied to the head (GPT-2), which trains them through the head. Add them
+          with ``--trainer.strategy.blocks='[model.transformer.wte, model.transformer.h.*]'`` to try.
+        """
+        if self.model is None and self._trainer is not None:
+            self._build_from_trainer()
+        return {"blocks": "auto", "output": self.head_path()}
+
+    def head_path(self) -> str:
+        """Path of the LM head inside this module (``model.lm_head`` for GPT-2 and Llama)."""
+        head = self.model.get_output_embeddings() if self.model is not None else None
+        if head is not None:
+            return next(name for name, module in self.named_modules() if module is head)
+        return "model.lm_head"
+
+    # -- training ------------------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor) -> Tensor:
+        if self.model is None:
+            raise RuntimeError(
+                "CausalLM has no model yet: give vocab_size=... (or config['vocab_size']), or let a Trainer with a "
+                "TextDataModule build it."
+            )
+        return self.model(input_ids=input_ids).logits
+
+    def _loss(self, batch: Tensor | dict[str, Tensor]) -> tuple[Tensor, int]:
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        logits = self(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return loss, targets.numel()
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        loss, tokens = self._loss(batch)
+        self.val_loss.update(loss, weight=tokens)
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        loss, tokens = self._loss(batch)
+        self.test_loss.update(loss, weight=tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch(self.val_loss, "val")
+        if not self.trainer.sanity_checking:
+            self._record_sample()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch(self.test_loss, "test")
+
+    def _log_epoch(self, metric: MeanMetric, split: str) -> None:
+        loss = metric.compute()  # token-weighted mean over the epoch, synced across ranks
+        metric.reset()
+        self.log(f"{split}/loss", loss, prog_bar=True)
+        self.log(f"{split}/ppl", loss.exp(), prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = list(self.parameters())
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        total = self.trainer.estimated_stepping_batches
+        if hp.schedule == "cosine" and math.isfinite(total):
+            scheduler = get_cosine_schedule_with_warmup(optimizer, hp.warmup_steps, int(total))
+        else:
+            scheduler = get_constant_schedule_with_warmup(optimizer, hp.warmup_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- samples ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_sample(self, tokenizer: Any) -> str:
+        """``sample_tokens`` tokens after ``sample_prompt`` (top-k, seeded; the global RNG is left untouched)."""
+        hp = self.hparams
+        ids = tokenizer(hp.sample_prompt, return_tensors="pt")["input_ids"].to(self.device)
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else [], device_type="cuda" if cuda else None):
+            torch.manual_seed(hp.sample_seed)
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=hp.sample_tokens,
+                do_sample=True,
+                top_k=hp.sample_top_k,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            )
+        return tokenizer.decode(out[0], skip_special_tokens=False)
+
+    def _record_sample(self) -> None:
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        if tokenizer is None:
+            rank_zero_warn("CausalLM: the datamodule has no .tokenizer, so no text sample is generated.")
+            return
+        text = self.generate_sample(tokenizer)
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: every rank asks
+        if not self.trainer.is_global_zero:
+            return
+        epoch, step = self.current_epoch, self.global_step
+        path = Path(log_dir) / "samples.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as file:
+            file.write(f"--- epoch {epoch}, step {step}\n{text}\n")
+        self._samples.append([epoch, step, text])
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_text(key="samples", columns=["epoch", "step", "text"], data=list(self._samples))
+
+
+def load_pretrained(path: str) -> PreTrainedModel:
+    """A causal LM saved with ``save_pretrained`` in a local folder, in float32; a clear error if it is missing."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"pretrained={path!r} is not a local folder with a config.json. Give a folder written by "
+            "model.save_pretrained(...) (the hub is not used), or config={'model_type': ...} for a new model."
+        )
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
