@@ -9,6 +9,7 @@ Examples::
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -16,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -73,6 +75,8 @@ class DFACLI(LightningCLI):
 
     def before_fit(self) -> None:
         _check_baselines(self.config.fit.baselines, self.trainer)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         self._fit_started = time.perf_counter()
 
     def after_fit(self) -> None:
@@ -87,7 +91,14 @@ class DFACLI(LightningCLI):
         if self.print_summary and self.trainer.is_global_zero:
             references = getattr(self.datamodule, "reference_metrics", dict)()
             print(summary_table(runs, references))
+            self._save(runs, references)
             self._plot(runs)
+
+    def _save(self, runs: list[RunResult], references: dict[str, float]) -> None:
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        summary = {"runs": [run.as_dict() for run in runs], "references": references}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
     def _baseline(self, mode: str) -> RunResult:
         args = [*self.cli_args, f"--trainer.strategy.mode={mode}", "--baselines=[]"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from lightning_dfa.callback import find_dfa
 from lightning_dfa.callbacks.history import History
@@ -25,6 +26,7 @@ class RunResult:
     metrics: dict[str, float]
     history: History | None = None
     extras: dict[str, str] = field(default_factory=dict)
+    peak_memory_mb: float | None = None
 
     @classmethod
     def of(cls, trainer: pl.Trainer, seconds: float, metrics: dict[str, Any]) -> RunResult:
@@ -42,7 +44,13 @@ class RunResult:
                 f"{t['optical_energy_j']:.3g} J / {t['electronic_energy_j']:.3g} J"
             )
         mode = dfa.mode if dfa is not None else "backprop (no DFA)"
-        return cls(mode, trainer.global_step, seconds, shown, history, extras)
+        device = trainer.strategy.root_device
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        return cls(mode, trainer.global_step, seconds, shown, history, extras, peak)
+
+    def as_dict(self) -> dict[str, Any]:
+        fields = ("mode", "steps", "seconds", "metrics", "extras", "peak_memory_mb")
+        return {name: getattr(self, name) for name in fields} | {"ms_per_step": self.ms_per_step}
 
     @property
     def ms_per_step(self) -> float:
@@ -57,6 +65,8 @@ def summary_table(runs: list[RunResult], references: dict[str, float] | None = N
         ("fit time (s)", [f"{run.seconds:.1f}" for run in runs]),
         ("time per step (ms)", [f"{run.ms_per_step:.1f}" for run in runs]),
     ]
+    if any(run.peak_memory_mb is not None for run in runs):
+        rows.append(("peak CUDA memory (MB)", [_fmt(run.peak_memory_mb) for run in runs]))
     for key in sorted({k for run in runs for k in run.metrics}):
         rows.append((key, [_fmt(run.metrics.get(key)) for run in runs]))
     for key in sorted({k for run in runs for k in run.extras}):

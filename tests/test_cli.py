@@ -1,5 +1,6 @@
 """The ``lightning-dfa`` command: recipes parse, resolve by name, train, and DFA learns the quick start."""
 
+import json
 import os
 import subprocess
 import sys
@@ -110,7 +111,12 @@ def test_baselines_run_after_fit_and_print_beside_dfa(tmp_path, capsys):
     header = next(line for line in out.splitlines() if "frozen" in line and "backprop" in line)
     assert header.split() == ["dfa", "frozen", "backprop"]
     assert "test/acc" in out and "alignment/mean" in out
-    assert (tmp_path / "comparison.png").exists() and (tmp_path / "history.json").exists()
+    assert (tmp_path / "comparison.png").exists()
+    for mode in ("dfa", "frozen", "backprop"):
+        assert (tmp_path / f"history-{mode}.json").exists(), mode
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["mode"] for r in saved["runs"]] == ["dfa", "frozen", "backprop"]
+    assert saved["runs"][0]["metrics"]["test/acc"] > 0.5
     assert cli.result.mode == "dfa"
 
 

@@ -32,11 +32,11 @@ def fit(tmp_path, callbacks, mode="dfa", steps=6):
 def test_history_saves_curves_and_json_with_the_run(tmp_path):
     history = History()
     fit(tmp_path, [Alignment(every_n_steps=2), history])
-    saved = json.loads((tmp_path / "history.json").read_text())
+    saved = json.loads((tmp_path / "history-dfa.json").read_text())
     assert [step for step, _ in saved["train"]] == [1, 2, 3, 4, 5, 6]
     assert [row["step"] for row in saved["val"]] == [3.0, 6.0] and "val/acc" in saved["val"][0]
     assert [row["step"] for row in saved["alignment"]] == [0.0, 2.0, 4.0]
-    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert (tmp_path / "curves-dfa.png").stat().st_size > 10_000
 
 
 def test_feedback_stats_follow_the_gaussian_scale_convention(tmp_path):

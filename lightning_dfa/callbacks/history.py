@@ -1,13 +1,14 @@
 """``History``: the run's curves (loss, validation metrics, alignment), saved as JSON and a PNG with the run.
 
-At the end of ``fit`` it writes ``history.json`` and ``curves.png`` to the run directory
-(``trainer.log_dir``, else ``default_root_dir``) and, with a ``WandbLogger``, logs the picture too.
+At the end of ``fit`` it writes ``history-<mode>.json`` and ``curves-<mode>.png`` (mode: dfa, frozen,
+backprop) to the run directory (``trainer.log_dir``, else ``default_root_dir``), so DFA and its
+baselines can share one directory, and, with a ``WandbLogger``, logs the picture too.
 
 Example::
 
     history = History()
     Trainer(strategy="dfa", callbacks=[Alignment(), history]).fit(model)
-    history.path("curves.png")
+    history.path("curves-dfa.png")
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
+from lightning_dfa.callback import find_dfa
 from lightning_dfa.callbacks.alignment import Alignment
 
 
@@ -32,6 +34,7 @@ class History(Callback):
         self.val: list[dict[str, float]] = []
         self.alignment: list[dict[str, float]] = []
         self.run_dir: Path | None = None
+        self.mode = "run"
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -49,14 +52,16 @@ class History(Callback):
         self.alignment = list(probe.history) if probe is not None else []
         if not trainer.is_global_zero:
             return
+        dfa = find_dfa(trainer)
+        self.mode = dfa.mode if dfa is not None else "run"
         self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path("history.json").write_text(json.dumps(self.as_dict(), indent=1))
+        self.path(f"history-{self.mode}.json").write_text(json.dumps(self.as_dict(), indent=1))
         if self.plot:
-            plot_history({"run": self}, self.path("curves.png"))
+            curves = plot_history({self.mode: self}, self.path(f"curves-{self.mode}.png"))
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    logger.log_image("curves", [str(self.path("curves.png"))])
+                    logger.log_image("curves", [str(curves)])
 
     def path(self, name: str) -> Path:
         if self.run_dir is None:
