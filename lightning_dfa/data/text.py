@@ -239,8 +239,8 @@ def _hf_documents(name: str, config: str | None, text_field: str) -> list[str]:
         raise FileNotFoundError(
             f"HF dataset {name!r} (config {config!r}) could not be loaded: it is not in the local HF cache "
             f"(HF_HOME) and could not be downloaded ({type(err).__name__}: {err}). With network access, unset "
-            f"HF_DATASETS_OFFLINE / HF_HUB_OFFLINE and run once: python -c \"import datasets; "
-            f"datasets.load_dataset({name!r}, {config!r})\"; or save the text to a local .jsonl/.parquet/.txt "
+            f'HF_DATASETS_OFFLINE / HF_HUB_OFFLINE and run once: python -c "import datasets; '
+            f'datasets.load_dataset({name!r}, {config!r})"; or save the text to a local .jsonl/.parquet/.txt '
             "file and pass its path as source. Check the name and dataset_config (e.g. 'hf:wikitext' needs "
             "dataset_config='wikitext-2-raw-v1')."
         ) from err
