@@ -71,6 +71,16 @@ class History(Callback):
     def as_dict(self) -> dict[str, Any]:
         return {"train": self.train, "val": self.val, "alignment": self.alignment}
 
+    @classmethod
+    def load(cls, path: str | Path) -> History:
+        """A history saved by a finished run (``history-<mode>.json``), e.g. to plot runs side by side."""
+        saved = json.loads(Path(path).read_text())
+        history = cls()
+        history.train = [tuple(point) for point in saved["train"]]
+        history.val, history.alignment = saved["val"], saved["alignment"]
+        history.run_dir = Path(path).parent
+        return history
+
 
 def plot_history(runs: dict[str, History], path: Path) -> Path:
     """Training loss, validation metrics and alignment of one or several runs (e.g. DFA, frozen, backprop)."""
