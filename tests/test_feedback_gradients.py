@@ -169,3 +169,15 @@ def test_frozen_control_trains_only_the_head_and_restores_on_detach(mlp, batch):
     assert mlp.head.weight.grad.abs().sum() > 0
     dfa.detach()
     assert all(p.requires_grad for p in mlp.parameters())
+
+
+def test_a_forward_whose_error_needs_no_grad_routes_nothing_and_leaves_no_state(mlp, batch):
+    dfa = DFA(blocks="blocks.*", output="head").attach(mlp)
+    mlp.head.requires_grad_(False)
+    for block in mlp.blocks:
+        block.requires_grad_(False)
+    mlp(batch[0])
+    dfa.check_routed()  # nothing pending
+    mlp.requires_grad_(True)
+    F.cross_entropy(mlp(batch[0]), batch[1]).backward()
+    assert mlp.blocks[0][0].weight.grad is not None

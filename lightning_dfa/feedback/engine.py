@@ -208,7 +208,10 @@ class FeedbackEngine:
 
     def _route(self, module: nn.Module, args: tuple, output: Any) -> Any:
         error_point = first_tensor(output, f"Output point {self.output!r}")
-        if not torch.is_grad_enabled() or in_backward() or not error_point.requires_grad:
+        if not torch.is_grad_enabled() or in_backward():
+            return None
+        if not error_point.requires_grad:  # nothing downstream trains: no error to project this time
+            self._records.clear()
             return None
         missing = [name for name in self.points if name not in self._records]
         if missing:
