@@ -45,6 +45,9 @@ def test_vit_takes_its_sizes_from_the_data_and_trains_with_dfa(tmp_path, digits)
     assert fit.strategy.dfa.points == ["model.vit.embeddings", "model.vit.layers.0", "model.vit.layers.1"]
     assert fit.strategy.dfa.output == "model.classifier" and fit.global_step == 2
     assert {"train/loss", "val/loss", "val/acc"} <= set(fit.callback_metrics)
+    fit.save_checkpoint(tmp_path / "vit.ckpt")  # the resolved sizes are saved: the same network comes back
+    loaded, x = ImageClassifier.load_from_checkpoint(tmp_path / "vit.ckpt"), torch.rand(2, 1, 8, 8)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
 
 
 def test_vit_builds_standalone_and_its_dfa_points_resolve():
@@ -87,6 +90,9 @@ def test_diffusion_trains_with_dfa_and_writes_samples(tmp_path, symmetric_digits
     assert (tmp_path / "samples" / "epoch_000.png").is_file()
     assert {"train/loss", "val/loss"} <= set(fit.callback_metrics)
     assert model.unet.time_embedding.linear_1.weight.grad is None  # cut by the engine (documented)
+    fit.save_checkpoint(tmp_path / "ddpm.ckpt")
+    loaded, x, t = Diffusion.load_from_checkpoint(tmp_path / "ddpm.ckpt"), torch.rand(2, 1, 8, 8), torch.tensor([1, 9])
+    assert torch.equal(loaded.eval()(x, t), model.eval()(x, t))
 
 
 def test_diffusion_eval_loss_is_deterministic_and_samples_are_seeded():
