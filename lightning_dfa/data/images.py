@@ -270,10 +270,14 @@ def _to_tensor(image: Any, channels: int) -> Tensor:
     scale = 255.0 if array.dtype == np.uint8 or np.issubdtype(array.dtype, np.integer) else 1.0
     t = torch.from_numpy(array.astype(np.float32) / scale)
     if t.ndim == 2:
-        t = t[None].repeat(channels, 1, 1)
+        t = t[None]
     elif t.ndim == 3 and t.shape[-1] in (1, 3, 4):  # HWC
-        t = t.permute(2, 0, 1)[:channels]
-    return t
+        t = t.permute(2, 0, 1)[:3]
+    if t.ndim != 3:
+        raise ValueError(f"An image has shape {tuple(array.shape)}; expected (H, W), (H, W, C) or (C, H, W).")
+    if t.shape[0] == channels:
+        return t
+    return t.mean(0, keepdim=True) if channels == 1 else t[:1].repeat(channels, 1, 1)
 
 
 def resize(x: Tensor, image_size: int | Sequence[int]) -> Tensor:
