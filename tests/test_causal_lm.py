@@ -1,12 +1,14 @@
 """CausalLM: HF GPT-2 / Llama configs and local checkpoints, trained with DFA; samples; recipe sizes on meta."""
 
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
 from conftest import tiny_gpt2
+from lightning.pytorch.loggers import CSVLogger
 
 import lightning_dfa  # noqa: F401  (registers strategy="dfa")
 from lightning_dfa import DFA
@@ -28,7 +30,7 @@ BLOCKS = {
     "gpt2": ["model.transformer.h.0", "model.transformer.h.1"],
     "llama": ["model.model.layers.0", "model.model.layers.1"],
 }
-QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +45,7 @@ def data(tmp_path):
     for i in range(8):
         text = f"Note {i}. The model reads text and predicts the next token; the blocks learn from feedback. " * 4
         (root / f"note{i}.txt").write_text(text, encoding="utf-8")
-    return TextDataModule(source=str(root), vocab_size=300, block_size=16, batch_size=4, val_fraction=0.25)
+    return TextDataModule(source=str(root), bpe_vocab_size=300, block_size=16, batch_size=4, val_fraction=0.25)
 
 
 class FirstBlockSnapshot(pl.Callback):
@@ -60,7 +62,15 @@ def test_a_config_trains_with_dfa_with_the_vocabulary_of_the_data(config, data, 
     lm = CausalLM(config=config, sample_tokens=8)
     assert lm.model is None  # the vocabulary comes from the datamodule when the Trainer connects
     snapshot = FirstBlockSnapshot()
-    trainer = pl.Trainer(strategy="dfa", fast_dev_run=2, default_root_dir=tmp_path, callbacks=[snapshot], **QUIET)
+    trainer = pl.Trainer(
+        strategy="dfa",
+        max_steps=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=CSVLogger(tmp_path),  # a real logger merges the module's and the data's hparams: no clash
+        callbacks=[snapshot],
+        **QUIET,
+    )
     trainer.fit(lm, datamodule=data)
     assert trainer.global_step == 2
     assert lm.model.get_input_embeddings().num_embeddings == data.vocab_size == lm.hparams.vocab_size
@@ -69,8 +79,9 @@ def test_a_config_trains_with_dfa_with_the_vocabulary_of_the_data(config, data, 
     metrics = trainer.callback_metrics
     assert math.isfinite(float(metrics["train/loss"]))
     assert float(metrics["val/ppl"]) == pytest.approx(math.exp(float(metrics["val/loss"])), rel=1e-5)
-    samples = (tmp_path / "samples.txt").read_text(encoding="utf-8")
-    assert samples.startswith("--- epoch 0, step 2\nThe")
+    samples = (Path(trainer.log_dir) / "samples.txt").read_text(encoding="utf-8")
+    assert samples.startswith("--- epoch 0, step 2\nThe")  # one sample: none from the sanity check
+    assert samples.count("--- epoch") == 1
 
 
 @pytest.mark.parametrize("config", [GPT2, LLAMA], ids=["gpt2", "llama"])

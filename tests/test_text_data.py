@@ -72,7 +72,7 @@ def test_splits_are_by_document_disjoint_and_deterministic():
 
 
 def test_a_folder_gives_one_document_per_file_and_blocks_of_block_size_plus_one(folder):
-    dm = TextDataModule(source=str(folder), vocab_size=300, block_size=16, batch_size=4, val_fraction=0.25)
+    dm = TextDataModule(source=str(folder), bpe_vocab_size=300, block_size=16, batch_size=4, val_fraction=0.25)
     dm.setup()
     assert sorted(dm.documents["train"] + dm.documents["val"]) == sorted(DOCS)
     assert len(dm.documents["val"]) == 3
@@ -127,6 +127,6 @@ def test_too_few_documents_and_bad_fractions_are_clear_errors():
 
 
 def test_the_unigram_reference_is_a_finite_perplexity_above_one(folder):
-    dm = TextDataModule(source=str(folder), vocab_size=300, block_size=16, val_fraction=0.25)
+    dm = TextDataModule(source=str(folder), bpe_vocab_size=300, block_size=16, val_fraction=0.25)
     ppl = dm.reference_metrics()["unigram val ppl"]
     assert math.isfinite(ppl) and 1 < ppl < dm.vocab_size

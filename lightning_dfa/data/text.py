@@ -50,8 +50,9 @@ class TextDataModule(pl.LightningDataModule):
         source: ``"pydoc"``, a local file or folder, or ``"hf:<name>"`` (see the module doc).
         tokenizer: a local tokenizer folder (``save_pretrained`` output); None trains a byte-level BPE
             on the training documents (cached, see :mod:`lightning_dfa.data.tokenizer`).
-        vocab_size: the BPE's target size when training one. The tokenizer's actual size,
-            ``self.vocab_size`` (``len(self.tokenizer)``), is smaller if the corpus runs out of merges.
+        bpe_vocab_size: the target size of the BPE trained when ``tokenizer`` is None. The tokenizer's actual
+            size, ``self.vocab_size`` (``len(self.tokenizer)``), is smaller if the corpus runs out of merges.
+            (Not named ``vocab_size``, which the model's hparams use: loggers merge both.)
         block_size: tokens the model reads per example (its context length).
         val_fraction: share of the documents held out for validation (at least one document each way).
         split_seed: seed of the document permutation that makes the split.
@@ -66,7 +67,7 @@ class TextDataModule(pl.LightningDataModule):
         self,
         source: str = "pydoc",
         tokenizer: str | None = None,
-        vocab_size: int = 4096,
+        bpe_vocab_size: int = 4096,
         block_size: int = 128,
         batch_size: int = 16,
         val_fraction: float = 0.1,
@@ -102,7 +103,7 @@ class TextDataModule(pl.LightningDataModule):
         if self._tokenizer is None:
             path = self.hparams.tokenizer
             self._tokenizer = (
-                load_tokenizer(path) if path else bpe_tokenizer(self.documents["train"], self.hparams.vocab_size)
+                load_tokenizer(path) if path else bpe_tokenizer(self.documents["train"], self.hparams.bpe_vocab_size)
             )
         return self._tokenizer
 

@@ -115,7 +115,7 @@ class CausalLM(pl.LightningModule):
                 "model's own tokenizer (TextDataModule(tokenizer=<the pretrained folder>)) or a larger vocab_size."
             )
         count = sum(p.numel() for p in self.model.parameters())
-        rank_zero_info(f"CausalLM: {type(self.model).__name__} with {count / 1e6:.1f}M parameters")
+        rank_zero_info(f"CausalLM: {type(self.model).__name__} with {count:,} parameters")
         return self.model
 
     def _build_from_trainer(self) -> None:
