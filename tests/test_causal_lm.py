@@ -84,6 +84,17 @@ def test_a_config_trains_with_dfa_with_the_vocabulary_of_the_data(config, data, 
     assert samples.count("--- epoch") == 1
 
 
+def test_a_checkpoint_reloads_with_the_vocabulary_resolved_from_the_data(data, tmp_path):
+    lm = CausalLM(config=GPT2)
+    trainer = pl.Trainer(strategy="dfa", fast_dev_run=1, default_root_dir=tmp_path, **QUIET)
+    trainer.fit(lm, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = CausalLM.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert loaded.hparams.vocab_size == data.vocab_size
+    for (name, a), b in zip(lm.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("config", [GPT2, LLAMA], ids=["gpt2", "llama"])
 def test_configure_dfa_selects_every_block_and_the_lm_head(config):
     lm = CausalLM(config=config, vocab_size=64)
