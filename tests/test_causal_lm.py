@@ -80,7 +80,7 @@ def test_a_config_trains_with_dfa_with_the_vocabulary_of_the_data(config, data, 
     assert math.isfinite(float(metrics["train/loss"]))
     assert float(metrics["val/ppl"]) == pytest.approx(math.exp(float(metrics["val/loss"])), rel=1e-5)
     samples = (Path(trainer.log_dir) / "samples.txt").read_text(encoding="utf-8")
-    assert samples.startswith("--- epoch 0, step 2\nThe")  # one sample: none from the sanity check
+    assert samples.startswith("--- epoch 0, step 2 (dfa)\nThe")  # one sample: none from the sanity check
     assert samples.count("--- epoch") == 1
 
 

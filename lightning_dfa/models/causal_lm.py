@@ -25,6 +25,8 @@ from torchmetrics import MeanMetric
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from lightning_dfa.callback import DFA
+
 SCHEDULES = ("cosine", "constant")
 
 
@@ -52,8 +54,9 @@ class CausalLM(pl.LightningModule):
     which for ``TextDataModule`` is the validation split).
 
     After each validation (not the sanity check) a sample continues ``sample_prompt``; it is appended to
-    ``<log_dir>/samples.txt`` and, under a ``WandbLogger``, logged as the table ``samples``
-    (columns epoch, step, text). Every rank generates (FSDP needs all ranks in a forward); rank 0 writes.
+    ``<log_dir>/samples.txt`` (headed by epoch, step and DFA mode) and, under a ``WandbLogger``, logged as
+    the table ``samples`` (columns epoch, step, text). Every rank generates (FSDP needs all ranks in a
+    forward); rank 0 writes.
     """
 
     def __init__(
@@ -242,10 +245,12 @@ class CausalLM(pl.LightningModule):
         if not self.trainer.is_global_zero:
             return
         epoch, step = self.current_epoch, self.global_step
+        dfa = next((c for c in self.trainer.callbacks if isinstance(c, DFA)), None)
+        mode = f" ({dfa.mode})" if dfa is not None else ""  # baselines share the run directory
         path = Path(log_dir) / "samples.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as file:
-            file.write(f"--- epoch {epoch}, step {step}\n{text}\n")
+            file.write(f"--- epoch {epoch}, step {step}{mode}\n{text}\n")
         self._samples.append([epoch, step, text])
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
