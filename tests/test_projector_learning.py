@@ -1,0 +1,76 @@
+"""Learning with each projector kind on the digits quick start (about a minute and a half on 2 CPU cores).
+
+The dense Gaussian sets the bar; SeededGaussian, Structured and the ideal OPU (camera off, analog input:
+exactly a real Gaussian projection) must come within 2 points of it. The physical OPU (ternary input,
+8-bit camera with shot and read noise) must still learn: clearly above chance. The accuracies are
+printed (``pytest -s``) so the degradation is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_dfa import DFA
+from lightning_dfa.data import DigitsDataModule
+from lightning_dfa.models import MLPClassifier
+
+EPOCHS = 8
+RESULTS: dict[str, float] = {}
+
+
+def test_accuracy(projector) -> float:
+    pl.seed_everything(0, workers=True)
+    model = MLPClassifier(hidden=128, depth=2, lr=1e-3)
+    dfa = DFA(blocks="blocks.*", output="head", projector=projector, seed=0)
+    trainer = pl.Trainer(
+        max_epochs=EPOCHS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=[dfa],
+    )
+    data = DigitsDataModule(batch_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # camera saturation warnings (counted by the OPU)
+        trainer.fit(model, datamodule=data)
+    return float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
+
+
+test_accuracy.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="module")
+def dense_accuracy() -> float:
+    RESULTS["gaussian"] = test_accuracy("gaussian")
+    return RESULTS["gaussian"]
+
+
+@pytest.mark.parametrize(
+    "name, projector",
+    [
+        ("seeded", "seeded"),
+        ("structured", "structured"),
+        ("ideal_opu", {"class_path": "opu", "init_args": {"camera": False, "encoding": None}}),
+    ],
+)
+def test_memory_light_and_ideal_optical_projectors_learn_as_well_as_the_dense_gaussian(name, projector, dense_accuracy):
+    RESULTS[name] = test_accuracy(projector)
+    print(f"\n{name}: test accuracy {RESULTS[name]:.3f} (dense Gaussian {dense_accuracy:.3f})")
+    assert dense_accuracy > 0.85
+    assert RESULTS[name] >= dense_accuracy - 0.02
+
+
+def test_the_physical_opu_with_an_8_bit_noisy_camera_still_learns(dense_accuracy):
+    RESULTS["opu"] = test_accuracy("opu")  # ternary input, 8-bit camera, shot and read noise
+    print(
+        f"\nOPU (ternary, 8-bit, noise): test accuracy {RESULTS['opu']:.3f}, "
+        f"{100 * (dense_accuracy - RESULTS['opu']):.1f} points below the dense Gaussian ({dense_accuracy:.3f})"
+    )
+    assert RESULTS["opu"] > 0.75  # chance is 0.10
