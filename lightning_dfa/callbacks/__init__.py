@@ -3,6 +3,6 @@
 from lightning_dfa.callbacks.alignment import Alignment
 from lightning_dfa.callbacks.feedback_stats import FeedbackStats
 from lightning_dfa.callbacks.history import History, plot_history
-from lightning_dfa.callbacks.optical_ledger import OpticalLedger, find_engine
+from lightning_dfa.callbacks.optical_ledger import OpticalLedger
 
-__all__ = ["Alignment", "FeedbackStats", "History", "OpticalLedger", "find_engine", "plot_history"]
+__all__ = ["Alignment", "FeedbackStats", "History", "OpticalLedger", "plot_history"]

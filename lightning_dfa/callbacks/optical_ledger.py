@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_dfa.callback import find_dfa
 from lightning_dfa.projectors.cost import (
     FRAME_TIME,
     OPU_POWER_W,
@@ -40,17 +41,6 @@ from lightning_dfa.projectors.cost import (
 from lightning_dfa.projectors.opu import OPU
 
 KEYS = ("vectors", "frames", "optical_time_s", "optical_energy_j", "electronic_time_s", "electronic_energy_j")
-
-
-def find_engine(trainer: pl.Trainer) -> Any:
-    """The DFA feedback engine of this run: a ``DFA`` among the callbacks, or the strategy's ``dfa``."""
-    from lightning_dfa.feedback import FeedbackEngine
-
-    engine = next((c for c in trainer.callbacks if isinstance(c, FeedbackEngine)), None)
-    engine = engine or getattr(trainer.strategy, "dfa", None)
-    if engine is None:
-        raise RuntimeError("OpticalLedger needs DFA: use strategy='dfa' (or a sibling) or a DFA callback.")
-    return engine
 
 
 class OpticalLedger(Callback):
@@ -86,7 +76,9 @@ class OpticalLedger(Callback):
 
     # -- wiring ----------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._engine = find_engine(trainer)
+        self._engine = find_dfa(trainer)
+        if self._engine is None:
+            raise RuntimeError("OpticalLedger needs DFA: use strategy='dfa' (or a sibling) or a DFA callback.")
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         projector = getattr(self._engine, "projector", None)
