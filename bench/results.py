@@ -33,6 +33,7 @@ def command(recipe: str, mode: str, run_dir: Path) -> list[str]:
         "--config",
         recipe,
         f"--trainer.strategy.mode={mode}",
+        "--baselines=[]",
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={run_dir}",
@@ -52,18 +53,27 @@ def run(recipe: str, mode: str, root: Path) -> dict:
     )
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{output[-3000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    result = summary["runs"][0]
-    result.update(
+    base = dict(
         recipe=recipe,
+        mode=mode,
         command=" ".join(argv),
         wall_s=time.perf_counter() - started,
         peak_rss_mb=usage.ru_maxrss / 1024,
-        references=summary["references"],
         run_dir=str(run_dir),
     )
+    if status != 0:  # e.g. DFA diverging: the engine's finiteness check stops the run; the page says so
+        error = next((ln for ln in reversed(output.splitlines()) if "Error" in ln), output.splitlines()[-1])
+        print(f"{recipe:<12} {mode:<9} FAILED: {error}", flush=True)
+        return base | {
+            "failed": error.strip(),
+            "metrics": {},
+            "steps": 0,
+            "ms_per_step": float("nan"),
+            "references": {},
+        }
+    summary = json.loads((run_dir / "summary.json").read_text())
+    result = summary["runs"][0]
+    result.update(**base, references=summary["references"])
     print(f"{recipe:<12} {mode:<9} {result['ms_per_step']:8.1f} ms/step  {result['metrics']}", flush=True)
     return result
 
@@ -84,17 +94,21 @@ def page(results: list[dict], image_dir: Path) -> str:
         lines += [f"## {recipe}", "", "| mode | " + " | ".join(shown) + " | steps | ms/step | peak RSS (MB) |"]
         lines.append("|---" * (len(shown) + 4) + "|")
         for r in rows:
+            if "failed" in r:
+                lines.append(f"| {r['mode']} | failed: `{r['failed'][:120]}` |" + " |" * (len(shown) + 2))
+                continue
             values = [f"{r['metrics'][k]:.4g}" if k in r["metrics"] else "-" for k in shown]
             lines.append(
                 f"| {r['mode']} | "
                 + " | ".join(values)
                 + f" | {r['steps']} | {r['ms_per_step']:.1f} | {r['peak_rss_mb']:.0f} |"
             )
-        for key, value in rows[0]["references"].items():
+        for key, value in next((r["references"] for r in rows if r["references"]), {}).items():
             lines.append(f"\nReference: {key} = {value:.4g}.")
         lines += ["", "Commands:", "", "```bash", *(r["command"] for r in rows), "```", ""]
         histories = {r["mode"]: Path(r["run_dir"]) / f"history-{r['mode']}.json" for r in rows}
-        if all(p.exists() for p in histories.values()):
+        histories = {mode: path for mode, path in histories.items() if path.exists()}
+        if histories:
             image = image_dir / f"results-{recipe}.png"
             plot_history({mode: History.load(p) for mode, p in histories.items()}, image)
             lines += [f"![{recipe}: DFA, frozen control and backprop](img/{image.name})", ""]

@@ -14,7 +14,8 @@ from lightning_dfa.feedback import FeedbackEngine
 class DFA(FeedbackEngine, Callback):
     """Direct Feedback Alignment for a LightningModule (or, via :meth:`attach`, any ``nn.Module``).
 
-    As a callback it attaches at the start of ``fit`` and detaches at its end; its feedback state
+    As a callback it attaches at the start of ``fit`` (``on_fit_start``: after the model's ``setup`` and
+    ``configure_model``, so models may build their layers there) and detaches at its end; its feedback state
     (seed, layout, projector) is saved in checkpoints and restored on resume.
 
     Example::
@@ -33,14 +34,17 @@ class DFA(FeedbackEngine, Callback):
     def state_key(self) -> str:
         return "lightning_dfa.DFA"
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            if self.model is not None:
-                self.detach()
-            self.attach(pl_module)
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After setup() and configure_model(): models may build their layers there.
+        if self.model is not None:
+            self.detach()
+        self.attach(pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.detach()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
+        if stage == "fit" and self.model is not None:  # fit interrupted by an exception
             self.detach()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -190,3 +190,24 @@ def test_manual_optimisation_gets_the_engine_gradients():
     torch.nn.functional.cross_entropy(reference(x), y).backward()
     for name, param in reference.named_parameters():
         torch.testing.assert_close(lightning_grads[name], param.grad, msg=name)
+
+
+class LazyMLP(MLPClassifier):
+    """Builds its blocks in configure_model(), as Lightning recommends for large models."""
+
+    def __init__(self):
+        super().__init__(hidden=16, depth=2)
+        del self.blocks
+
+    def configure_model(self):
+        if not hasattr(self, "blocks"):
+            self.blocks = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.Linear(a, 16), torch.nn.Tanh()) for a in (64, 16)
+            )
+
+
+def test_dfa_attaches_after_configure_model():
+    recorder = Recorder()
+    trainer(strategy="dfa", callbacks=[recorder]).fit(LazyMLP(), datamodule=DigitsDataModule())
+    assert recorder.dfa.points == ["blocks.0", "blocks.1"]
+    assert recorder.grads["blocks.0.0.weight"].abs().sum() > 0
