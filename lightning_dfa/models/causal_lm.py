@@ -112,20 +112,18 @@ class CausalLM(pl.LightningModule):
                     kwargs[name] = getattr(tokenizer, name)
             self.model = AutoModelForCausalLM.from_config(AutoConfig.for_model(hp.config["model_type"], **kwargs))
         hp.vocab_size = self.model.get_input_embeddings().num_embeddings
-        if tokenizer is not None and len(tokenizer) > hp.vocab_size:
-            raise ValueError(
-                f"The tokenizer has {len(tokenizer)} tokens but the model's embedding only {hp.vocab_size}: use the "
-                "model's own tokenizer (TextDataModule(tokenizer=<the pretrained folder>)) or a larger vocab_size."
-            )
+        check_vocabulary(tokenizer, hp.vocab_size)
         count = sum(p.numel() for p in self.model.parameters())
         rank_zero_info(f"CausalLM: {type(self.model).__name__} with {count:,} parameters")
         return self.model
 
     def _build_from_trainer(self) -> None:
         """Build with the attached datamodule's vocabulary (the first hook that sees it calls this)."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
         if self.model is None:
-            datamodule = getattr(self._trainer, "datamodule", None)
-            self.build(getattr(datamodule, "vocab_size", None), getattr(datamodule, "tokenizer", None))
+            self.build(getattr(datamodule, "vocab_size", None), tokenizer)
+        check_vocabulary(tokenizer, self.hparams.vocab_size)
 
     def configure_callbacks(self) -> list:
         # Called when the Trainer connects the module, before any callback's setup: DFA attaches there.
@@ -255,6 +253,15 @@ class CausalLM(pl.LightningModule):
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_text(key="samples", columns=["epoch", "step", "text"], data=list(self._samples))
+
+
+def check_vocabulary(tokenizer: Any, model_vocab: int) -> None:
+    """Refuse a tokenizer whose ids would overflow the model's embedding (an index error deep in the model)."""
+    if tokenizer is not None and len(tokenizer) > model_vocab:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's embedding only {model_vocab}: use the "
+            "model's own tokenizer (TextDataModule(tokenizer=<the pretrained folder>)) or a larger vocab_size."
+        )
 
 
 def load_pretrained(path: str) -> PreTrainedModel:
