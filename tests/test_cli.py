@@ -177,3 +177,35 @@ def session_processes(session: int) -> list[int]:
         if int(fields[3]) == session:  # field 6 of /proc/PID/stat: the session id
             alive.append(int(stat.parent.name))
     return alive
+
+
+def test_projector_settings_from_the_command_line_reach_the_projector(tmp_path):
+    projector = "{class_path: lightning_dfa.projectors.OPU, init_args: {bit_depth: 6, encoding: ternary}}"
+    cli = run(
+        [
+            "fit",
+            "--config",
+            "digits-mlp",
+            "--trainer.fast_dev_run=true",
+            f"--trainer.strategy.projector={projector}",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
+    opu = cli.trainer.strategy.dfa.projector
+    assert type(opu).__name__ == "OPU" and opu.settings()["bit_depth"] == 6
+
+
+def test_a_projector_by_name_from_the_command_line(tmp_path):
+    cli = run(
+        [
+            "fit",
+            "--config",
+            "digits-mlp",
+            "--trainer.fast_dev_run=true",
+            "--trainer.strategy.projector=structured",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ]
+    )
+    assert type(cli.trainer.strategy.dfa.projector).__name__ == "Structured"

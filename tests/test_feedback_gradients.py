@@ -181,3 +181,12 @@ def test_a_forward_whose_error_needs_no_grad_routes_nothing_and_leaves_no_state(
     mlp.requires_grad_(True)
     F.cross_entropy(mlp(batch[0]), batch[1]).backward()
     assert mlp.blocks[0][0].weight.grad is not None
+
+
+def test_frozen_control_computes_no_projection(mlp, batch):
+    dfa = DFA(blocks="blocks.*", output="head", mode="frozen").attach(mlp)
+    calls = []
+    F.cross_entropy(mlp(batch[0]), batch[1]).backward()
+    dfa.projector.register_forward_hook(lambda *args: calls.append(1))
+    F.cross_entropy(mlp(batch[0]), batch[1]).backward()
+    assert calls == [] and mlp.head.weight.grad is not None

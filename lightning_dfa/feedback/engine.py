@@ -222,6 +222,8 @@ class FeedbackEngine:
         records, self._records = self._records, {}
         shapes = self._point_shapes(records, error_point)
         routed = [(name, shapes[name]) for name in self.points if self._trains(name, records[name])]
+        if not routed:  # e.g. the frozen-blocks control: no block to feed, no projection to pay for
+            return None
         routed_outputs = (records[name] for name, _ in routed)
         return replace_first(output, FeedbackRouter.apply(self, routed, error_point, *routed_outputs))
 

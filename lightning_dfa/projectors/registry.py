@@ -22,6 +22,8 @@ PROJECTORS: dict[str, Callable[..., nn.Module]] = {
     "opu": OPU,
 }
 
+_SET_BY_DFA = ("in_features", "out_features", "seed")
+
 ProjectorSpec = str | Mapping[str, Any] | nn.Module | Tensor | Callable[..., nn.Module]
 
 
@@ -37,6 +39,8 @@ def build_projector(spec: ProjectorSpec, in_features: int, out_features: int, se
     config ``{"class_path": ..., "init_args": {...}}`` (``class_path`` may also be a registered
     name), a ready projector module, or a ``(in_features, out_features)`` matrix.
     """
+    if hasattr(spec, "as_dict"):  # a jsonargparse Namespace: a class_path config from YAML or the CLI
+        spec = spec.as_dict()
     if isinstance(spec, str):
         projector = _factory(spec)(in_features, out_features, seed=seed)
     elif isinstance(spec, Mapping):
@@ -45,9 +49,9 @@ def build_projector(spec: ProjectorSpec, in_features: int, out_features: int, se
             raise ValueError(
                 f"A projector config needs 'class_path' and optional 'init_args', got keys {sorted(spec)}."
             )
-        projector = _factory(spec["class_path"])(
-            in_features, out_features, seed=seed, **dict(spec.get("init_args") or {})
-        )
+        # Sizes and seed come from DFA; a parsed config may carry them as signature defaults.
+        settings = {k: v for k, v in dict(spec.get("init_args") or {}).items() if k not in _SET_BY_DFA}
+        projector = _factory(spec["class_path"])(in_features, out_features, seed=seed, **settings)
     elif isinstance(spec, Tensor):
         projector = Matrix(spec)
     elif isinstance(spec, nn.Module):
