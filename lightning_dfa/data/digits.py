@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lightning_dfa.data.splits import SplitDataModule
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """Digits as flat vectors in [0, 1] (``flatten=True``) or ``(1, 8, 8)`` images.
 
     Stratified train / validation / test split (default 70% / 10% / 20%), the same for every seed
@@ -37,7 +38,6 @@ class DigitsDataModule(pl.LightningDataModule):
                 f"{test_fraction}."
             )
         self.save_hyperparameters()
-        self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -55,20 +55,3 @@ class DigitsDataModule(pl.LightningDataModule):
         self.splits = {
             name: TensorDataset(x[idx], y[idx]) for name, idx in (("train", train), ("val", val), ("test", test))
         }
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")

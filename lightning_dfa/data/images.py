@@ -23,19 +23,20 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lightning_dfa.data.splits import SplitDataModule
 
 BUILTIN = ("digits", "mnist")
 NORMALIZE = ("unit", "symmetric")
 
 
-class ImageDataModule(pl.LightningDataModule):
+class ImageDataModule(SplitDataModule):
     """Image batches ``(x, y)``: ``x`` of shape ``(B, channels, H, W)``, ``y`` class indices.
 
     Args:
@@ -84,7 +85,6 @@ class ImageDataModule(pl.LightningDataModule):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}.")
         self.save_hyperparameters()
-        self.splits: dict[str, TensorDataset] = {}
         self.classes: list[str] = []
 
     # ------------------------------------------------------------------ what the model needs
@@ -122,24 +122,6 @@ class ImageDataModule(pl.LightningDataModule):
         self.splits = {
             name: TensorDataset(x[idx], y[idx]) for name, idx in (("train", train), ("val", val), ("test", test))
         }
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        self.setup()
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
 
 
 # ---------------------------------------------------------------------- sources

@@ -31,19 +31,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from lightning_dfa.data.splits import SplitDataModule
 from lightning_dfa.data.tokenizer import bpe_tokenizer, load_tokenizer
 
 #: HF ``datasets`` loader for each local file type.
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class TextDataModule(pl.LightningDataModule):
+class TextDataModule(SplitDataModule):
     """Blocks of ``block_size + 1`` token ids (``LongTensor[B, block_size + 1]`` batches) from one text source.
 
     Args:
@@ -62,6 +61,8 @@ class TextDataModule(pl.LightningDataModule):
     The test split is the validation split (there is no third split): ``trainer.test`` reports
     the held-out perplexity of the final model.
     """
+
+    test_split = "val"  # text is tested on its held-out documents
 
     def __init__(
         self,
@@ -84,7 +85,6 @@ class TextDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self._documents: dict[str, list[str]] | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
-        self.blocks: dict[str, Tensor] = {}
 
     # -- documents and tokenizer (built on first use, so a model can ask for the vocabulary early) --
     @property
@@ -114,30 +114,11 @@ class TextDataModule(pl.LightningDataModule):
 
     # -- Lightning hooks --------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.blocks:
+        if self.splits:
             return
         for split, docs in self.documents.items():
             stream = token_stream(self.tokenizer, docs)
-            self.blocks[split] = cut_blocks(stream, self.hparams.block_size, split)
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        if not self.blocks:
-            self.setup()
-        return DataLoader(
-            self.blocks[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("val")
+            self.splits[split] = cut_blocks(stream, self.hparams.block_size, split)
 
     # -- baselines -----------------------------------------------------------------------------------
     def reference_metrics(self) -> dict[str, float]:
@@ -149,12 +130,12 @@ class TextDataModule(pl.LightningDataModule):
         ``p = exp(-mean log P(t))``. A model whose ``val/ppl`` is not below ``p`` has learned
         nothing beyond token frequencies.
         """
-        if not self.blocks:
+        if not self.splits:
             self.setup()
         train = token_stream(self.tokenizer, self.documents["train"])
         counts = torch.bincount(train, minlength=self.vocab_size).double() + 1.0
         log_p = counts.log() - math.log(float(counts.sum()))
-        targets = self.blocks["val"][:, 1:].reshape(-1)
+        targets = self.splits["val"][:, 1:].reshape(-1)
         return {"unigram val ppl": math.exp(-float(log_p[targets].mean()))}
 
 
