@@ -75,8 +75,13 @@ def test_more_bit_planes_give_a_smaller_encoding_error():
 
 
 def test_linearity_error_falls_with_bit_depth_and_is_zero_without_a_camera(errors):
-    quiet = dict(shot_noise=False, read_noise=0.0, seed=3, exposure=0.05)  # exposure low enough not to saturate
+    quiet = dict(shot_noise=False, read_noise=0.0, seed=0, exposure=0.05)  # exposure low enough not to saturate
     errs = [linearity_error(OPU(D_E, D_FB, bit_depth=b, **quiet), errors) for b in (2, 4, 6, 8, 10, 12, 16)]
+    # A seed whose anchor has no dark pixel at 16 bits (a speckle zero of |Rr|^2 leaves its output pixel
+    # unretrievable, counted in stats["dark_pixels"], and floors the error; seed 3 has two).
+    finest = OPU(D_E, D_FB, bit_depth=16, **quiet)
+    finest(errors)
+    assert finest.stats["dark_pixels"] == 0
     assert all(later < earlier for earlier, later in zip(errs, errs[1:])), errs
     assert errs[-1] < 0.01 and errs[0] / errs[-1] > 100  # about 4x less per 2 bits
     assert linearity_error(OPU(D_E, D_FB, bit_depth=None, **quiet), errors) < 1e-4
@@ -90,7 +95,8 @@ def test_linearity_error_grows_with_noise(errors):
         dict(shot_noise=True, read_noise=5.0),
         dict(shot_noise=True, read_noise=50.0),
     ]
-    errs = [linearity_error(OPU(D_E, D_FB, seed=3, bit_depth=None, exposure=0.05, **s), errors) for s in settings]
+    # Seed 0: an anchor without near-dark pixels (dividing by a dim |Rr| amplifies noise; seed 3 has two).
+    errs = [linearity_error(OPU(D_E, D_FB, seed=0, bit_depth=None, exposure=0.05, **s), errors) for s in settings]
     assert errs[0] < 1e-4 and all(later > earlier for earlier, later in zip(errs, errs[1:])), errs
     assert errs[-1] < 1.0  # still a usable projection at 50 electrons of read noise
 

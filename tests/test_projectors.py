@@ -11,7 +11,8 @@ import torch
 from scipy import stats
 
 from lightning_dfa.projectors import OPU, PROJECTORS, Gaussian, SeededGaussian, Structured, build_projector
-from lightning_dfa.projectors.structured import hadamard_
+from lightning_dfa.projectors.structured import hadamard, hadamard_, hadamard_factors
+from lightning_dfa.projectors.tiles import counter_bits, counter_bits_reference, gaussian_region
 
 D_E, D_FB = 256, 1024  # 262k entries: tolerances below are several standard errors wide
 
@@ -76,6 +77,28 @@ def test_hadamard_transform_matches_the_sylvester_matrix_and_is_its_own_inverse_
         hadamard_(torch.zeros(1, 12))
 
 
+def _butterfly(x: torch.Tensor) -> torch.Tensor:
+    """The textbook in-place fast Walsh-Hadamard transform (log2 n passes), as a reference."""
+    x = x.clone()
+    rows, n = x.shape
+    half = 1
+    while half < n:
+        pairs = x.view(rows, n // (2 * half), 2, half)
+        a, b = pairs[:, :, 0].clone(), pairs[:, :, 1].clone()
+        pairs[:, :, 0], pairs[:, :, 1] = a + b, a - b
+        half *= 2
+    return x
+
+
+@pytest.mark.parametrize("bits", [0, 1, 5, 7, 13, 16])
+def test_kronecker_hadamard_matches_the_butterfly(bits):
+    n = 1 << bits
+    factors = hadamard_factors(n)
+    assert max(factors, default=1) <= 64 and torch.tensor(factors).prod() == n
+    x = torch.randn(3, n, dtype=torch.float64)
+    assert torch.allclose(hadamard(x.clone()), _butterfly(x), atol=1e-9 * n**0.5)
+
+
 @pytest.mark.parametrize("d_e", [1000, 1024])  # padded and exact transform sizes
 def test_structured_preserves_norms_and_distances_like_a_jl_map(d_e):
     d_fb = 4096
@@ -114,6 +137,42 @@ def test_seeded_matrix_is_the_same_whatever_the_tile_size():
         other = SeededGaussian(700, 1300, seed=5, tile=tile)
         assert torch.equal(other.materialize(), reference.materialize())
         assert torch.allclose(other(x), reference(x), atol=1e-5)  # only the summation order differs
+
+
+def test_counter_generator_integer_stream_matches_its_python_specification():
+    bits = counter_bits(3, 1, (5, 9), (100, 107))
+    for i in range(4):
+        for j in range(7):
+            assert int(bits[i, j]) & (2**64 - 1) == counter_bits_reference(3, 1, 5 + i, 100 + j)
+
+
+def test_counter_generator_is_the_same_for_any_region_and_tile():
+    whole = counter_bits(7, 0, (0, 40), (0, 900))
+    assert torch.equal(counter_bits(7, 0, (13, 29), (250, 777)), whole[13:29, 250:777])
+    assert not torch.equal(counter_bits(7, 1, (0, 40), (0, 900)), whole)  # another stream
+    big = gaussian_region(7, 0, (0, 80), (0, 900))
+    for rows, cols in (((0, 80), (0, 1)), ((1, 79), (3, 900)), ((17, 18), (0, 900)), ((2, 64), (512, 899))):
+        assert torch.equal(gaussian_region(7, 0, rows, cols), big[rows[0] : rows[1], cols[0] : cols[1]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_counter_generator_is_the_same_on_cpu_and_cuda():
+    cpu = counter_bits(11, 2, (0, 300), (0, 5000))
+    assert torch.equal(counter_bits(11, 2, (0, 300), (0, 5000), device="cuda").cpu(), cpu)  # integers: exact
+    a = gaussian_region(11, 2, (0, 600), (0, 5000), std=0.1)
+    b = gaussian_region(11, 2, (0, 600), (0, 5000), std=0.1, device="cuda").cpu()
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)  # float32 log/cos/sin may differ by an ulp
+    p = SeededGaussian(600, 5000, seed=11)
+    assert torch.allclose(p.materialize(), p.to("cuda").materialize().cpu(), rtol=1e-5, atol=1e-7)
+
+
+def test_seeded_default_generator_is_the_counter_and_the_legacy_ones_remain():
+    assert SeededGaussian(10, 20).generator == "counter"
+    assert torch.equal(SeededGaussian(10, 20, seed=4).materialize(), gaussian_region(4, 0, (0, 10), (0, 20), 10**-0.5))
+    legacy = SeededGaussian(10, 20, seed=4, generator="cpu").materialize()
+    assert legacy.shape == (10, 20) and not torch.equal(legacy, SeededGaussian(10, 20, seed=4).materialize())
+    with pytest.raises(ValueError, match="generator must be one of"):
+        SeededGaussian(10, 20, generator="philox")
 
 
 def test_seeded_forward_multiplies_by_its_materialized_matrix():

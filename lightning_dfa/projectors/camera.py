@@ -63,6 +63,11 @@ class Camera:
     def noisy(self) -> bool:
         return self.enabled and (self.shot_noise or self.read_noise > 0)
 
+    @property
+    def unit(self) -> float:
+        """Electrons per camera count: one ADC step (``full_well / (2^bit_depth - 1)``), or 1 without quantisation."""
+        return self.full_well / ((1 << self.bit_depth) - 1) if self.bit_depth is not None else 1.0
+
     def read(self, intensity: Tensor, gain: float, generator: torch.Generator | None = None) -> Reading:
         """Expose, add noise, saturate and quantise ``intensity``; return it in intensity units."""
         return self.read_(intensity.clone(), gain, generator)
@@ -71,18 +76,40 @@ class Camera:
         """:meth:`read`, overwriting ``intensity`` (saves memory and time on large frames)."""
         if not self.enabled:
             return Reading(intensity, 0, intensity.numel())
-        electrons = intensity.mul_(gain)
+        counts = intensity.mul_(gain / self.unit)
+        saturated = self.expose_(counts, generator)
+        return Reading(counts.mul_(self.unit / gain), saturated, counts.numel())
+
+    def expose_(
+        self,
+        counts: Tensor,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        scale: Tensor | None = None,
+    ) -> int:
+        """In place: a noise-free signal in counts (:attr:`unit` electrons each) becomes the camera's reading.
+
+        Shot and read noise are added in electrons (``N(0, max(e, 0) + read_noise^2)``, expressed in counts),
+        values at or above the full well are counted (returned) and clipped, then rounded to whole counts
+        when ``bit_depth`` is set. ``noise`` and ``scale`` are optional contiguous scratch tensors shaped like
+        ``counts`` (allocated when not given). A disabled camera leaves ``counts`` as they are.
+        """
+        if not self.enabled:
+            return 0
+        unit = self.unit
         if self.noisy:
-            noise = torch.randn(electrons.shape, generator=generator, device=electrons.device, dtype=electrons.dtype)
+            noise = torch.empty_like(counts, memory_format=torch.contiguous_format) if noise is None else noise
             if self.shot_noise:
-                noise.mul_(electrons.clamp_min(0).add_(self.read_noise**2).sqrt_())
+                # e + N(0, e + r^2) electrons = c + N(0, 1/unit) sqrt(c + r^2 / unit) counts.
+                noise.normal_(0.0, unit**-0.5, generator=generator)
+                scale = torch.empty_like(noise) if scale is None else scale
+                torch.clamp_min(counts, 0.0, out=scale).add_(self.read_noise**2 / unit).sqrt_()
+                counts.addcmul_(noise, scale)
             else:
-                noise.mul_(self.read_noise)
-            electrons.add_(noise)
-            del noise
-        saturated = int((electrons >= self.full_well).sum())
-        electrons.clamp_(0.0, self.full_well)
-        if self.bit_depth is None:
-            return Reading(electrons.div_(gain), saturated, electrons.numel())
-        step = self.full_well / ((1 << self.bit_depth) - 1)
-        return Reading(electrons.div_(step).round_().mul_(step / gain), saturated, electrons.numel())
+                counts.add_(noise.normal_(0.0, self.read_noise / unit, generator=generator))
+        full = self.full_well / unit
+        saturated = int(torch.count_nonzero(counts >= full))
+        counts.clamp_(0.0, full)
+        if self.bit_depth is not None:
+            counts.round_()
+        return saturated

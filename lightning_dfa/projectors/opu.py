@@ -6,8 +6,8 @@ Stages, each switchable (science.md has the physics):
    bit planes; ``encoding=None`` feeds the real error (non-physical, for audits). The encoding error
    ``|e - decode(frames)| / |e|`` is reported in :attr:`OPU.stats`.
 2. **Medium**: a complex Gaussian transmission matrix ``R = A + iB`` (``A``, ``B`` i.i.d.
-   ``N(0, 1/d_e)``) over the ``d_e`` input pixels and ``anchor_pixels`` extra anchor pixels, drawn
-   from counter-seeded blocks like :class:`SeededGaussian`: never stored, regenerated tile by tile.
+   ``N(0, 1/d_e)``) over the ``d_e`` input pixels and ``anchor_pixels`` extra anchor pixels, computed
+   by the counter-based generator like :class:`SeededGaussian`: never stored, regenerated tile by tile.
 3. **Detection**: intensities ``|R x|^2`` and ``|R (x + r)|^2`` for every frame ``x``.
 4. **Camera** (:mod:`.camera`): auto exposure (once), shot and read noise, saturation
    (counted in ``stats["saturated"]``, warned above 1 %), ``bit_depth``-bit quantisation.
@@ -51,7 +51,7 @@ from lightning_dfa.projectors.checks import check_error, check_nonfinite_mode
 from lightning_dfa.projectors.cost import FRAME_TIME, MAX_INPUT, MAX_OUTPUT, OPU_POWER_W, device_tiles, optical_cost
 from lightning_dfa.projectors.encoding import binary_frames, check_encoding, encode, encoding_error
 from lightning_dfa.projectors.seeded import round_tile
-from lightning_dfa.projectors.tiles import GENERATORS, gaussian_region, mix_seed
+from lightning_dfa.projectors.tiles import DEFAULT_GENERATOR, GENERATORS, gaussian_region, mix_seed
 
 _REAL, _IMAG, _NOISE, _ANCHOR_NOISE = 1, 2, 3, 4  # random streams
 SATURATION_WARNING = 0.01
@@ -94,7 +94,7 @@ class OPU(Projector):
         power_w: float = OPU_POWER_W,
         allow_tiling: bool = False,
         tile: int = 4096,
-        generator: str = "cpu",
+        generator: str = DEFAULT_GENERATOR,
         nonfinite: str = "raise",
     ) -> None:
         super().__init__(in_features, out_features, seed=seed)
@@ -190,13 +190,18 @@ class OPU(Projector):
         return cost.frames
 
     # -- the medium ----------------------------------------------------------------------------------
-    def medium_tile(self, rows: tuple[int, int], cols: tuple[int, int], device: torch.device) -> Tensor:
-        """Rows ``[r0, r1)`` (pixels) and columns ``[c0, c1)`` of ``[A | B]``: shape ``(r1 - r0, 2 (c1 - c0))``."""
-        parts = [
-            gaussian_region(self.seed, s, rows, cols, self.std, device=device, generator=self.generator)
-            for s in (_REAL, _IMAG)
-        ]
-        return torch.cat(parts, dim=1)
+    def medium_tile(
+        self, rows: tuple[int, int], cols: tuple[int, int], device: torch.device, scale: float = 1.0
+    ) -> Tensor:
+        """Rows ``[r0, r1)`` (pixels), columns ``[c0, c1)`` of ``scale [A | B]``: shape ``(r1 - r0, 2 (c1 - c0))``."""
+        width = cols[1] - cols[0]
+        out = torch.empty(rows[1] - rows[0], 2 * width, device=device)
+        for i, stream in enumerate((_REAL, _IMAG)):
+            part = gaussian_region(
+                self.seed, stream, rows, cols, self.std * scale, device=device, generator=self.generator
+            )
+            out[:, i * width : (i + 1) * width] = part
+        return out
 
     def anchor(self, device: torch.device) -> dict[str, Tensor]:
         """The anchor field ``R r`` (``"real"``, ``"imag"``, float32 on ``device``); computed once, on first use."""
@@ -263,49 +268,87 @@ class OPU(Projector):
             clean, self.encoding, threshold=self.threshold, relative=self.relative_threshold, bits=self.bits
         )
         self.calibrate(frames.frames)
-        anchor = {**self.anchor(error.device), **self.anchor_reading(error.device)}
+        anchor = self._anchor_counts(error.device, work)
         generator = torch.Generator(device=error.device).manual_seed(mix_seed(self.seed, _NOISE, self.calls))
-        count = binary_frames(self.encoding, self.bits)
-        flat = frames.frames.reshape(count * error.shape[0], self.in_features)
-        out = torch.zeros(error.shape[0], self.out_features, dtype=work, device=error.device)
+        count, vectors = binary_frames(self.encoding, self.bits), error.shape[0]
+        flat = frames.frames.reshape(count * vectors, self.in_features)
+        out = torch.zeros(vectors, self.out_features, dtype=work, device=error.device)
+        # Working buffers, reused for every tile: the fields [Re | Im], the intensities of the frames alone, and
+        # the camera's noise and noise scale (only when it has noise).
+        width = min(self.tile, self.out_features)
+        rows = flat.shape[0]
+        field_buffer = torch.empty(rows * 2 * width, dtype=work, device=error.device)
+        scratch = [
+            torch.empty(rows * width, dtype=work, device=error.device)
+            for _ in range(1 + self.camera.noisy + (self.camera.noisy and self.camera.shot_noise))
+        ]
         saturated = read = 0
         chunk = self.max_input - self.anchor_pixels  # input pixels per device pass
         for c0 in range(0, self.out_features, self.tile):
             c1 = min(c0 + self.tile, self.out_features)
+            field = field_buffer[: rows * 2 * (c1 - c0)].view(rows, 2 * (c1 - c0))
+            views = [b[: rows * (c1 - c0)].view(rows, c1 - c0) for b in scratch]
             for i0 in range(0, self.in_features, chunk):
                 i1 = min(i0 + chunk, self.in_features)
-                field = self._field(flat, (i0, i1), (c0, c1), work)
-                y, sat, n = self._retrieve(field, anchor, (c0, c1), generator)
-                for weight, part in zip(frames.weights, y.view(count, error.shape[0], c1 - c0)):
+                self._field(flat, (i0, i1), (c0, c1), anchor["scale"], field)
+                y, sat = self._retrieve(field, anchor, (c0, c1), generator, views)
+                for weight, part in zip(frames.weights, y.view(count, vectors, c1 - c0)):
                     out[:, c0:c1].addcmul_(weight, part)
-                saturated, read = saturated + sat, read + n
+                saturated, read = saturated + sat, read + 2 * rows * (c1 - c0)
         self._record(error, clean, frames, anchor, saturated, read, bad_rows)
         if bad_rows is not None:
             out[bad_rows] = float("nan")
         return out.to(error.dtype)
 
-    def _field(self, flat: Tensor, rows: tuple[int, int], cols: tuple[int, int], work: torch.dtype) -> Tensor:
-        """``[Re, Im]`` of ``R x`` for the frames' pixels ``rows`` and output ``cols``: ``(F N, 2 width)``."""
-        field = None
+    def _anchor_counts(self, device: torch.device, work: torch.dtype) -> dict[str, Any]:
+        """The anchor field and reading in camera counts, and what the retrieval needs, for this call.
+
+        The medium is generated scaled by ``sqrt(k)``, ``k = gain / camera.unit`` counts per intensity unit (1
+        without a camera), so that intensities come out of the matmul in counts, ready for the camera.
+        Retrieval: ``(I(x + r) - I(x) - I(r)) / (2 sqrt(k) sqrt(I(r)))`` in counts equals the intensity-unit formula.
+        """
+        field, reading = self.anchor(device), self.anchor_reading(device)
+        k = self.gain / self.camera.unit if self.camera.enabled else 1.0
+        intensity = reading["intensity"].to(work)
+        lit = intensity > 0
+        denominator = torch.where(lit, 2.0 * k * intensity.sqrt(), torch.ones_like(intensity))
+        return {
+            "scale": math.sqrt(k),
+            "real": field["real"].to(work) * math.sqrt(k),
+            "imag": field["imag"].to(work) * math.sqrt(k),
+            "counts": intensity * k,
+            "inverse": lit / denominator,  # 0 on dark pixels: they cannot be retrieved
+            "intensity": reading["intensity"],
+            "saturated": reading["saturated"],
+        }
+
+    def _field(self, flat: Tensor, rows: tuple[int, int], cols: tuple[int, int], scale: float, out: Tensor) -> None:
+        """``[Re, Im]`` of ``sqrt(k) R x`` for the frames' pixels ``rows`` and outputs ``cols``, into ``out``."""
         for r0 in range(rows[0], rows[1], self.tile):
             r1 = min(r0 + self.tile, rows[1])
-            part = flat[:, r0:r1] @ self.medium_tile((r0, r1), cols, flat.device).to(work)
-            field = part if field is None else field.add_(part)
-        return field
+            medium = self.medium_tile((r0, r1), cols, flat.device, scale).to(flat.dtype)
+            if r0 == rows[0]:
+                torch.mm(flat[:, r0:r1], medium, out=out)
+            else:
+                out.addmm_(flat[:, r0:r1], medium)
 
-    def _retrieve(self, field: Tensor, anchor: dict, cols: tuple[int, int], generator: torch.Generator):
-        """Intensities of ``x`` and ``x + r`` through the camera, then the anchor retrieval ``x @ W``."""
+    def _retrieve(self, field: Tensor, anchor: dict, cols: tuple[int, int], generator: torch.Generator, buffers):
+        """Intensities of ``x`` and ``x + r`` through the camera, then the anchor retrieval ``x @ W``.
+
+        Overwrites ``field`` (the retrieved projection is returned as a view of it) and uses ``buffers``: the
+        intensities of the frames alone, then the camera's noise and noise scale when it has noise.
+        """
         width = cols[1] - cols[0]
         real, imag = field[:, :width], field[:, width:]
-        a_real, a_imag = (anchor[k][cols[0] : cols[1]].to(field.dtype) for k in ("real", "imag"))
-        alone = self.camera.read_(real.square().addcmul_(imag, imag), self.gain, generator)
-        lit_field = (real + a_real).square_().add_((imag + a_imag).square_())
-        with_anchor = self.camera.read_(lit_field, self.gain, generator)
-        anchor_intensity = anchor["intensity"][cols[0] : cols[1]].to(field.dtype)
-        lit = anchor_intensity > 0
-        denominator = torch.where(lit, 2 * anchor_intensity.sqrt(), torch.ones_like(anchor_intensity))
-        y = with_anchor.intensity.sub_(alone.intensity).sub_(anchor_intensity).div_(denominator).mul_(lit)
-        return y, alone.saturated + with_anchor.saturated, alone.pixels + with_anchor.pixels
+        alone, noise, scale = (*buffers, None, None)[:3]
+        torch.mul(real, real, out=alone).addcmul_(imag, imag)  # |R x|^2, in counts
+        saturated = self.camera.expose_(alone, generator, noise, scale)
+        real.add_(anchor["real"][cols[0] : cols[1]])
+        imag.add_(anchor["imag"][cols[0] : cols[1]])
+        lit = real.mul_(real).addcmul_(imag, imag)  # |R (x + r)|^2, in counts
+        saturated += self.camera.expose_(lit, generator, noise, scale)
+        y = lit.sub_(alone).sub_(anchor["counts"][cols[0] : cols[1]]).mul_(anchor["inverse"][cols[0] : cols[1]])
+        return y, saturated
 
     def _record(self, error, clean, frames, anchor, saturated, read, bad_rows) -> None:
         self.calls += 1

@@ -8,11 +8,11 @@ from torch import Tensor
 from lightning_dfa.projectors.base import Projector
 from lightning_dfa.projectors.checks import check_error, check_nonfinite_mode
 from lightning_dfa.projectors.gaussian import default_std
-from lightning_dfa.projectors.tiles import BLOCK, GENERATORS, gaussian_region
+from lightning_dfa.projectors.tiles import BLOCK, DEFAULT_GENERATOR, GENERATORS, gaussian_region
 
 
 def round_tile(tile: int) -> int:
-    """A tile size rounded up to a whole number of generation blocks (``BLOCK``)."""
+    """A tile size rounded up to a multiple of ``BLOCK`` (512); the matrix does not depend on it."""
     if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
         raise ValueError(f"tile must be a positive integer, got {tile!r}.")
     return -(-tile // BLOCK) * BLOCK
@@ -21,13 +21,15 @@ def round_tile(tile: int) -> int:
 class SeededGaussian(Projector):
     """``e @ B`` with ``B`` i.i.d. ``N(0, std^2)`` (``std = 1/sqrt(in_features)``), regenerated on every call.
 
-    ``B`` is never stored: each call draws it again, ``tile x tile`` entries at a time, from
-    counter-seeded blocks (:mod:`lightning_dfa.projectors.tiles`). Memory is one tile (64 MB at the
-    default ``tile=4096`` in float32) whatever the size; the time is that of the dense matmul plus
-    drawing the matrix (``in_features * out_features`` normal numbers per call). The matrix depends on
-    ``seed`` only: not on ``tile``, the process, or the device (with the default ``generator="cpu"``,
-    which draws on the CPU and copies; ``generator="device"`` draws on the GPU, faster, and is then
-    reproducible on the same kind of device only).
+    ``B`` is never stored: each call computes it again, ``tile x tile`` entries at a time, with the
+    counter-based generator of :mod:`lightning_dfa.projectors.tiles` (integer hashing and Box-Muller on
+    the error's device). Memory is one tile (64 MB at the default ``tile=4096`` in float32) plus an
+    ``N x tile`` accumulator, whatever the size; the time is that of the dense matmul plus generating the
+    matrix (``in_features * out_features`` normal numbers per call). The matrix depends on ``seed`` only:
+    not on ``tile``, the process, or the device (its integer stream is identical everywhere; the float32
+    ``log``/``cos``/``sin`` of CPU and GPU math libraries may differ in the last bit). The legacy
+    ``generator="cpu"`` and ``"device"`` (``torch.randn`` blocks, as in earlier versions) remain to resume
+    runs started with them.
 
     Example::
 
@@ -45,7 +47,7 @@ class SeededGaussian(Projector):
         seed: int = 0,
         std: float | None = None,
         tile: int = 4096,
-        generator: str = "cpu",
+        generator: str = DEFAULT_GENERATOR,
         nonfinite: str = "raise",
     ) -> None:
         super().__init__(in_features, out_features, seed=seed)
@@ -61,10 +63,16 @@ class SeededGaussian(Projector):
         # ``tile`` and ``nonfinite`` do not change the matrix, so a run may resume with other values.
         return {**super().settings(), "std": self.std, "generator": self.generator}
 
-    def weight_tile(self, rows: tuple[int, int], cols: tuple[int, int], device: torch.device | None = None) -> Tensor:
-        """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of the (virtual) feedback matrix, float32."""
+    def weight_tile(
+        self,
+        rows: tuple[int, int],
+        cols: tuple[int, int],
+        device: torch.device | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of the (virtual) feedback matrix, float32 (into ``out``)."""
         device = self._device_anchor.device if device is None else device
-        return gaussian_region(self.seed, 0, rows, cols, self.std, device=device, generator=self.generator)
+        return gaussian_region(self.seed, 0, rows, cols, self.std, device=device, generator=self.generator, out=out)
 
     @torch.no_grad()
     def materialize(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -73,15 +81,23 @@ class SeededGaussian(Projector):
 
     def forward(self, error: Tensor) -> Tensor:
         bad_rows = check_error(type(self).__name__, error, self.in_features, self.nonfinite)
-        out = error.new_empty(error.shape[0], self.out_features)
+        rows = error.shape[0]
+        out = error.new_empty(rows, self.out_features)
+        height, width = min(self.tile, self.in_features), min(self.tile, self.out_features)
+        buffer = torch.empty(height * width, device=error.device)  # one tile, reused
+        acc = error.new_empty(rows * width)
         for c0 in range(0, self.out_features, self.tile):
             c1 = min(c0 + self.tile, self.out_features)
-            acc = None
+            part = acc[: rows * (c1 - c0)].view(rows, c1 - c0)
             for r0 in range(0, self.in_features, self.tile):
                 r1 = min(r0 + self.tile, self.in_features)
-                part = error[:, r0:r1] @ self.weight_tile((r0, r1), (c0, c1), error.device).to(error.dtype)
-                acc = part if acc is None else acc.add_(part)
-            out[:, c0:c1] = acc
+                weight = buffer[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+                weight = self.weight_tile((r0, r1), (c0, c1), error.device, out=weight).to(error.dtype)
+                if r0 == 0:
+                    torch.mm(error[:, r0:r1], weight, out=part)
+                else:
+                    part.addmm_(error[:, r0:r1], weight)
+            out[:, c0:c1] = part
         if bad_rows is not None:
             out[bad_rows] = float("nan")
         return out

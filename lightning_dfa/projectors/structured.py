@@ -10,6 +10,15 @@ permutation and ``G_b`` a diagonal of ``N(0, 1)`` gains. ``u = H D x`` is shared
 call costs ``1 + ceil(d_fb / n)`` transforms of size ``n``: ``O(N (d_e + d_fb) log d_e)`` time and
 ``O(d_e + d_fb)`` memory for the signs, gains and permutations (plus a bounded working buffer).
 
+The transform is computed as a Kronecker product, ``H_n = H_f1 (x) H_f2 (x) ... (x) H_fk`` with factors
+of at most 64 (``n = 65536``: 64 x 32 x 32): one batched matrix product per factor on ``x`` viewed as
+``(N, f1, ..., fk)``, which runs at matmul speed on CPU BLAS and GPU alike (``2 (f1 + ... + fk)`` flops
+per entry instead of ``log2 n`` memory passes). Entries of ``H`` are +-1, so in float32 the result
+differs from the butterfly's only by summation order. Rows are processed in chunks of
+``CHUNK_ELEMENTS`` (two working buffers), so the memory beyond the output is a few tens of MB.
+Matrix products follow torch's float32 matmul precision: with ``torch.set_float32_matmul_precision``
+``"high"`` on a GPU (TF32), the transforms, like every matmul, keep about 10 mantissa bits.
+
 Shared with the dense Gaussian (``Gaussian``):
   * every entry of the materialised matrix is exactly ``N(0, 1/d_e)`` (it is linear in the gains
     ``G_b`` with coefficients ``+-s``, ``n`` of them), the library's scale convention;
@@ -42,31 +51,72 @@ from lightning_dfa.projectors.base import Projector
 from lightning_dfa.projectors.checks import check_error, check_nonfinite_mode
 from lightning_dfa.projectors.tiles import mix_seed
 
-#: Rows x transform-size elements processed at once: bounds the working memory (16 MB in float32).
-CHUNK_ELEMENTS = 1 << 22
+#: Rows x transform-size elements processed at once: each of the two working buffers holds this many (32 MB).
+CHUNK_ELEMENTS = 1 << 23
+#: Largest Hadamard factor of the Kronecker decomposition (a power of two).
+MAX_FACTOR = 64
+
+
+def hadamard_factors(n: int) -> list[int]:
+    """Powers of two of at most :data:`MAX_FACTOR` whose product is ``n``, as even as possible, largest first."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"The Hadamard transform needs a power-of-two width, got {n}.")
+    bits, step = n.bit_length() - 1, MAX_FACTOR.bit_length() - 1
+    parts = -(-bits // step)
+    return [1 << (bits // parts + (i < bits % parts)) for i in range(parts)]
+
+
+def sylvester(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+    """The ``n x n`` Sylvester-Hadamard matrix, entries ``(-1)^popcount(i & j)`` (``n`` a power of two)."""
+    idx = torch.arange(n, device=device)
+    popcount = torch.zeros(n, n, dtype=torch.int64, device=device)
+    both = idx[:, None] & idx[None, :]
+    while bool(both.any()):
+        popcount += both & 1
+        both = both >> 1
+    return (1 - 2 * (popcount & 1)).to(dtype)
+
+
+def hadamard(x: Tensor, out: Tensor | None = None, factors: list[Tensor] | None = None) -> Tensor:
+    """The unnormalised Walsh-Hadamard transform of the rows of ``x`` (width ``n``, a power of two): ``x @ H_n``.
+
+    ``H_n = H_f1 (x) ... (x) H_fk``: for each factor ``f`` (the leading axis of the current layout), one batched
+    product ``(N, rest, f) @ H_f`` on the transposed view, which also rotates the axes, so after all factors the
+    layout is the original one. ``out`` (contiguous, like ``x``) and ``x`` are used alternately as buffers: both
+    are overwritten, and the result is whichever of the two the last factor wrote (returned). ``factors``
+    may pass the Hadamard matrices of :func:`hadamard_factors` (dtype and device of ``x``) to save rebuilding them.
+
+    Example::
+
+        >>> hadamard(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+        tensor([[1., 1., 1., 1.]])
+    """
+    rows, n = x.shape
+    sizes = hadamard_factors(n)
+    if factors is None:
+        factors = [sylvester(f, x.dtype, x.device) for f in sizes]
+    src = x.contiguous()
+    dst = torch.empty_like(src) if out is None else out
+    for f, h in zip(sizes, factors):
+        if f == 1:
+            continue
+        torch.matmul(src.view(rows, f, n // f).transpose(1, 2), h, out=dst.view(rows, n // f, f))
+        src, dst = dst, src
+    return src
 
 
 def hadamard_(x: Tensor) -> Tensor:
     """In place, the unnormalised fast Walsh-Hadamard transform of the rows of ``x`` (width a power of two).
 
-    ``H_n`` has entries ``(-1)^popcount(i & j)``; ``H_n @ H_n = n I``. ``O(n log n)`` additions, no extra memory.
+    ``H_n`` has entries ``(-1)^popcount(i & j)``; ``H_n @ H_n = n I``. See :func:`hadamard`.
 
     Example::
 
         >>> hadamard_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
         tensor([[1., 1., 1., 1.]])
     """
-    rows, n = x.shape
-    if n & (n - 1):
-        raise ValueError(f"The Hadamard transform needs a power-of-two width, got {n}.")
-    half = 1
-    while half < n:
-        pairs = x.view(rows, n // (2 * half), 2, half)
-        a, b = pairs[:, :, 0], pairs[:, :, 1]
-        a.add_(b)  # a + b
-        b.mul_(-2).add_(a)  # (a + b) - 2b = a - b
-        half *= 2
-    return x
+    result = hadamard(x.clone())
+    return x.copy_(result)
 
 
 class Structured(Projector):
@@ -96,6 +146,8 @@ class Structured(Projector):
         self.register_buffer("signs", signs, persistent=False)
         self.register_buffer("perms", perms, persistent=False)
         self.register_buffer("gains", gains, persistent=False)
+        for i, f in enumerate(hadamard_factors(self.size)):
+            self.register_buffer(f"_hadamard{i}", sylvester(f), persistent=False)
 
     def settings(self) -> dict:
         return {**super().settings(), "std": self.std}
@@ -108,20 +160,28 @@ class Structured(Projector):
     def forward(self, error: Tensor) -> Tensor:
         bad_rows = check_error(type(self).__name__, error, self.in_features, self.nonfinite)
         out = error.new_empty(error.shape[0], self.out_features)
-        rows = max(1, CHUNK_ELEMENTS // self.size)
+        dtype = torch.float64 if error.dtype == torch.float64 else torch.float32  # transforms never in half
+        rows = max(1, min(error.shape[0], CHUNK_ELEMENTS // self.size))
+        blocks = len(self.gains)
+        buffers = torch.empty(2 + (blocks > 1), rows * self.size, dtype=dtype, device=error.device)
+        count = len(hadamard_factors(self.size))
+        factors = [getattr(self, f"_hadamard{i}").to(dtype) for i in range(count)]
+        signs, gains = self.signs.to(dtype), self.gains.to(dtype) * self.scale
         for start in range(0, error.shape[0], rows):
-            self._project(error[start : start + rows], out[start : start + rows])
+            chunk = error[start : start + rows]
+            n = chunk.shape[0]
+            views = [b[: n * self.size].view(n, self.size) for b in buffers]
+            u = views[0]
+            u[:, self.in_features :] = 0
+            torch.mul(chunk, signs[: self.in_features], out=u[:, : self.in_features])
+            u = hadamard(u, views[1], factors)  # H D x, shared by all output blocks
+            free = [v for v in views if v.data_ptr() != u.data_ptr()]
+            for block, (perm, gain) in enumerate(zip(self.perms, gains)):
+                v = torch.index_select(u, 1, perm, out=free[0]).mul_(gain)
+                v = hadamard(v, free[1] if blocks > 1 else u, factors)  # u is free after the last block
+                c0 = block * self.size
+                c1 = min(c0 + self.size, self.out_features)
+                out[start : start + n, c0:c1] = v[:, : c1 - c0]
         if bad_rows is not None:
             out[bad_rows] = float("nan")
         return out
-
-    def _project(self, error: Tensor, out: Tensor) -> None:
-        dtype = torch.float64 if error.dtype == torch.float64 else torch.float32  # transforms never in half
-        u = torch.zeros(error.shape[0], self.size, dtype=dtype, device=error.device)
-        u[:, : self.in_features] = error
-        hadamard_(u.mul_(self.signs.to(dtype)))
-        for block, (perm, gain) in enumerate(zip(self.perms, self.gains)):
-            v = hadamard_(u[:, perm].mul_(gain.to(dtype)))
-            c0 = block * self.size
-            c1 = min(c0 + self.size, self.out_features)
-            out[:, c0:c1] = v[:, : c1 - c0].mul_(self.scale)

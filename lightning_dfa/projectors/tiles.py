@@ -1,17 +1,42 @@
-"""Counter-seeded Gaussian blocks: any rectangle of a huge random matrix, regenerated on demand.
+"""Counter-based Gaussian matrices: any rectangle of a huge random matrix, regenerated on demand, on any device.
 
-The virtual matrix is cut into fixed ``BLOCK x BLOCK`` blocks. Block ``(i, j)`` of stream ``s`` is
-drawn by ``torch.randn`` from a generator seeded with ``splitmix64``-mixed ``(seed, s, i, j)``, so
-any entry depends only on ``(seed, stream, row, column)``: never on which rectangle was asked for,
-on the tile size a caller groups blocks into, on the process, or (with the portable CPU generator)
-on the device. Nothing is stored; a rectangle costs ``O(rows x cols)`` memory.
+The default generator (``"counter"``) is a counter-based hash written in plain torch integer operations,
+so it runs on the CPU, on CUDA or on any other device with the same integer results, bit for bit.
+Rows are taken in pairs; for row pair ``p`` and column ``c`` of stream ``s``::
+
+    key   = mix_seed(seed, s)                                  # 64-bit key of the stream (Python ints)
+    row_p = mix64(key + p * GAMMA)                             # a random 64-bit key per row pair
+    h     = mix64(row_p + c * GAMMA)                           # 64 well-mixed bits per (p, c)
+    u1    = 1 - (high 23 bits of h) / 2^23                     # in (0, 1], 2^23 levels
+    u2    = (bits 9..31 of h) / 2^23                           # in [0, 1)
+    r     = sqrt(-2 log u1),  t = 2 pi (1 + u2)               # Box-Muller
+    entry (2p, c) = r cos t,  entry (2p + 1, c) = r sin t      # times std
+
+``mix64`` is the SplitMix64 output function (Steele, Lea and Flood 2014; Stafford's "Mix13"): each row
+pair is a SplitMix64 sequence, seeded by a random 64-bit key (itself a SplitMix64 output of the stream's
+key), read at position ``c``. So every entry depends only on ``(seed, stream, row, column)``:
+never on which rectangle was asked for, the tile size a caller groups entries into, the process, or the
+device. The integer stream (``counter_bits``) is exact everywhere: torch's int64 arithmetic wraps like
+unsigned 64-bit arithmetic, and right shifts (arithmetic on negative int64) are masked to logical ones.
+The Gaussians are then computed in float32 with ``log``, ``sqrt``, ``cos`` and ``sin``, whose last bit
+may differ between devices' math libraries (CPU vs CUDA): entries agree to about one ulp (~1e-7
+relative), not always bit for bit. On one device they are bit-identical run after run.
+
+Properties: marginals are ``N(0, std^2)`` up to the 23-bit uniforms (the tails are cut at
+``sqrt(2 * 23 * log 2) = 5.65`` standard deviations, probability 2e-8); the two entries of a pair are
+independent (Box-Muller); nothing here is cryptographic.
+
+Two legacy generators of earlier versions remain for resuming runs started with them: ``"cpu"`` draws
+``512 x 512`` blocks with ``torch.randn`` on the CPU from ``mix_seed(seed, stream, i, j)`` (portable,
+slow on GPUs) and ``"device"`` draws the same blocks with the device's own generator (reproducible on
+one kind of device only).
 
 Example::
 
     >>> w = gaussian_region(seed=0, stream=0, rows=(0, 10), cols=(0, 300), std=0.1)
     >>> w.shape
     torch.Size([10, 300])
-    >>> torch.equal(w[:, 100:200], gaussian_region(0, 0, (0, 10), (100, 200), std=0.1))
+    >>> torch.equal(w[3:7, 100:200], gaussian_region(0, 0, (3, 7), (100, 200), std=0.1))
     True
 """
 
@@ -19,21 +44,30 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import math
 
 import torch
 from torch import Tensor
 
-#: Fixed generation granularity (rows and columns of one seeded block). Never change it: matrices depend on it.
+#: Generation granularity of the legacy generators (rows and columns of one seeded block). Never change it.
 BLOCK = 512
-#: Where blocks are drawn: ``"cpu"`` (portable: identical on every device) or ``"device"`` (fast on GPUs,
-#: reproducible on the same kind of device only).
-GENERATORS = ("cpu", "device")
+#: Generators: ``"counter"`` (default: the counter-based hash, fast and identical on every device up to the
+#: float32 ulp of its transcendental functions), and the legacy ``"cpu"`` and ``"device"`` block generators.
+GENERATORS = ("counter", "cpu", "device")
+DEFAULT_GENERATOR = "counter"
 _MASK64 = (1 << 64) - 1
+GAMMA = 0x9E3779B97F4A7C15  # 2^64 / golden ratio, the Weyl increment of SplitMix64
+_MIX = ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB))
+#: Hash elements per piece of work on the CPU: fewer than torch's parallel grain (32768), so every operation
+#: runs in one thread, on data that stays in cache; pieces are spread over a thread pool.
+CPU_PIECE = 32767
+#: Hash elements per piece on other devices (bounds the working memory: 16 bytes per element, 32 MB).
+DEVICE_PIECE = 1 << 21
 
 
 def splitmix64(x: int) -> int:
     """One step of the SplitMix64 mixer (Steele et al. 2014): a bijective, well-mixed 64-bit hash."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = (x + GAMMA) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
@@ -47,10 +81,118 @@ def mix_seed(*counters: int) -> int:
     return state >> 1
 
 
+def _signed(value: int) -> int:
+    """The int64 with the same 64 bits as the unsigned ``value``."""
+    value &= _MASK64
+    return value - (1 << 64) if value >> 63 else value
+
+
+def mix64_(z: Tensor, scratch: Tensor) -> Tensor:
+    """In place on int64 ``z``: the SplitMix64 output function, as unsigned 64-bit arithmetic (``scratch``: same shape).
+
+    ``torch`` int64 multiplication wraps modulo 2^64 like unsigned arithmetic; right shifts of negative values
+    are arithmetic, so each shift is masked to a logical one.
+    """
+    for shift, multiplier in _MIX:
+        torch.bitwise_right_shift(z, shift, out=scratch)
+        z.bitwise_xor_(scratch.bitwise_and_((1 << (64 - shift)) - 1)).mul_(_signed(multiplier))
+    torch.bitwise_right_shift(z, 31, out=scratch)
+    return z.bitwise_xor_(scratch.bitwise_and_((1 << 33) - 1))
+
+
+def _row_keys(key: int, pairs: tuple[int, int], device: torch.device) -> Tensor:
+    z = torch.arange(pairs[0], pairs[1], dtype=torch.int64, device=device).mul_(_signed(GAMMA)).add_(_signed(key))
+    return mix64_(z, torch.empty_like(z))
+
+
+def _column_terms(cols: tuple[int, int], device: torch.device) -> Tensor:
+    return torch.arange(cols[0], cols[1], dtype=torch.int64, device=device).mul_(_signed(GAMMA))
+
+
+def counter_bits(
+    seed: int, stream: int, pairs: tuple[int, int], cols: tuple[int, int], device: torch.device | str | None = None
+) -> Tensor:
+    """The raw 64-bit hashes (int64) of row pairs ``[p0, p1)`` and columns ``[c0, c1)``: the integer stream.
+
+    Exact on every device (tested against a pure-Python reference). Entry ``(p, c)`` gives the Gaussians at
+    rows ``2p`` and ``2p + 1`` of column ``c`` (see the module doc).
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    key = mix_seed(seed, stream)
+    z = _column_terms(cols, device)[None, :] + _row_keys(key, pairs, device)[:, None]
+    return mix64_(z, torch.empty_like(z))
+
+
+def mix64(x: int) -> int:
+    """The SplitMix64 output function on a Python integer (unsigned 64-bit): :func:`mix64_`'s reference."""
+    for shift, multiplier in _MIX:
+        x = ((x ^ (x >> shift)) * multiplier) & _MASK64
+    return x ^ (x >> 31)
+
+
+def counter_bits_reference(seed: int, stream: int, pair: int, col: int) -> int:
+    """:func:`counter_bits` of one entry in Python integers (unsigned): the specification of the integer stream."""
+    row_key = mix64((mix_seed(seed, stream) + pair * GAMMA) & _MASK64)
+    return mix64((row_key + col * GAMMA) & _MASK64)
+
+
+def _gaussian_pairs(bits: Tensor, half: Tensor, out_cos: Tensor, out_sin: Tensor, std: float) -> None:
+    """Box-Muller from the hashes ``bits`` (int64, ``(P, W)``) into ``out_cos`` and ``out_sin`` (float32 ``(P, W)``).
+
+    ``half`` is contiguous int32 scratch of the same shape.
+    """
+    words = bits.view(torch.int32).view(*bits.shape, 2)  # little-endian: [..., 0] low, [..., 1] high word
+    # Uniforms from 23 bits: OR-ed into the mantissa of 1.0 they give a float32 in [1, 2), exactly.
+    high = out_sin.view(torch.int32)
+    torch.bitwise_right_shift(words[..., 1], 9, out=high).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
+    radius = out_sin.neg_().add_(2.0).log_().mul_(-2.0 * std * std).sqrt_()  # std sqrt(-2 log u1), u1 in (0, 1]
+    torch.bitwise_right_shift(words[..., 0], 9, out=half).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
+    angle = half.view(torch.float32).mul_(2.0 * math.pi)  # 2 pi (1 + u2)
+    torch.cos(angle, out=out_cos).mul_(radius)
+    radius.mul_(angle.sin_())
+
+
+def _counter_region(seed: int, stream: int, rows: tuple[int, int], cols: tuple[int, int], std: float, out: Tensor):
+    """Fill ``out`` (float32, ``(r1 - r0, c1 - c0)``) with the counter generator's entries."""
+    (r0, r1), (c0, c1) = rows, cols
+    p0, p1 = r0 // 2, (r1 + 1) // 2  # row pairs covering the rows
+    width, device = c1 - c0, out.device
+    row_keys = _row_keys(mix_seed(seed, stream), (p0, p1), device)
+    col_terms = _column_terms(cols, device)
+    piece = CPU_PIECE if device.type == "cpu" else DEVICE_PIECE
+    step = max(1, piece // width)  # row pairs per piece (a piece is at least one row pair)
+    aligned = r0 % 2 == 0 and r1 % 2 == 0
+
+    def work(start: int) -> None:
+        stop = min(start + step, p1 - p0)
+        shape = (stop - start, width)
+        bits = torch.empty(shape, dtype=torch.int64, device=device)
+        scratch = torch.empty_like(bits)
+        torch.add(col_terms[None, :], row_keys[start:stop, None], out=bits)
+        mix64_(bits, scratch)
+        half = scratch.view(-1).view(torch.int32)[: bits.numel()].view(shape)  # scratch is free: reuse it
+        if aligned:
+            pairs = out[2 * start : 2 * stop].view(stop - start, 2, width)
+            _gaussian_pairs(bits, half, pairs[:, 0], pairs[:, 1], std)
+            return
+        both = torch.empty(stop - start, 2, width, device=device)
+        _gaussian_pairs(bits, half, both[:, 0], both[:, 1], std)
+        first, last = 2 * (p0 + start), 2 * (p0 + stop)  # rows held by `both`
+        top, bottom = max(first, r0), min(last, r1)
+        out[top - r0 : bottom - r0] = both.view(-1, width)[top - first : bottom - first]
+
+    starts = range(0, p1 - p0, step)
+    if device.type == "cpu" and len(starts) > 1 and torch.get_num_threads() > 1:
+        list(_pool().map(work, starts))
+    else:
+        for start in starts:
+            work(start)
+
+
 def gaussian_block(
     seed: int, stream: int, block_row: int, block_col: int, device: torch.device | None = None
 ) -> Tensor:
-    """Block ``(block_row, block_col)`` of stream ``stream``: a ``(BLOCK, BLOCK)`` float32 ``N(0, 1)`` tensor.
+    """Legacy generators: block ``(block_row, block_col)`` of stream ``stream``, ``(BLOCK, BLOCK)`` float32 ``N(0, 1)``.
 
     Drawn on the CPU unless ``device`` is given (then with that device's own generator).
     """
@@ -67,12 +209,15 @@ def gaussian_region(
     std: float = 1.0,
     *,
     device: torch.device | str | None = None,
-    generator: str = "cpu",
+    generator: str = DEFAULT_GENERATOR,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of the virtual ``N(0, std^2)`` matrix, float32 on ``device``.
 
-    With ``generator="cpu"`` the blocks are drawn on the CPU (in parallel threads) and copied to ``device``,
-    so the result is bit-identical everywhere. With ``generator="device"`` they are drawn on ``device``.
+    ``generator="counter"`` (default) computes the entries on ``device`` itself (see the module doc). The legacy
+    ``"cpu"`` draws ``torch.randn`` blocks on the CPU (in parallel threads) and copies them to ``device``;
+    ``"device"`` draws them on ``device``. ``out`` (float32, contiguous, on ``device``) is filled and returned
+    instead of a new tensor (counter generator only; the others copy into it).
     """
     (r0, r1), (c0, c1) = rows, cols
     if not (0 <= r0 < r1 and 0 <= c0 < c1):
@@ -80,6 +225,18 @@ def gaussian_region(
     if generator not in GENERATORS:
         raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}.")
     device = torch.device("cpu") if device is None else torch.device(device)
+    if out is not None and (out.shape != (r1 - r0, c1 - c0) or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {(r1 - r0, c1 - c0)}.")
+    if generator == "counter":
+        out = torch.empty(r1 - r0, c1 - c0, device=device) if out is None else out
+        _counter_region(seed, stream, rows, cols, std, out)
+        return out
+    legacy = _legacy_region(seed, stream, rows, cols, std, device, generator)
+    return legacy if out is None else out.copy_(legacy)
+
+
+def _legacy_region(seed, stream, rows, cols, std, device, generator) -> Tensor:
+    (r0, r1), (c0, c1) = rows, cols
     draw_on = device if generator == "device" else torch.device("cpu")
     out = torch.empty(r1 - r0, c1 - c0, device=draw_on)
     jobs = [
@@ -107,5 +264,5 @@ def gaussian_region(
 
 @functools.lru_cache(maxsize=1)
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    # torch.randn releases the GIL, so blocks are drawn in parallel on the CPU's cores.
+    # torch operations release the GIL, so pieces are computed in parallel on the CPU's cores.
     return concurrent.futures.ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
