@@ -41,7 +41,8 @@ def capture_grad(module, store, key):
     """Store the gradient that reaches ``module``'s output (hooks registered before attach see the original)."""
 
     def hook(mod, args, out):
-        out.register_hook(lambda grad: store.__setitem__(key, grad))
+        if out.requires_grad:  # not under no_grad (reference computations)
+            out.register_hook(lambda grad: store.__setitem__(key, grad))
 
     module.register_forward_hook(hook)
 

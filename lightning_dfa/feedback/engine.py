@@ -23,14 +23,22 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dfa.feedback.outputs import any_requires_grad, detach_all, first_tensor, replace_first
-from lightning_dfa.feedback.points import auto_output, resolve_module, resolve_points
+from lightning_dfa.feedback.outputs import any_requires_grad, detach_inputs, first_tensor, replace_first
+from lightning_dfa.feedback.points import auto_output, embedding_points, resolve_module, resolve_points
 from lightning_dfa.feedback.router import FeedbackRouter, in_backward
-from lightning_dfa.feedback.rows import SEQUENCE_FEEDBACK, PointShape, error_row_dims
+from lightning_dfa.feedback.rows import (
+    SEQUENCE_FEEDBACK,
+    PointShape,
+    SpatialShape,
+    error_row_dims,
+    spatial_error_rows,
+)
+from lightning_dfa.feedback.scaling import ERROR_ENCODINGS, FEEDBACK_SCALES, AdaptiveScale, encode_error, fixed_scales
 from lightning_dfa.projectors import build_projector
 from lightning_dfa.projectors.registry import ProjectorSpec, check_projector_sizes
 
 MODES = ("dfa", "backprop", "frozen")
+CUT_INPUTS = ("all", "hidden")
 
 
 class FeedbackEngine:
@@ -53,6 +61,24 @@ class FeedbackEngine:
         sequence_feedback: ``"broadcast"`` or ``"flatten"``, for per-sample errors with per-token points.
         check_finite: raise if the error holds NaN or inf instead of spreading it into every block.
 
+    Learning variants (:doc:`docs/learning.md` measures each):
+
+    Args:
+        error_encoding: ``"none"``, ``"row"`` (unit RMS per row), ``"sign"`` or ``"ternary"`` (what optics
+            can display; threshold ``ternary_threshold`` x the row's RMS). See :mod:`.scaling`.
+        feedback_scale: per-point factor: ``"fan_in"`` (the projector's own ``1/sqrt(d_e)``), ``"layer"``
+            (``sqrt(d_max/d_i)``), ``"xavier"``, or ``"adaptive"`` (feedback RMS follows the error's RMS,
+            smoothed with ``scale_momentum``).
+        backprop_top: the top ``k`` blocks train with their true gradient (DFA below, backprop above);
+            ``0`` is pure DFA.
+        embeddings: add the embeddings (token, position, patch; a UNet's ``conv_in`` and time embedding)
+            as feedback points of their own.
+        spatial_feedback: image errors ``(B, C, H, W)`` give one row per pixel (its ``spatial_patch`` x
+            ``spatial_patch`` neighbourhood), projected per position and pooled to each point's resolution.
+        cut_inputs: ``"all"`` detaches every input of a point; ``"hidden"`` only the hidden state, so the
+            side inputs (time embedding, skip connections) carry the blocks' gradients back.
+        shared_feedback: points of equal width share one feedback matrix (one residual stream, one B).
+
     Example::
 
         dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(model)
@@ -70,11 +96,30 @@ class FeedbackEngine:
         error_rows: int | None = None,
         sequence_feedback: str = "broadcast",
         check_finite: bool = True,
+        error_encoding: str = "none",
+        ternary_threshold: float = 1.0,
+        feedback_scale: str = "fan_in",
+        scale_momentum: float = 0.9,
+        backprop_top: int = 0,
+        embeddings: bool = False,
+        spatial_feedback: bool = False,
+        spatial_patch: int = 1,
+        cut_inputs: str = "all",
+        shared_feedback: bool = False,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-        if sequence_feedback not in SEQUENCE_FEEDBACK:
-            raise ValueError(f"sequence_feedback must be one of {SEQUENCE_FEEDBACK}, got {sequence_feedback!r}.")
+        for setting, value, allowed in (
+            ("mode", mode, MODES),
+            ("sequence_feedback", sequence_feedback, SEQUENCE_FEEDBACK),
+            ("error_encoding", error_encoding, ERROR_ENCODINGS),
+            ("feedback_scale", feedback_scale, FEEDBACK_SCALES),
+            ("cut_inputs", cut_inputs, CUT_INPUTS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{setting} must be one of {allowed}, got {value!r}.")
+        if not isinstance(backprop_top, int) or backprop_top < 0:
+            raise ValueError(f"backprop_top must be a non-negative integer (0 is pure DFA), got {backprop_top!r}.")
+        if not isinstance(spatial_patch, int) or spatial_patch < 1 or spatial_patch % 2 == 0:
+            raise ValueError(f"spatial_patch must be an odd positive integer (1, 3, 5, ...), got {spatial_patch!r}.")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
         self.blocks = blocks
@@ -85,6 +130,15 @@ class FeedbackEngine:
         self.error_rows = error_rows
         self.sequence_feedback = sequence_feedback
         self.check_finite = check_finite
+        self.error_encoding, self.ternary_threshold = error_encoding, ternary_threshold
+        self.feedback_scale, self.scale_momentum = feedback_scale, scale_momentum
+        self.backprop_top, self.embeddings, self.cut_inputs = backprop_top, embeddings, cut_inputs
+        self.spatial_feedback, self.spatial_patch = spatial_feedback, spatial_patch
+        self.shared_feedback = shared_feedback
+        self._adaptive = AdaptiveScale(scale_momentum)
+        self._scales: dict[str, float] = {}
+        #: Blocks that train with their true gradient (``backprop_top``), above the DFA points.
+        self.backprop_points: list[str] = []
         self.projector: nn.Module | None = None
         self.layout: dict[str, slice] = {}
         self.points: list[str] = []
@@ -107,6 +161,16 @@ class FeedbackEngine:
             "error_rows": self.error_rows,
             "sequence_feedback": self.sequence_feedback,
             "check_finite": self.check_finite,
+            "error_encoding": self.error_encoding,
+            "ternary_threshold": self.ternary_threshold,
+            "feedback_scale": self.feedback_scale,
+            "scale_momentum": self.scale_momentum,
+            "backprop_top": self.backprop_top,
+            "embeddings": self.embeddings,
+            "spatial_feedback": self.spatial_feedback,
+            "spatial_patch": self.spatial_patch,
+            "cut_inputs": self.cut_inputs,
+            "shared_feedback": self.shared_feedback,
         }
 
     # ------------------------------------------------------------------ attach / detach
@@ -114,7 +178,7 @@ class FeedbackEngine:
         """Select the feedback points of ``model`` and install the hooks (none in backprop mode)."""
         if self.model is not None:
             raise RuntimeError("This DFA is already attached to a model; call detach() first.")
-        points = resolve_points(model, self.blocks)
+        points, top = self._select_points(model)
         output = self.output if self.output is not None else auto_output(model)
         if output is None:
             raise ValueError(
@@ -122,10 +186,10 @@ class FeedbackEngine:
                 f"gradient is the error, e.g. the head (top-level children: {[n for n, _ in model.named_children()]})."
             )
         resolve_module(model, output, role="output")
-        for point in points:
+        for point in points + top:
             if output == point or output.startswith(point + "."):
                 raise ValueError(f"The output point {output!r} lies inside the feedback point {point!r}.")
-        self.model, self.points, self.output = model, points, output
+        self.model, self.points, self.backprop_points, self.output = model, points, top, output
         if self.mode == "frozen":
             self._frozen = [p for name in points for p in model.get_submodule(name).parameters() if p.requires_grad]
             for param in self._frozen:
@@ -134,11 +198,40 @@ class FeedbackEngine:
             self._install_hooks()
         return self
 
+    def _select_points(self, model: nn.Module) -> tuple[list[str], list[str]]:
+        """The DFA points (embeddings included if asked) and the top blocks that keep backprop."""
+        blocks = resolve_points(model, self.blocks)
+        if self.backprop_top >= len(blocks):
+            raise ValueError(
+                f"backprop_top={self.backprop_top} leaves no block to train with DFA among the {len(blocks)} "
+                f"blocks {blocks}; use at most {len(blocks) - 1}, or mode='backprop' for plain backprop."
+            )
+        top = blocks[len(blocks) - self.backprop_top :]
+        points = blocks[: len(blocks) - self.backprop_top]
+        if self.embeddings:
+            inside = [p for p in blocks if p]
+            extra = [
+                e
+                for e in embedding_points(model)
+                if not any(e == p or e.startswith(p + ".") or p.startswith(e + ".") for p in inside)
+            ]
+            if not extra:
+                raise ValueError(
+                    f"embeddings=True found no embedding module outside the blocks of {type(model).__name__} "
+                    "(nn.Embedding, patch embeddings, a UNet's conv_in/time_embedding); name them in blocks instead."
+                )
+            order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+            points = sorted(points + extra, key=order.__getitem__)
+        return points, top
+
     def _install_hooks(self) -> None:
         modules = dict(self.model.named_modules())
         for name in self.points:
             self._handles.append(modules[name].register_forward_pre_hook(self._cut_inputs, with_kwargs=True))
             self._handles.append(modules[name].register_forward_hook(self._recorder(name)))
+        if self.cut_inputs == "all":  # backprop blocks: their hidden state flows, side inputs from DFA blocks do not
+            for name in self.backprop_points:
+                self._handles.append(modules[name].register_forward_pre_hook(_cut_side_inputs, with_kwargs=True))
         self._handles.append(modules[self.output].register_forward_hook(self._route))
 
     def _remove_hooks(self) -> None:
@@ -175,7 +268,7 @@ class FeedbackEngine:
     # ------------------------------------------------------------------ hooks
     def _cut_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if torch.is_grad_enabled():
-            args, kwargs = detach_all(args), detach_all(kwargs)
+            args, kwargs = detach_inputs(args, kwargs, "all" if self.cut_inputs == "all" else "main")
             if args and isinstance(args[0], Tensor) and torch.is_floating_point(args[0]) and reentrant(module):
                 # Reentrant checkpointing only runs backward through positional inputs that require grad:
                 # here (and only here) the block input must require grad, at the cost of its unused gradient.
@@ -248,12 +341,16 @@ class FeedbackEngine:
     # ------------------------------------------------------------------ layout and projection
     def _point_shapes(self, records: dict[str, Tensor], error_point: Tensor) -> dict[str, PointShape]:
         """Each point's rows and feature size; builds the layout and projector at the first call."""
-        rows = error_row_dims(error_point.shape, self.error_rows)
-        shapes = {
-            name: PointShape.of(name, records[name].shape, error_point.shape, rows, self.sequence_feedback)
-            for name in self.points
-        }
-        error_features = math.prod(error_point.shape[rows:])
+        if self.spatial_feedback:
+            shapes = {name: SpatialShape.of(name, records[name].shape, error_point.shape) for name in self.points}
+            error_features = error_point.shape[1] * self.spatial_patch**2
+        else:
+            rows = error_row_dims(error_point.shape, self.error_rows)
+            shapes = {
+                name: PointShape.of(name, records[name].shape, error_point.shape, rows, self.sequence_feedback)
+                for name in self.points
+            }
+            error_features = math.prod(error_point.shape[rows:])
         if self.projector is None:
             self._build(shapes, error_features, error_point.device)
         for name, shape in shapes.items():
@@ -272,10 +369,15 @@ class FeedbackEngine:
         return shapes
 
     def _build(self, shapes: dict[str, PointShape], error_features: int, device: torch.device) -> None:
-        layout, start = {}, 0
+        layout, start, by_width = {}, 0, {}
         for name, shape in shapes.items():
-            layout[name] = slice(start, start + shape.features)
+            if self.shared_feedback and shape.features in by_width:
+                layout[name] = by_width[shape.features]
+                continue
+            layout[name] = by_width[shape.features] = slice(start, start + shape.features)
             start += shape.features
+        widths = {name: shape.features for name, shape in shapes.items()}
+        self._scales = fixed_scales(self.feedback_scale, error_features, widths)
         if self._saved_state is not None:
             _check_saved_layout(self._saved_state, layout, error_features)
         self.projector = build_projector(self.projector_spec, error_features, start, self.seed).to(device)
@@ -286,19 +388,30 @@ class FeedbackEngine:
 
     def _feedback(self, error: Tensor, routed: list[tuple[str, PointShape]], needed: Sequence[bool]) -> list:
         """The gradients of the routed points' outputs: slices of one projection of the error."""
-        flat = error.reshape(-1, self.projector.in_features)
+        if self.spatial_feedback:
+            flat = spatial_error_rows(error, self.spatial_patch)
+        else:
+            flat = error.reshape(-1, self.projector.in_features)
         if self.check_finite and not torch.isfinite(flat).all():
             raise FloatingPointError(
                 f"The error at {self.output!r} holds NaN or inf values; no feedback was applied. Check the loss "
                 "and learning rate, or use bf16/fp32 instead of fp16."
             )
-        feedback = self.projector(flat.float())
+        encoded = encode_error(flat.float(), self.error_encoding, self.ternary_threshold)
+        feedback = self.projector(encoded)
+        slices = {name: self._scaled(name, encoded, feedback[:, self.layout[name]]) for name, _ in routed}
         for observe in self.observers:
-            observe(flat, {name: feedback[:, self.layout[name]] for name, _ in routed})
+            observe(flat, slices)
         grads: list[Tensor | None] = []
         for (name, shape), need in zip(routed, needed):
-            grads.append(shape.gradient(feedback[:, self.layout[name]]).to(error.dtype) if need else None)
+            grads.append(shape.gradient(slices[name]).to(error.dtype) if need else None)
         return grads
+
+    def _scaled(self, name: str, error: Tensor, feedback: Tensor) -> Tensor:
+        if self.feedback_scale == "adaptive":
+            return feedback * self._adaptive.update(name, error, feedback)
+        scale = self._scales.get(name, 1.0)
+        return feedback if scale == 1.0 else feedback * scale
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -310,6 +423,7 @@ class FeedbackEngine:
             "error_features": self.projector.in_features,
             "layout": {name: (s.start, s.stop) for name, s in self.layout.items()},
             "projector": self.projector.state_dict(),
+            "adaptive_scales": dict(self._adaptive.factors),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -321,6 +435,7 @@ class FeedbackEngine:
             )
         if "layout" not in state:
             return
+        self._adaptive.factors = dict(state.get("adaptive_scales", {}))
         if self.projector is None:
             self._saved_state = dict(state)
             return
@@ -341,6 +456,11 @@ def reentrant(module: nn.Module) -> bool:
         return False
     options = getattr(getattr(module, "_gradient_checkpointing_func", None), "keywords", {})
     return options.get("use_reentrant", True)
+
+
+def _cut_side_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """A backprop block's pre-hook: its hidden state keeps its gradient, inputs from DFA blocks (skips) do not."""
+    return detach_inputs(args, kwargs, "side") if torch.is_grad_enabled() else None
 
 
 def _check_saved_layout(state: dict[str, Any], layout: dict[str, slice], error_features: int) -> None:

@@ -51,3 +51,18 @@ def any_requires_grad(value: Any) -> bool:
     if isinstance(value, dict):
         return any(any_requires_grad(v) for v in value.values())
     return False
+
+
+def detach_inputs(args: tuple, kwargs: dict, which: str) -> tuple[tuple, dict]:
+    """Detach a call's inputs: ``"all"``, only the ``"main"`` one (the hidden state: first positional
+    argument, else first keyword argument), or every ``"side"`` one (time embeddings, skips, masks)."""
+    if which == "all":
+        return detach_all(args), detach_all(kwargs)
+    main = 0 if args else next(iter(kwargs), None)
+    if which == "main":
+        if args:
+            return (detach_all(args[0]), *args[1:]), kwargs
+        return args, {k: detach_all(v) if k == main else v for k, v in kwargs.items()}
+    if args:
+        return (args[0], *detach_all(args[1:])), detach_all(kwargs)
+    return args, {k: v if k == main else detach_all(v) for k, v in kwargs.items()}

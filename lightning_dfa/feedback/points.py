@@ -132,3 +132,15 @@ def _check_not_nested(paths: list[str]) -> None:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def embedding_points(model: nn.Module) -> list[str]:
+    """Where inputs become features: ``nn.Embedding`` (tokens, positions), patch embeddings, and a UNet's
+    ``conv_in`` and ``time_embedding``. Used by ``embeddings=True`` to make them feedback points."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) or type(module).__name__.endswith("PatchEmbeddings"):
+            found.append(name)
+        elif _is_unet(module):
+            found += [_join(name, n) for n in ("conv_in", "time_embedding") if getattr(module, n, None) is not None]
+    return found

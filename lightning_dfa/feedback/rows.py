@@ -8,6 +8,11 @@ leading dimensions; the rest of it is flattened into the point's feedback size `
 One special case, per-sample errors with per-token outputs (a ViT's logits ``(B, C)`` against
 its blocks' ``(B, T, D)``): with ``sequence_feedback="broadcast"`` (default) the point gets
 ``d_i = D`` and the same feedback for every token; with ``"flatten"`` it gets ``d_i = T * D``.
+
+Spatial feedback (``spatial_feedback=True``, for images): the error ``(B, C, H, W)`` has one row
+per pixel, holding the ``C x p x p`` errors of its ``p x p`` neighbourhood; each point gets ``C_i``
+values per pixel, pooled (or repeated) to its own resolution, the way per-token errors feed
+per-token points. Per-sample points ``(B, D)`` (a time embedding) get the mean over pixels.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 SEQUENCE_FEEDBACK = ("broadcast", "flatten")
@@ -46,9 +52,12 @@ class PointShape:
     rows: int
     features: int
     broadcast: bool
+    batch_shared: bool = False  # one output for the whole batch: its gradient sums the samples' feedback
 
     @classmethod
     def of(cls, name: str, output: torch.Size, error: torch.Size, rows: int, sequence_feedback: str) -> PointShape:
+        if rows == 2 and len(output) == 3 and output[0] == 1 < error[0] and output[1] == error[1]:
+            return cls(output, rows, output[-1], broadcast=False, batch_shared=True)  # e.g. position embeddings
         if tuple(output[:rows]) != tuple(error[:rows]) or len(output) <= rows:
             raise ValueError(
                 f"Feedback point {name!r} outputs shape {tuple(output)}, which does not start with the error's "
@@ -63,4 +72,51 @@ class PointShape:
         """Reshape ``(N, features)`` feedback into the point output's gradient."""
         if self.broadcast:
             return feedback[:, None, :].expand(self.shape)
+        if self.batch_shared:
+            return feedback.reshape(-1, *self.shape[1:]).sum(dim=0, keepdim=True)
         return feedback.reshape(self.shape)
+
+
+def spatial_error_rows(error: Tensor, patch: int) -> Tensor:
+    """``(B, C, H, W)`` errors as ``(B*H*W, C*patch*patch)`` rows: each pixel with its neighbourhood."""
+    batch, channels, height, width = error.shape
+    if patch == 1:
+        return error.permute(0, 2, 3, 1).reshape(-1, channels)
+    columns = F.unfold(error, patch, padding=patch // 2)  # (B, C*p*p, H*W), zero outside the image
+    return columns.transpose(1, 2).reshape(batch * height * width, channels * patch * patch)
+
+
+@dataclass(frozen=True)
+class SpatialShape:
+    """Per-pixel feedback ``(B*H*W, C_i)`` as the gradient of a ``(B, C_i, H_i, W_i)`` or ``(B, D)`` output."""
+
+    shape: torch.Size
+    error_shape: torch.Size
+    features: int
+
+    @classmethod
+    def of(cls, name: str, output: torch.Size, error: torch.Size) -> SpatialShape:
+        if len(error) != 4:
+            raise ValueError(
+                f"spatial_feedback needs an image error (B, C, H, W) at the output point, got shape {tuple(error)}. "
+                "Use spatial_feedback=False for other outputs."
+            )
+        if len(output) not in (2, 4) or output[0] != error[0]:
+            raise ValueError(
+                f"Feedback point {name!r} outputs shape {tuple(output)}; spatial feedback feeds (B, C, H, W) feature "
+                f"maps or (B, D) vectors with the error's batch size {error[0]} (error shape {tuple(error)})."
+            )
+        return cls(output, error, output[1])
+
+    def gradient(self, feedback: Tensor) -> Tensor:
+        batch, _, height, width = self.error_shape
+        maps = feedback.reshape(batch, height, width, self.features)
+        if len(self.shape) == 2:
+            return maps.mean(dim=(1, 2))
+        maps = maps.permute(0, 3, 1, 2)
+        size = tuple(self.shape[2:])
+        if size == (height, width):
+            return maps
+        if size[0] <= height and size[1] <= width:
+            return F.adaptive_avg_pool2d(maps, size)
+        return F.interpolate(maps, size=size, mode="nearest")

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from lightning_dfa.callback import DFA
+from lightning_dfa.optim import param_groups
 
 SCHEDULES = ("cosine", "constant")
 
@@ -43,6 +44,10 @@ class CausalLM(pl.LightningModule):
             built at once; otherwise when the Trainer connects the module (before any callback's ``setup``,
             so DFA finds the blocks), and the resolved size is saved in ``hparams`` for checkpoints.
         lr, weight_decay, betas: AdamW (no weight decay on biases and norms).
+        dfa: DFA settings merged over this model's ``configure_dfa()`` (e.g. ``{"backprop_top": 1}``;
+            see ``FeedbackEngine`` and docs/learning.md); strategy arguments still win.
+        lr_multipliers: module path or glob -> factor on ``lr`` (``{"model.classifier": 3.0}``), as optimizer
+            parameter groups (:func:`lightning_dfa.optim.param_groups`).
         warmup_steps, schedule: linear warmup, then ``"cosine"`` decay to 0 at the last step or ``"constant"``.
         sample_prompt, sample_tokens, sample_top_k, sample_seed: the text sample generated after each
             validation (top-k sampling with a fixed seed, so samples of different epochs and runs compare).
@@ -73,6 +78,8 @@ class CausalLM(pl.LightningModule):
         sample_tokens: int = 32,
         sample_top_k: int = 20,
         sample_seed: int = 0,
+        dfa: dict[str, Any] | None = None,
+        lr_multipliers: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if (config is None) == (pretrained is None):
@@ -147,7 +154,7 @@ class CausalLM(pl.LightningModule):
         """
         if self.model is None and self._trainer is not None:
             self._build_from_trainer()
-        return {"blocks": "auto", "output": self.head_path()}
+        return {"blocks": "auto", "output": self.head_path(), **(self.hparams.dfa or {})}
 
     def head_path(self) -> str:
         """Path of the LM head inside this module (``model.lm_head`` for GPT-2 and Llama)."""
@@ -201,11 +208,7 @@ class CausalLM(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        params = list(self.parameters())
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
+        groups = param_groups(self, hp.lr, hp.weight_decay, hp.lr_multipliers)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches
         if hp.schedule == "cosine" and math.isfinite(total):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_dfa.models.image_classifier import check_data_sizes, local_checkpoint, sizes_from_data
+from lightning_dfa.optim import param_groups
 
 #: UNet2DModel config keys taken from the datamodule when not given -> datamodule reading.
 DATA_SIZES = {"sample_size": "image_size", "in_channels": "channels", "out_channels": "channels"}
@@ -27,16 +28,18 @@ DATA_SIZES = {"sample_size": "image_size", "in_channels": "channels", "out_chann
 class Diffusion(pl.LightningModule):
     """DDPM on images: ``self.unet`` (``UNet2DModel``) predicts the noise added by ``self.scheduler``.
 
-    Logs ``train/loss``; ``val/loss`` and ``test/loss`` on FIXED noise and timesteps (drawn from
-    ``eval_seed`` and the batch index), so they compare across runs and modes. At the end of each
-    validation epoch (not the sanity check) ``num_samples`` images are generated from ``sample_seed``
-    with ``inference_steps`` DDPM steps, saved to ``<log_dir>/samples/epoch_XXX.png`` and logged to
-    W&B when the logger is a ``WandbLogger``. Data are expected in [-1, 1] (``normalize="symmetric"``).
+        Logs ``train/loss``; ``val/loss`` and ``test/loss`` on FIXED noise and timesteps (drawn from
+        ``eval_seed`` and the batch index), so they compare across runs and modes. At the end of each
+        validation epoch (not the sanity check) ``num_samples`` images are generated from ``sample_seed``
+        with ``inference_steps`` DDPM steps, saved to ``<log_dir>/samples/epoch_XXX.png`` and logged to
+        W&B when the logger is a ``WandbLogger``. Data are expected in [-1, 1] (``normalize="symmetric"``).
+    ``dfa`` (DFA settings over ``configure_dfa()``, e.g. ``{"spatial_feedback": True}``) and
+    ``lr_multipliers`` (module glob -> factor on ``lr``) as in :class:`~lightning_dfa.models.CausalLM`.
 
-    Example::
+        Example::
 
-        model = Diffusion({"block_out_channels": [32, 64], "norm_num_groups": 8})
-        Trainer(strategy="dfa").fit(model, datamodule=ImageDataModule("digits", normalize="symmetric"))
+            model = Diffusion({"block_out_channels": [32, 64], "norm_num_groups": 8})
+            Trainer(strategy="dfa").fit(model, datamodule=ImageDataModule("digits", normalize="symmetric"))
     """
 
     def __init__(
@@ -53,6 +56,8 @@ class Diffusion(pl.LightningModule):
         num_samples: int = 16,
         inference_steps: int = 100,
         sample_every_n_epochs: int = 1,
+        dfa: dict[str, Any] | None = None,
+        lr_multipliers: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if config is not None and pretrained is not None:
@@ -100,7 +105,7 @@ class Diffusion(pl.LightningModule):
         return []
 
     def configure_dfa(self) -> dict[str, Any]:
-        return {"blocks": "auto", "output": "unet.conv_out"}
+        return {"blocks": "auto", "output": "unet.conv_out", **(self.hparams.dfa or {})}
 
     # ------------------------------------------------------------------ loss
     def forward(self, noisy: Tensor, timesteps: Tensor) -> Tensor:
@@ -139,7 +144,8 @@ class Diffusion(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        return torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        groups = param_groups(self, hp.lr, hp.weight_decay, hp.lr_multipliers, decay_vectors=True)
+        return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
 
     # ------------------------------------------------------------------ samples
     @torch.no_grad()

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_dfa.optim import param_groups
+
 #: Sizes the model takes from the datamodule when they are not given: ViTConfig key -> datamodule reading.
 DATA_SIZES = {"num_labels": "classes", "image_size": "image_size", "num_channels": "channels"}
 
@@ -33,6 +35,10 @@ class ImageClassifier(pl.LightningModule):
             read from the trainer's datamodule (``num_classes``, ``image_shape``) as training starts,
             so the recipe needs no argument linking.
         lr, weight_decay, betas: AdamW.
+        dfa: DFA settings merged over this model's ``configure_dfa()`` (e.g. ``{"backprop_top": 1}``;
+            see ``FeedbackEngine`` and docs/learning.md); strategy arguments still win.
+        lr_multipliers: module path or glob -> factor on ``lr`` (``{"model.classifier": 3.0}``), as optimizer
+            parameter groups (:func:`lightning_dfa.optim.param_groups`).
 
     Example::
 
@@ -51,6 +57,8 @@ class ImageClassifier(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
+        dfa: dict[str, Any] | None = None,
+        lr_multipliers: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if config is not None and pretrained is not None:
@@ -89,7 +97,7 @@ class ImageClassifier(pl.LightningModule):
         return []
 
     def configure_dfa(self) -> dict[str, Any]:
-        return {"blocks": "auto", "output": "model.classifier"}
+        return {"blocks": "auto", "output": "model.classifier", **(self.hparams.dfa or {})}
 
     # ------------------------------------------------------------------ steps
     def forward(self, pixel_values: Tensor) -> Tensor:
@@ -120,7 +128,8 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        return torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        groups = param_groups(self, hp.lr, hp.weight_decay, hp.lr_multipliers, decay_vectors=True)
+        return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
 
 
 # ---------------------------------------------------------------------- shared with Diffusion

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_dfa.optim import param_groups
+
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
@@ -17,6 +19,8 @@ class MLPClassifier(pl.LightningModule):
 
     Each block is a feedback point; the head is the error point, so its output's gradient
     (softmax - one-hot, per sample) is the error that DFA projects.
+    ``dfa`` (DFA settings over ``configure_dfa()``) and ``lr_multipliers`` (module glob -> factor on
+    ``lr``) as in :class:`~lightning_dfa.models.CausalLM`.
 
     Example::
 
@@ -32,6 +36,8 @@ class MLPClassifier(pl.LightningModule):
         activation: str = "tanh",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        dfa: dict[str, Any] | None = None,
+        lr_multipliers: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -44,7 +50,7 @@ class MLPClassifier(pl.LightningModule):
         self.head = nn.Linear(widths[-1], num_classes)
 
     def configure_dfa(self) -> dict[str, Any]:
-        return {"blocks": "blocks.*", "output": "head"}
+        return {"blocks": "blocks.*", "output": "head", **(self.hparams.dfa or {})}
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:
@@ -70,4 +76,6 @@ class MLPClassifier(pl.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        groups = param_groups(self, hp.lr, hp.weight_decay, hp.lr_multipliers, decay_vectors=True)
+        return torch.optim.Adam(groups, lr=hp.lr)
