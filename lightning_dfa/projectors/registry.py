@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_dfa.projectors.gaussian import Gaussian
@@ -38,33 +41,59 @@ def build_projector(spec: ProjectorSpec, in_features: int, out_features: int, se
     ``spec`` may be a registered name (``"gaussian"``), a class or factory, a LightningCLI-style
     config ``{"class_path": ..., "init_args": {...}}`` (``class_path`` may also be a registered
     name), a ready projector module, or a ``(in_features, out_features)`` matrix.
+
+    Example::
+
+        >>> build_projector("seeded", 10, 300, seed=0).out_features
+        300
     """
-    if hasattr(spec, "as_dict"):  # a jsonargparse Namespace: a class_path config from YAML or the CLI
-        spec = spec.as_dict()
+    spec = check_projector_spec(spec)
     if isinstance(spec, str):
         projector = _factory(spec)(in_features, out_features, seed=seed)
     elif isinstance(spec, Mapping):
-        unknown = set(spec) - {"class_path", "init_args"}
-        if "class_path" not in spec or unknown:
-            raise ValueError(
-                f"A projector config needs 'class_path' and optional 'init_args', got keys {sorted(spec)}."
-            )
-        # Sizes and seed come from DFA; a parsed config may carry them as signature defaults.
-        settings = {k: v for k, v in dict(spec.get("init_args") or {}).items() if k not in _SET_BY_DFA}
-        projector = _factory(spec["class_path"])(in_features, out_features, seed=seed, **settings)
+        factory = _factory(spec["class_path"])
+        projector = factory(in_features, out_features, seed=seed, **_settings(spec))
     elif isinstance(spec, Tensor):
         projector = Matrix(spec)
     elif isinstance(spec, nn.Module):
         projector = spec
-    elif callable(spec):
-        projector = spec(in_features, out_features, seed=seed)
     else:
+        projector = spec(in_features, out_features, seed=seed)
+    check_projector_sizes(projector, in_features, out_features)
+    return projector
+
+
+def check_projector_spec(spec: ProjectorSpec) -> ProjectorSpec:
+    """Validate a ``projector=`` argument before any model is seen; return it (a parsed config as a dict).
+
+    Names, config keys, class paths and settings are checked here, so that a typo fails when the ``DFA`` is
+    built rather than at the first forward pass. Sizes are checked when the projector is built.
+
+    Example::
+
+        >>> check_projector_spec({"class_path": "seeded", "init_args": {"tile": 1024}})
+        {'class_path': 'seeded', 'init_args': {'tile': 1024}}
+    """
+    if hasattr(spec, "as_dict"):  # a jsonargparse Namespace: a class_path config from YAML or the CLI
+        spec = spec.as_dict()
+    if isinstance(spec, str):
+        _factory(spec)
+    elif isinstance(spec, Mapping):
+        unknown = set(spec) - {"class_path", "init_args"}
+        if "class_path" not in spec or unknown:
+            raise ValueError(
+                f"A projector config needs 'class_path' and optional 'init_args', got keys {sorted(spec)}: write "
+                "e.g. {'class_path': 'seeded', 'init_args': {'tile': 4096}} (in YAML: projector: {class_path: seeded})."
+            )
+        _check_settings(spec["class_path"], _factory(spec["class_path"]), _settings(spec))
+    elif isinstance(spec, Tensor):
+        _check_matrix(spec)
+    elif not isinstance(spec, nn.Module) and not callable(spec):
         raise TypeError(
             f"projector must be a name ({sorted(PROJECTORS)}), a config dict, a projector module, a matrix "
             f"or a factory; got {type(spec).__name__}."
         )
-    check_projector_sizes(projector, in_features, out_features)
-    return projector
+    return spec
 
 
 def check_projector_sizes(projector: nn.Module, in_features: int, out_features: int) -> None:
@@ -77,6 +106,49 @@ def check_projector_sizes(projector: nn.Module, in_features: int, out_features: 
         )
 
 
+def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    # Sizes and seed come from DFA; a parsed config may carry them as signature defaults.
+    return {k: v for k, v in dict(config.get("init_args") or {}).items() if k not in _SET_BY_DFA}
+
+
+def _check_settings(name: str, factory: Callable[..., nn.Module], settings: dict[str, Any]) -> None:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C factory: let it check its own arguments
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [
+        n for n, p in parameters.items() if n not in _SET_BY_DFA and p.kind is not inspect.Parameter.VAR_POSITIONAL
+    ]
+    for key in settings:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"Projector {name!r} has no setting {key!r}.{hint} Its settings: {accepted} (in_features, "
+                "out_features and seed are set by DFA)."
+            )
+
+
+def _check_matrix(matrix: Tensor) -> None:
+    if matrix.ndim != 2:
+        raise ValueError(
+            f"A feedback matrix must be 2-d, (error size, sum of the feedback points' sizes); got shape "
+            f"{tuple(matrix.shape)}. Reshape it, or pass a projector name such as 'gaussian'."
+        )
+    if not torch.is_floating_point(matrix):
+        raise TypeError(
+            f"A feedback matrix must be floating point, got {matrix.dtype}: pass matrix.float() (or another float "
+            "dtype)."
+        )
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError(
+            "A feedback matrix must hold finite values, but this one has NaN or inf entries: draw it again, or "
+            "replace them (torch.nan_to_num)."
+        )
+
+
 def _factory(name: str) -> Callable[..., nn.Module]:
     if name in PROJECTORS:
         return PROJECTORS[name]
@@ -85,5 +157,13 @@ def _factory(name: str) -> Callable[..., nn.Module]:
         try:
             return getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
-            raise ValueError(f"Cannot import projector class_path {name!r}: {err}") from err
-    raise ValueError(f"Unknown projector {name!r}; known names: {sorted(PROJECTORS)} (or a dotted class path).")
+            raise ValueError(
+                f"Cannot import projector class_path {name!r} ({err}): give a registered name ({sorted(PROJECTORS)}) "
+                "or the full dotted path of an importable class, e.g. 'lightning_dfa.projectors.SeededGaussian'."
+            ) from err
+    close = difflib.get_close_matches(name, list(PROJECTORS), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"Unknown projector {name!r}; known names: {sorted(PROJECTORS)}.{hint} Or give the dotted path of a "
+        "projector class, or register_projector(name, factory) first."
+    )
