@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_dfa.feedback import FeedbackEngine
+from lightning_dfa.loggers import guard_loggers
 from lightning_dfa.projectors.registry import check_projector_spec
 
 #: Accepted values of ``DFA(nonfinite=...)``.
@@ -51,6 +52,9 @@ class DFA(FeedbackEngine, Callback):
             runs are guarded; with :meth:`attach` alone a non-finite error raises (``check_finite``).
         nonfinite_patience: with ``"skip"``, the run stops after this many consecutive skipped steps (when
             every step is non-finite, skipping cannot help).
+
+    The callback also guards the run's loggers (:func:`lightning_dfa.loggers.guard_loggers`): one that raises
+    (W&B unreachable, disk full) is switched off with a warning, and training and checkpointing go on.
 
     Skipping happens after ``backward``, so the learning-rate scheduler and ``global_step`` still advance,
     as with an fp16 ``GradScaler`` skip; BatchNorm running statistics updated by that step's forward pass
@@ -108,6 +112,7 @@ class DFA(FeedbackEngine, Callback):
                     "twice. Keep one DFA in callbacks=[...] (list several block patterns in its blocks=[...])."
                 )
             check_projector_spec(self.projector_spec)  # a typo fails now, not at the first forward pass
+        guard_loggers(trainer)  # a failing logger (W&B down, disk full) warns and is switched off
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After setup() and configure_model(): models may build their layers there.

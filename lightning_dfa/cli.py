@@ -9,10 +9,16 @@ Examples::
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import json
 import os
+import re
 import sys
 import time
+import warnings
+from argparse import ArgumentError
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,8 +28,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_dfa.callbacks.history import plot_history
+from lightning_dfa.callbacks.history import plot_history, write_or_warn
 from lightning_dfa.feedback import MODES
+from lightning_dfa.loggers import guard_loggers
 from lightning_dfa.summary import RunResult, summary_table
 
 RECIPES = resources.files("lightning_dfa") / "recipes"
@@ -73,8 +80,28 @@ class DFACLI(LightningCLI):
             help="modes to rerun after fit for comparison: frozen (frozen-blocks control), backprop",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does; an unknown option's error also names the closest valid ones."""
+        subcommand = next((a for a in args or [] if isinstance(a, str) and not a.startswith("-")), None)
+        parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
+        for each in parsers:
+            each.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            sub_parser = getattr(self, "_subcommand_parsers", {}).get(subcommand, parser)
+            hint = option_hint(str(err), sub_parser)
+            command = f"lightning-dfa {subcommand} --help" if subcommand else "lightning-dfa --help"
+            sys.stderr.write(f"error: {err}\n{hint}Every option: {command}\n")
+            raise SystemExit(2) from None
+        finally:
+            for each in parsers:
+                each.exit_on_error = True
+
     def before_fit(self) -> None:
         _check_baselines(self.config.fit.baselines, self.trainer)
+        # Start W&B (or any logger) now: one that cannot start is replaced by a CSVLogger before training.
+        guard_loggers(self.trainer, start=not _spawns(self.trainer))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._fit_started = time.perf_counter()
@@ -96,9 +123,13 @@ class DFACLI(LightningCLI):
 
     def _save(self, runs: list[RunResult], references: dict[str, float]) -> None:
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         summary = {"runs": [run.as_dict() for run in runs], "references": references}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+        def write(path: Path) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(summary, indent=1))
+
+        write_or_warn(run_dir / "summary.json", write, "the summary")
 
     def _baseline(self, mode: str) -> RunResult:
         args = [*self.cli_args, f"--trainer.strategy.mode={mode}", "--baselines=[]"]
@@ -112,15 +143,67 @@ class DFACLI(LightningCLI):
     def _plot(self, runs: list[RunResult]) -> None:
         histories = {run.mode: run.history for run in runs if run.history is not None and run.history.run_dir}
         if len(histories) > 1:
-            path = plot_history(histories, self.result.history.path("comparison.png"))
-            print(f"curves: {path}")
+            path = self.result.history.path("comparison.png")
+            if write_or_warn(path, lambda p: plot_history(histories, p), "the comparison plot"):
+                print(f"curves: {path}")
 
 
 def _finish_wandb(trainer: Any) -> None:
     """Close this run's W&B run, so that a baseline (or the next run in this process) gets its own."""
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
+            try:
+                logger.experiment.finish()
+            except Exception as err:  # noqa: BLE001 - the run is over; its results are already saved
+                warnings.warn(
+                    f"Could not close the W&B run: {type(err).__name__}: {err}.", RuntimeWarning, stacklevel=2
+                )
+
+
+def _spawns(trainer: Any) -> bool:
+    """Whether fit starts its processes by spawning (a W&B run started before would be pickled to them)."""
+    return getattr(getattr(trainer.strategy, "launcher", None), "_start_method", None) in ("spawn", "forkserver")
+
+
+def option_hint(message: str, parser: Any) -> str:
+    """For a parser error about an unknown option, a line naming the closest valid options (else "").
+
+    Example::
+
+        option_hint("Group 'trainer' does not accept option 'max_stepz'", parser)
+        # "hint: 'max_stepz' is not an option of trainer; did you mean 'max_steps'? Its options: [...]"
+    """
+    found = re.search(r"class_path '([\w.]+)':\s*Option '([\w.]+)' is not accepted", message)
+    if found:
+        where, key = found[1], found[2]
+        options = _init_options(where)
+    elif found := re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message):
+        where, key = found[1], found[2]
+        options = sorted({d[len(where) + 1 :].split(".")[0] for d in _dests(parser) if d.startswith(where + ".")})
+    elif found := re.search(r"Option '([\w.]+)' is not accepted", message):
+        where, key = "the config", found[1].split(".")[0]
+        options = sorted({d.split(".")[0] for d in _dests(parser)} - {"help", "config", "print_config"})
+    else:
+        return ""
+    close = difflib.get_close_matches(key, options, n=3)
+    guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+    listed = f" Its options: {options}." if options and len(options) <= 40 else ""
+    return f"hint: {key!r} is not an option of {where}{guess}{listed}\n"
+
+
+def _dests(parser: Any) -> list[str]:
+    return [action.dest for action in getattr(parser, "_actions", []) if isinstance(action.dest, str)]
+
+
+def _init_options(class_path: str) -> list[str]:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in parameters if p.name != "self" and p.kind not in variadic]
 
 
 def _check_baselines(baselines: list[str], trainer: Any) -> None:

@@ -14,12 +14,14 @@ Example::
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_dfa.callback import find_dfa
 from lightning_dfa.callbacks.alignment import Alignment
@@ -55,13 +57,18 @@ class History(Callback):
         dfa = find_dfa(trainer)
         self.mode = dfa.mode if dfa is not None else "run"
         self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path(f"history-{self.mode}.json").write_text(json.dumps(self.as_dict(), indent=1))
-        if self.plot:
-            curves = plot_history({self.mode: self}, self.path(f"curves-{self.mode}.png"))
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image("curves", [str(curves)])
+        # The curves are a by-product: a full disk or an unwritable run dir warns, and the run ends normally.
+        saved = write_or_warn(self.path(f"history-{self.mode}.json"), self._write_json, "the run history")
+        if self.plot and saved:
+            curves = self.path(f"curves-{self.mode}.png")
+            if write_or_warn(curves, lambda path: plot_history({self.mode: self}, path), "the curves"):
+                for logger in trainer.loggers:
+                    if isinstance(logger, WandbLogger):
+                        logger.log_image("curves", [str(curves)])
+
+    def _write_json(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.as_dict(), indent=1))
 
     def path(self, name: str) -> Path:
         if self.run_dir is None:
@@ -82,6 +89,28 @@ class History(Callback):
         return history
 
 
+def write_or_warn(path: Path, write: Callable[[Path], Any], what: str) -> bool:
+    """Run ``write(path)``; on ``OSError`` (disk full, read-only or missing folder) warn and return False.
+
+    For files that accompany a run (history, plots, summary): losing them must not end the run.
+
+    Example::
+
+        write_or_warn(run_dir / "summary.json", lambda p: p.write_text(text), "the summary")
+    """
+    try:
+        write(path)
+    except OSError as err:
+        cause = f"{err.strerror} (errno {err.errno})" if err.strerror else f"{type(err).__name__}: {err}"
+        rank_zero_warn(
+            f"Could not write {what} to {str(path)!r}: {cause}. Training and checkpoints are unaffected; free some "
+            "space or make the run directory writable (Trainer(default_root_dir=...)) to keep these files.",
+            category=RuntimeWarning,
+        )
+        return False
+    return True
+
+
 def plot_history(runs: dict[str, History], path: Path) -> Path:
     """Training loss, validation metrics and alignment of one or several runs (e.g. DFA, frozen, backprop)."""
     import matplotlib
@@ -99,8 +128,10 @@ def plot_history(runs: dict[str, History], path: Path) -> Path:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

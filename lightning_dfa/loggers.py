@@ -1,0 +1,114 @@
+"""Loggers that may fail without taking the run down: W&B unreachable, a full disk, an unwritable run dir.
+
+Logging is a side channel: when a logger raises (its W&B run cannot start, its disk is full), training
+and checkpointing go on. :func:`guard_loggers` switches the failing logger off with a warning that
+names the logger, what it was doing and the cause, and, when no other logger is left, writes the
+metrics to a ``CSVLogger`` in the run directory instead.
+
+The ``DFA`` callback guards the loggers of every run it trains (from its ``setup`` hook); the
+``lightning-dfa`` command also starts each W&B run before ``fit``, so that one which cannot start is
+replaced before training begins.
+
+Example::
+
+    trainer = Trainer(logger=WandbLogger(project="p"), callbacks=[DFA(blocks="blocks.*", output="head")])
+    guard_loggers(trainer, start=True)   # optional: the DFA callback guards them at setup anyway
+    trainer.fit(model)                   # W&B down: one warning, metrics in <run dir>/fallback-logs
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+#: Logger methods that touch the network or the disk; each is guarded.
+GUARDED = (
+    "log_metrics",
+    "log_hyperparams",
+    "log_graph",
+    "log_image",
+    "log_table",
+    "log_text",
+    "after_save_checkpoint",
+    "save",
+    "finalize",
+)
+
+#: Where the replacement ``CSVLogger`` writes, under the run directory.
+FALLBACK_DIR = "fallback-logs"
+
+
+def guard_loggers(trainer: pl.Trainer, start: bool = False) -> None:
+    """Make every logger of ``trainer`` fail softly: warn once, switch it off, keep training.
+
+    With ``start=True`` each logger's experiment (e.g. the W&B run) is created now, and one that cannot
+    start is replaced at once; call it before ``fit`` in a single process (the ``lightning-dfa`` command
+    does). Calling it again is harmless.
+    """
+    for logger in list(trainer.loggers):
+        if getattr(logger, "_dfa_guarded", False):
+            continue
+        if start:
+            try:
+                _ = logger.experiment
+            except Exception as err:  # noqa: BLE001 - any failure of a logger must not stop training
+                _switch_off(trainer, logger, "to start", err)
+                continue
+        _guard(trainer, logger)
+
+
+def _guard(trainer: pl.Trainer, logger: Logger) -> None:
+    logger._dfa_guarded = True
+    logger._dfa_failed = False
+    for name in GUARDED:
+        method = getattr(logger, name, None)
+        if callable(method):
+            setattr(logger, name, _guarded(trainer, logger, name, method))
+
+
+def _guarded(trainer: pl.Trainer, logger: Logger, name: str, method: Any) -> Any:
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if logger._dfa_failed:
+            return None
+        try:
+            return method(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure of a logger must not stop training
+            _switch_off(trainer, logger, f"in {name}()", err)
+            return None
+
+    return call
+
+
+def _switch_off(trainer: pl.Trainer, logger: Logger, action: str, err: Exception) -> None:
+    logger._dfa_guarded = logger._dfa_failed = True
+    where = _describe_dir(logger)
+    healthy = [other for other in trainer.loggers if other is not logger and not getattr(other, "_dfa_failed", False)]
+    # A logger that never started is dropped (Lightning would start it again); one that failed later stays, muted.
+    kept = [other for other in trainer.loggers if other is not logger or action != "to start"]
+    fallback = ""
+    if not healthy:
+        replacement = CSVLogger(trainer.default_root_dir, name=FALLBACK_DIR)
+        _guard(trainer, replacement)
+        kept.append(replacement)
+        fallback = f" Metrics now go to a CSVLogger in {replacement.log_dir!r}."
+    trainer.loggers = kept
+    rank_zero_warn(
+        f"{type(logger).__name__} failed {action}{where}: {type(err).__name__}: {err}. "
+        f"Training and checkpointing go on; this logger is off for the rest of the run.{fallback} To fix: check "
+        "the network or W&B login (or set WANDB_MODE=offline), and the free space and permissions of the log "
+        "directory.",
+        category=RuntimeWarning,
+    )
+
+
+def _describe_dir(logger: Logger) -> str:
+    try:
+        folder = logger.save_dir
+    except Exception:  # noqa: BLE001 - a broken logger may fail here too
+        folder = None
+    return f" (save_dir {folder!r})" if folder else ""
