@@ -105,12 +105,6 @@ class DFA(FeedbackEngine, Callback):
     # ------------------------------------------------------------------ fit lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            others = [c for c in trainer.callbacks if isinstance(c, FeedbackEngine) and c is not self]
-            if others:
-                raise ValueError(
-                    f"Several DFA callbacks in one Trainer ({len(others) + 1}); they would hook the same blocks "
-                    "twice. Keep one DFA in callbacks=[...] (list several block patterns in its blocks=[...])."
-                )
             check_projector_spec(self.projector_spec)  # a typo fails now, not at the first forward pass
         guard_loggers(trainer)  # a failing logger (W&B down, disk full) warns and is switched off
 
@@ -178,7 +172,7 @@ class DFA(FeedbackEngine, Callback):
             raise FloatingPointError(
                 f"Non-finite values at training {where}: {'; '.join(causes)}. The run stops before the optimizer "
                 f"step, so the weights are those of the previous step. {_ADVICE}, or train with "
-                "DFA(nonfinite='skip') (YAML: nonfinite: skip in the DFA strategy's arguments) to skip such steps."
+                "DFA(nonfinite='skip') or DFAStrategy(nonfinite='skip') to skip such steps."
             )
         for param in params:  # no gradient, no update: the optimizer leaves these weights and their state alone
             param.grad = None

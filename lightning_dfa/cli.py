@@ -177,18 +177,36 @@ def option_hint(message: str, parser: Any) -> str:
     if found:
         where, key = found[1], found[2]
         options = _init_options(where)
-    elif found := re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message):
-        where, key = found[1], found[2]
-        options = sorted({d[len(where) + 1 :].split(".")[0] for d in _dests(parser) if d.startswith(where + ".")})
+    elif found := re.search(r"(?:Group '([\w.]+)' )?does not accept option '([\w.]+)'", message):
+        where, key = _split_key(f"{found[1]}.{found[2]}" if found[1] else found[2], _dests(parser))
+        options = _children(where, _dests(parser))
+        where = where or "the config"
     elif found := re.search(r"Option '([\w.]+)' is not accepted", message):
-        where, key = "the config", found[1].split(".")[0]
-        options = sorted({d.split(".")[0] for d in _dests(parser)} - {"help", "config", "print_config"})
+        where, key = _split_key(found[1], _dests(parser))
+        options = _children(where, _dests(parser))
+        where = where or "the config"
     else:
         return ""
     close = difflib.get_close_matches(key, options, n=3)
     guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     listed = f" Its options: {options}." if options and len(options) <= 40 else ""
     return f"hint: {key!r} is not an option of {where}{guess}{listed}\n"
+
+
+def _split_key(path: str, dests: list[str]) -> tuple[str, str]:
+    """``("trainer", "max_stepz")`` for ``"trainer.max_stepz"``: the deepest known group, and the unknown key in it."""
+    parts = path.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        group = ".".join(parts[:depth])
+        if any(d.startswith(group + ".") for d in dests):
+            return group, parts[depth]
+    return "", parts[0]
+
+
+def _children(group: str, dests: list[str]) -> list[str]:
+    prefix = group + "." if group else ""
+    skip = {"help", "config", "print_config"}
+    return sorted({d[len(prefix) :].split(".")[0] for d in dests if d.startswith(prefix)} - skip)
 
 
 def _dests(parser: Any) -> list[str]:

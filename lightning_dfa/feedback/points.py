@@ -57,10 +57,18 @@ def auto_points(model: nn.Module) -> list[str]:
                 return found
         if _is_unet(module):
             return [_join(prefix, path) for path in _unet_block_paths(module)]
+    if not any(True for _ in model.named_children()):
+        raise ValueError(
+            f"{type(model).__name__} has no submodules, so DFA has no blocks to train: DFA needs the model split into "
+            "modules (blocks, then an output module such as the head). Build it from submodules, or train it "
+            "without DFA (strategy='auto')."
+        )
     raise ValueError(
         "blocks='auto' found no HuggingFace model (with _no_split_modules) or diffusers UNet in "
         f"{type(model).__name__}. Name the blocks, e.g. blocks={_suggest_patterns(model)!r}; "
-        f"module containers here: {candidate_containers(model)}."
+        f"module containers here: {candidate_containers(model)}; top-level children: "
+        f"{[n for n, _ in model.named_children()]}. Set them with DFA(blocks=...), DFAStrategy(blocks=...) "
+        "(--trainer.strategy.blocks=... in YAML) or the LightningModule's configure_dfa()."
     )
 
 
@@ -117,7 +125,8 @@ def _no_match_message(pattern: str, names: list[str], model: nn.Module, role: st
     return (
         f"{role}: {pattern!r} matches no module of {type(model).__name__}.{hint} "
         f"Containers of blocks: {candidate_containers(model)}; top-level children: "
-        f"{[n for n, _ in model.named_children()]}."
+        f"{[n for n, _ in model.named_children()]}. Give dotted paths as in model.named_modules(), or patterns "
+        "such as 'blocks.*' ('*' does not cross dots)."
     )
 
 
