@@ -101,7 +101,9 @@ class DFACLI(LightningCLI):
     def before_fit(self) -> None:
         _check_baselines(self.config.fit.baselines, self.trainer)
         # Start W&B (or any logger) now: one that cannot start is replaced by a CSVLogger before training.
-        guard_loggers(self.trainer, start=not _spawns(self.trainer))
+        # Spawned processes get a pickled trainer: there the DFA callback guards the loggers in each process.
+        if not _spawns(self.trainer):
+            guard_loggers(self.trainer, start=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._fit_started = time.perf_counter()
