@@ -1,4 +1,4 @@
-"""``DFAStrategy`` and its DDP siblings: thin Lightning strategies that train with a ``DFA`` callback.
+"""``DFAStrategy`` and its DDP and FSDP siblings: thin Lightning strategies that train with a ``DFA`` callback.
 
 Where the feedback points come from, in order: the strategy's own arguments; else the
 LightningModule's ``configure_dfa()`` hook (a ``DFA`` or a dict of its arguments), with any
@@ -12,7 +12,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from torch import nn
 
 from lightning_dfa.callback import DFA, as_dfa
 
@@ -125,8 +126,63 @@ class DFADDPStrategy(_DFAStrategyMixin, DDPStrategy):
         )
 
 
+class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
+    """Fully sharded data parallel training with DFA: ``Trainer(strategy="dfa_fsdp", devices=8)``.
+
+    Lightning's ``FSDPStrategy`` shards parameters, gradients and optimizer state; the ``DFA`` callback
+    attaches after the model is wrapped, so feedback points are named as in the unwrapped module (wrap
+    whole blocks, e.g. ``auto_wrap_policy={GPT2Block}``, so each point is one FSDP unit). Every rank
+    builds the identical projection from the same seed (nothing is broadcast); the block gradients
+    are then reduce-scattered like any other gradient.
+
+    Example::
+
+        trainer = Trainer(strategy="dfa_fsdp", accelerator="gpu", devices=8)   # blocks from configure_dfa()
+        trainer = Trainer(
+            strategy=DFAFSDPStrategy(blocks="model.transformer.h.*", auto_wrap_policy={GPT2Block}),
+            accelerator="gpu",
+            devices=8,
+            num_nodes=2,
+        )
+    """
+
+    strategy_name = "dfa_fsdp"
+
+    def __init__(
+        self,
+        blocks: str | Sequence[str] | None = None,
+        output: str | None = None,
+        projector: str | dict[str, Any] | None = None,
+        seed: int | None = None,
+        mode: str | None = None,
+        dfa_kwargs: dict[str, Any] | None = None,
+        **fsdp_kwargs: Any,
+    ) -> None:
+        super().__init__(**fsdp_kwargs)
+        self._store_dfa_args(
+            blocks=blocks, output=output, projector=projector, seed=seed, mode=mode, dfa_kwargs=dfa_kwargs or {}
+        )
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        """Wrap on CPU too: torch's FSDP needs ``device_id=cpu`` there, and Lightning passes the index (None)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
+        if self.root_device.type == "cpu" and not wrapped:
+            model = FullyShardedDataParallel(
+                module=model,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=self.root_device,
+                **self.kwargs,
+            )
+            self.kwargs.pop("auto_wrap_policy", None)  # applied above; Lightning would warn it is ignored
+        return super()._setup_model(model)
+
+
 def register_strategies() -> None:
-    """Register ``"dfa"``, ``"dfa_ddp"`` and ``"dfa_ddp_spawn"`` (Lightning no longer discovers plugins)."""
+    """Register "dfa", "dfa_ddp", "dfa_ddp_spawn" and "dfa_fsdp" (Lightning no longer discovers plugins)."""
     StrategyRegistry.register("dfa", DFAStrategy, description="Direct Feedback Alignment, one device", override=True)
     for name, start_method in (("dfa_ddp", "popen"), ("dfa_ddp_spawn", "spawn")):
         StrategyRegistry.register(
@@ -136,3 +192,6 @@ def register_strategies() -> None:
             start_method=start_method,
             override=True,
         )
+    StrategyRegistry.register(
+        "dfa_fsdp", DFAFSDPStrategy, description="Direct Feedback Alignment with FSDP", override=True
+    )

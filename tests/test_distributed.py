@@ -1,0 +1,229 @@
+"""Distributed DFA on CPU with gloo and two processes: DDP, Lightning's FSDP and torch's ``fully_shard`` (FSDP2)
+each give the gradients of one process on the same global batch.
+
+The ranks are forked (not spawned): the children inherit the imported libraries, so each run takes
+well under a second. Rank ``r`` trains on rows ``r, r + 2, ...`` of the global batch (what
+``DistributedSampler`` hands out without shuffling); the per-rank mean losses, averaged by the
+all-reduce / reduce-scatter, are the single process's mean loss.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import TinyMLP
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_dfa  # noqa: F401  (registers the strategies)
+from lightning_dfa import DFADDPStrategy, DFAFSDPStrategy
+from lightning_dfa.feedback import FeedbackEngine
+from lightning_dfa.models import MLPClassifier
+
+WORLD = 2
+PER_RANK = 4
+
+
+def global_batch() -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(WORLD * PER_RANK, 5, generator=generator), torch.randint(
+        0, 3, (WORLD * PER_RANK,), generator=generator
+    )
+
+
+def rank_rows(rank: int) -> slice:
+    """The rows of the global batch that ``DistributedSampler(shuffle=False)`` gives ``rank``."""
+    return slice(rank, None, WORLD)
+
+
+def classifier() -> MLPClassifier:
+    torch.manual_seed(0)
+    return MLPClassifier(in_features=5, hidden=7, depth=2, num_classes=3)
+
+
+def single_process_grads(model: nn.Module, seed: int = 0) -> dict[str, Tensor]:
+    """Gradients of one process on the whole global batch, with DFA on ``blocks.*``."""
+    x, y = global_batch()
+    with FeedbackEngine(blocks="blocks.*", output="head", seed=seed).attach(model):
+        F.cross_entropy(model(x), y).backward()
+    return {name: param.grad for name, param in model.named_parameters()}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fork_ranks(worker: Callable[..., None], *args: Any) -> None:
+    """Run ``worker(rank, port, *args)`` in ``WORLD`` forked processes; raises if a rank fails."""
+    mp.start_processes(_one_thread, args=(worker, free_port(), *args), nprocs=WORLD, start_method="fork")
+
+
+def _one_thread(rank: int, worker: Callable[..., None], *args: Any) -> None:
+    # OpenMP's thread pool does not survive fork: a forked child that enters a parallel region the parent
+    # already used hangs. One intra-op thread keeps ATen out of OpenMP (Lightning's own fork launcher does the same).
+    torch.set_num_threads(1)
+    worker(rank, *args)
+
+
+def torchrun_env(rank: int, port: int) -> None:
+    """The variables torchrun sets: Lightning then joins the group instead of launching processes."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        GROUP_RANK="0",
+        LOCAL_WORLD_SIZE=str(WORLD),
+    )
+
+
+def trainer(**kwargs: Any) -> pl.Trainer:
+    options = dict(
+        accelerator="cpu",
+        devices=WORLD,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**options, **kwargs})
+
+
+def loader() -> DataLoader:
+    return DataLoader(TensorDataset(*global_batch()), batch_size=PER_RANK)
+
+
+def assert_same_grads(got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
+    assert set(got) == set(want)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, msg=name)
+        assert grad.abs().sum() > 0, name
+
+
+# ---------------------------------------------------------------------------------------------- strategy "dfa_fsdp"
+def test_dfa_fsdp_is_registered_by_name():
+    assert isinstance(trainer(strategy="dfa_fsdp").strategy, DFAFSDPStrategy)
+
+
+def test_dfa_fsdp_passes_its_fsdp_arguments_to_lightning():
+    strategy = DFAFSDPStrategy(seed=3, sharding_strategy="SHARD_GRAD_OP", auto_wrap_policy={nn.Sequential})
+    assert strategy.sharding_strategy.name == "SHARD_GRAD_OP"
+    assert "auto_wrap_policy" in strategy.kwargs and strategy.kwargs["use_orig_params"]
+
+
+class FSDPDump(pl.Callback):
+    """Writes each rank's DFA settings, projection and full (unsharded, reduced) gradients of the first step."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        dfa = trainer.strategy.dfa
+        with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, with_grads=True):
+            grads = {name: p.grad.clone() for name, p in pl_module.named_parameters()}
+        state = {
+            "settings": dfa.settings(),
+            "points": dfa.points,
+            "projection": dfa.projector.materialize(),
+            "grads": {name.replace("_fsdp_wrapped_module.", ""): grad for name, grad in grads.items()},
+        }
+        torch.save(state, Path(self.folder) / f"rank{trainer.global_rank}.pt")
+
+
+def _dfa_fsdp_rank(rank: int, port: int, folder: str) -> None:
+    torchrun_env(rank, port)
+    strategy = DFAFSDPStrategy(seed=3, dfa_kwargs={"check_finite": False}, auto_wrap_policy={nn.Sequential})
+    trainer(strategy=strategy, callbacks=[FSDPDump(folder)]).fit(classifier(), loader())
+
+
+@pytest.fixture(scope="module")
+def dfa_fsdp_ranks(tmp_path_factory) -> list[dict[str, Any]]:
+    """One two-rank ``Trainer(strategy=DFAFSDPStrategy(...))`` step on CPU, launched as torchrun would."""
+    folder = tmp_path_factory.mktemp("dfa_fsdp")
+    fork_ranks(_dfa_fsdp_rank, str(folder))
+    return [torch.load(folder / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def test_dfa_fsdp_builds_its_dfa_from_its_arguments_and_configure_dfa(dfa_fsdp_ranks):
+    settings, points = dfa_fsdp_ranks[0]["settings"], dfa_fsdp_ranks[0]["points"]
+    assert (settings["seed"], settings["check_finite"], settings["output"]) == (3, False, "head")
+    assert points == ["blocks.0", "blocks.1"], "points named as in the unwrapped module"
+
+
+def test_dfa_fsdp_gives_every_rank_the_same_projection(dfa_fsdp_ranks):
+    first, second = (rank["projection"] for rank in dfa_fsdp_ranks)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_dfa_fsdp_gradients_equal_a_single_process_on_the_global_batch(dfa_fsdp_ranks):
+    want = single_process_grads(classifier(), seed=3)
+    for rank in dfa_fsdp_ranks:
+        assert_same_grads(rank["grads"], want)
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+class DDPDump(pl.Callback):
+    """Writes rank 0's gradients after the all-reduce of the first step."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        torch.set_num_threads(
+            1
+        )  # in the forked ranks: see _one_thread (Lightning skips it when OMP_NUM_THREADS is set)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank == 0:
+            torch.save({name: p.grad.clone() for name, p in pl_module.named_parameters()}, self.path)
+
+
+def test_dfa_ddp_gradients_equal_a_single_process_on_the_global_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    path = str(tmp_path / "rank0.pt")
+    strategy = DFADDPStrategy(start_method="fork")
+    trainer(strategy=strategy, callbacks=[DDPDump(path)]).fit(classifier(), loader())
+    assert_same_grads(torch.load(path), single_process_grads(classifier()))
+
+
+# ---------------------------------------------------------------------------------------------- torch FSDP2
+def _fully_shard_rank(rank: int, port: int, folder: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.manual_seed(0)
+    model = TinyMLP()
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    x, y = global_batch()
+    with FeedbackEngine(blocks="blocks.*", output="head").attach(model):
+        F.cross_entropy(model(x[rank_rows(rank)]), y[rank_rows(rank)]).backward()
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+    torch.save(grads, Path(folder) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_fully_shard_gradients_equal_a_single_process_on_the_global_batch(tmp_path):
+    fork_ranks(_fully_shard_rank, str(tmp_path))
+    torch.manual_seed(0)
+    want = single_process_grads(TinyMLP())
+    for rank in range(WORLD):
+        assert_same_grads(torch.load(tmp_path / f"rank{rank}.pt"), want)
