@@ -3,23 +3,61 @@
 Where the feedback points come from, in order: the strategy's own arguments; else the
 LightningModule's ``configure_dfa()`` hook (a ``DFA`` or a dict of its arguments), with any
 argument given to the strategy overriding it; else ``blocks="auto"``.
+
+The strategies also keep the global random states (torch, CUDA, numpy, Python) in their checkpoints
+and restore them when training resumes, so dropout and anything else drawn from them continue as if
+the run had never stopped (Lightning itself does not save them).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from lightning_dfa.callback import DFA, as_dfa
 
+#: Checkpoint key of the global random states saved by the DFA strategies.
+RNG_KEY = "lightning_dfa.rng_states"
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states of torch, CUDA, numpy and Python, readable by ``torch.load(weights_only=True)``.
+
+    Example::
+
+        states = rng_states(); torch.rand(3); set_rng_states(states)   # the same draws again
+    """
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned (CUDA states only onto the same number of devices)."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, state, python_gauss = states["python"]
+    random.setstate((version, tuple(state), python_gauss))
+
 
 class _DFAStrategyMixin:
-    """Shared machinery: resolve the ``DFA`` at connect time and run it as the first callback."""
+    """Shared machinery: resolve the ``DFA`` at connect time and run it as the first callback; keep the global
+    random states in checkpoints and restore them when training resumes."""
 
     dfa: DFA | None
 
@@ -27,6 +65,24 @@ class _DFAStrategyMixin:
         extra = args.pop("dfa_kwargs")
         self._dfa_args = {k: v for k, v in {**args, **extra}.items() if v is not None}
         self.dfa = None
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        checkpoint[RNG_KEY] = rng_states()
+        super().save_checkpoint(checkpoint, *args, **kwargs)
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(*args, **kwargs)
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        self._rng_to_restore = checkpoint.get(RNG_KEY) if fitting else None
+        return checkpoint
+
+    def on_train_start(self) -> None:
+        # After the loaders' iterators are made (which draw from the RNG), as they were when the state was saved.
+        super().on_train_start()
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def connect(self, model: pl.LightningModule) -> None:
         super().connect(model)
