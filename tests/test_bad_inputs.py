@@ -159,9 +159,6 @@ def test_nested_points_ask_for_blocks_that_do_not_contain_each_other(mlp):
         DFA(blocks=["blocks.0", "blocks.0.0"], output="head").attach(mlp)
 
 
-@pytest.mark.xfail(
-    reason="needs engine message: a fix for an output point inside a block", raises=AssertionError, strict=True
-)
 def test_output_inside_a_block_names_an_output_outside_the_blocks(mlp):
     with pytest.raises(ValueError, match=r"lies inside the feedback point 'blocks\.0'.*Choose an output outside"):
         DFA(blocks="blocks.*", output="blocks.0.0").attach(mlp)
@@ -205,11 +202,6 @@ def test_error_rows_leaving_no_features_names_the_valid_range(mlp, batch):
         step(mlp, batch)
 
 
-@pytest.mark.xfail(
-    reason="needs engine message: a fix for an error size that changes between steps",
-    raises=AssertionError,
-    strict=True,
-)
 def test_error_size_that_changes_between_steps_says_to_keep_it_fixed(batch):
     class Narrowing(nn.Linear):
         width = 3

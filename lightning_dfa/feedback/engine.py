@@ -188,7 +188,10 @@ class FeedbackEngine:
         resolve_module(model, output, role="output")
         for point in points + top:
             if output == point or output.startswith(point + "."):
-                raise ValueError(f"The output point {output!r} lies inside the feedback point {point!r}.")
+                raise ValueError(
+                    f"The output point {output!r} lies inside the feedback point {point!r}: the error must be taken "
+                    "after every block. Choose an output outside the blocks that runs after them, e.g. the head."
+                )
         self.model, self.points, self.backprop_points, self.output = model, points, top, output
         if self.mode == "frozen":
             self._frozen = [p for name in points for p in model.get_submodule(name).parameters() if p.requires_grad]
@@ -364,7 +367,9 @@ class FeedbackEngine:
         if error_features != self.projector.in_features:
             raise ValueError(
                 f"The error at {self.output!r} has {error_features} features per row, the projector takes "
-                f"{self.projector.in_features} (error shape {tuple(error_point.shape)})."
+                f"{self.projector.in_features} (error shape {tuple(error_point.shape)}). The projector is built at "
+                "the first step: Keep the output's size fixed between steps, or set error_rows so that the varying "
+                "dimension is a row."
             )
         return shapes
 
