@@ -218,13 +218,17 @@ class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
         self._store_dfa_args(
             blocks=blocks, output=output, projector=projector, seed=seed, mode=mode, dfa_kwargs=dfa_kwargs or {}
         )
+        self._wrapper: nn.Module | None = None
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        """Wrap on CPU too: torch's FSDP needs ``device_id=cpu`` there, and Lightning passes the index (None)."""
+        """Wrap in FSDP, on CPU too, and only once: ``trainer.test()`` after ``fit`` reuses the wrapper."""
         from torch.distributed.fsdp import FullyShardedDataParallel
 
+        if self._wrapper is not None and self._wrapper.module is model:
+            return self._wrapper  # Lightning reconnects the bare module, whose parameters are already sharded
         wrapped = any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
         if self.root_device.type == "cpu" and not wrapped:
+            # torch's FSDP needs device_id=cpu for a CPU module; Lightning passes the device index (None).
             model = FullyShardedDataParallel(
                 module=model,
                 cpu_offload=self.cpu_offload,
@@ -234,7 +238,9 @@ class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
                 **self.kwargs,
             )
             self.kwargs.pop("auto_wrap_policy", None)  # applied above; Lightning would warn it is ignored
-        return super()._setup_model(model)
+        model = super()._setup_model(model)
+        self._wrapper = model if isinstance(model, FullyShardedDataParallel) else None
+        return model
 
 
 def register_strategies() -> None:

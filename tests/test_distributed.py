@@ -177,6 +177,24 @@ def test_dfa_fsdp_gradients_equal_a_single_process_on_the_global_batch(dfa_fsdp_
         assert_same_grads(rank["grads"], want)
 
 
+def _fit_then_test_rank(rank: int, port: int, folder: str) -> None:
+    torchrun_env(rank, port)
+    model, run = classifier(), trainer(strategy="dfa_fsdp", max_steps=2)  # one FSDP unit: the whole module
+    run.fit(model, loader())
+    run.save_checkpoint(Path(folder) / "fit.ckpt")
+    torch.save(run.test(model, loader(), verbose=False)[0], Path(folder) / f"test{rank}.pt")
+
+
+def test_dfa_fsdp_tests_after_fit_with_the_trained_weights(tmp_path):
+    fork_ranks(_fit_then_test_rank, str(tmp_path))
+    model = classifier()
+    model.load_state_dict(torch.load(tmp_path / "fit.ckpt", weights_only=False)["state_dict"])
+    x, y = global_batch()
+    for rank in range(WORLD):
+        want = F.cross_entropy(model(x[rank_rows(rank)]), y[rank_rows(rank)])
+        torch.testing.assert_close(torch.tensor(torch.load(tmp_path / f"test{rank}.pt")["test/loss"]), want)
+
+
 # ---------------------------------------------------------------------------------------------- DDP
 class DDPDump(pl.Callback):
     """Writes rank 0's gradients after the all-reduce of the first step."""
