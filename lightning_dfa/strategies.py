@@ -23,6 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from lightning_dfa.callback import DFA, as_dfa
+from lightning_dfa.feedback.points import resolve_points
 
 #: Checkpoint key of the global random states saved by the DFA strategies.
 RNG_KEY = "lightning_dfa.rng_states"
@@ -186,10 +187,10 @@ class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
     """Fully sharded data parallel training with DFA: ``Trainer(strategy="dfa_fsdp", devices=8)``.
 
     Lightning's ``FSDPStrategy`` shards parameters, gradients and optimizer state; the ``DFA`` callback
-    attaches after the model is wrapped, so feedback points are named as in the unwrapped module (wrap
-    whole blocks, e.g. ``auto_wrap_policy={GPT2Block}``, so each point is one FSDP unit). Every rank
-    builds the identical projection from the same seed (nothing is broadcast); the block gradients
-    are then reduce-scattered like any other gradient.
+    attaches after the model is wrapped. Wrap whole blocks (``auto_wrap_policy={GPT2Block}``): each
+    feedback point is then moved out to its FSDP unit (:func:`outer_points`, so ``blocks="auto"`` works);
+    a point inside a unit is an error. Runs on CPU (gloo) too. Every rank builds the identical projection
+    from the same seed (nothing is broadcast); the block gradients are then reduce-scattered like any other.
 
     Example::
 
@@ -240,7 +241,44 @@ class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
             self.kwargs.pop("auto_wrap_policy", None)  # applied above; Lightning would warn it is ignored
         model = super()._setup_model(model)
         self._wrapper = model if isinstance(model, FullyShardedDataParallel) else None
+        if self.dfa is not None:
+            self.dfa.blocks = outer_points(self.lightning_module, self.dfa.blocks)
         return model
+
+
+#: Attribute names under which torch's FSDP (1) and activation checkpointing keep the module they wrap.
+WRAPPED = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def outer_points(model: nn.Module, blocks: str | Sequence[str]) -> str | list[str]:
+    """The feedback points of ``model``, each moved out to its outermost FSDP / checkpoint wrapper.
+
+    FSDP (1) registers the hooks that gather a unit's parameters for backward on the outputs of the
+    wrapper's forward; a point inside the wrapper would hand the wrapper a detached copy, so those hooks
+    would never fire. ``blocks="auto"`` finds the inner ``GPT2Block``s, say; this gives their wrappers.
+
+    Example::
+
+        outer_points(lm, "auto")   # ["model.transformer.h.0", ...], not "...h.0._fsdp_wrapped_module"
+    """
+    points = resolve_points(model, blocks)
+    outer = [_strip_wrapped(point) for point in points]
+    for point in outer:
+        if f".{WRAPPED[0]}." in f".{point}.":
+            unit = point[: point.index(WRAPPED[0]) - 1]
+            raise ValueError(
+                f"Feedback point {point!r} lies inside the FSDP unit {unit!r}, whose parameters would not be "
+                "gathered for its backward. Use whole units as points, or wrap the blocks themselves "
+                "(auto_wrap_policy={BlockClass})."
+            )
+    return blocks if outer == points else list(dict.fromkeys(outer))
+
+
+def _strip_wrapped(path: str) -> str:
+    parts = path.split(".")
+    while parts and parts[-1] in WRAPPED:
+        parts.pop()
+    return ".".join(parts)
 
 
 def register_strategies() -> None:

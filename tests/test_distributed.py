@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import TinyMLP
+from conftest import TinyMLP, tiny_gpt2
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -29,6 +29,7 @@ import lightning_dfa  # noqa: F401  (registers the strategies)
 from lightning_dfa import DFADDPStrategy, DFAFSDPStrategy
 from lightning_dfa.feedback import FeedbackEngine
 from lightning_dfa.models import MLPClassifier
+from lightning_dfa.strategies import outer_points
 
 WORLD = 2
 PER_RANK = 4
@@ -107,9 +108,13 @@ def loader() -> DataLoader:
     return DataLoader(TensorDataset(*global_batch()), batch_size=PER_RANK)
 
 
-def assert_same_grads(got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
+def assert_same_grads(got: dict[str, Tensor | None], want: dict[str, Tensor | None]) -> None:
+    """Equal gradients; a parameter below the first block has none (FSDP reports zeros for it)."""
     assert set(got) == set(want)
     for name, grad in want.items():
+        if grad is None:
+            assert got[name] is None or not got[name].any(), name
+            continue
         torch.testing.assert_close(got[name], grad, msg=name)
         assert grad.abs().sum() > 0, name
 
@@ -123,6 +128,27 @@ def test_dfa_fsdp_passes_its_fsdp_arguments_to_lightning():
     strategy = DFAFSDPStrategy(seed=3, sharding_strategy="SHARD_GRAD_OP", auto_wrap_policy={nn.Sequential})
     assert strategy.sharding_strategy.name == "SHARD_GRAD_OP"
     assert "auto_wrap_policy" in strategy.kwargs and strategy.kwargs["use_orig_params"]
+
+
+class NamedLikeFSDP(nn.Module):
+    """Keeps its module where torch's FSDP (1) does, to check the point names without a process group."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self._fsdp_wrapped_module = inner
+
+
+def test_outer_points_moves_points_out_to_their_fsdp_wrappers():
+    model = TinyMLP()
+    model.blocks[0] = NamedLikeFSDP(model.blocks[0])
+    assert outer_points(model, ["blocks.0._fsdp_wrapped_module", "blocks.1"]) == ["blocks.0", "blocks.1"]
+
+
+def test_a_feedback_point_inside_an_fsdp_unit_is_an_error():
+    model = TinyMLP()
+    model.blocks[0] = NamedLikeFSDP(model.blocks[0])
+    with pytest.raises(ValueError, match="inside the FSDP unit 'blocks.0'.*auto_wrap_policy"):
+        outer_points(model, "blocks.0._fsdp_wrapped_module.*")
 
 
 class FSDPDump(pl.Callback):
@@ -175,6 +201,45 @@ def test_dfa_fsdp_gradients_equal_a_single_process_on_the_global_batch(dfa_fsdp_
     want = single_process_grads(classifier(), seed=3)
     for rank in dfa_fsdp_ranks:
         assert_same_grads(rank["grads"], want)
+
+
+class TinyLM(pl.LightningModule):
+    """A tiny GPT-2 whose blocks DFA finds with ``blocks="auto"`` (inside their FSDP wrappers under auto-wrap)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_gpt2()
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return self.model(batch[0], labels=batch[0]).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def tokens() -> Tensor:
+    return torch.randint(0, 64, (WORLD * PER_RANK, 12), generator=torch.Generator().manual_seed(2))
+
+
+def _gpt2_fsdp_rank(rank: int, port: int, folder: str) -> None:
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    torchrun_env(rank, port)
+    strategy = DFAFSDPStrategy(blocks="auto", auto_wrap_policy={GPT2Block})
+    loader = DataLoader(TensorDataset(tokens()), batch_size=PER_RANK)
+    trainer(strategy=strategy, callbacks=[FSDPDump(folder)]).fit(TinyLM(), loader)
+
+
+def test_dfa_fsdp_puts_auto_blocks_at_their_fsdp_units_and_gives_single_process_gradients(tmp_path):
+    fork_ranks(_gpt2_fsdp_rank, str(tmp_path))
+    gpt2 = tiny_gpt2()
+    with FeedbackEngine(blocks="auto").attach(gpt2):
+        gpt2(tokens(), labels=tokens()).loss.backward()
+    want = {f"model.{name}": param.grad for name, param in gpt2.named_parameters()}
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["points"] == ["model.transformer.h.0", "model.transformer.h.1"]
+        assert_same_grads(got["grads"], want)
 
 
 def _fit_then_test_rank(rank: int, port: int, folder: str) -> None:
