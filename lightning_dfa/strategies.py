@@ -2,7 +2,9 @@
 
 Where the feedback points come from, in order: the strategy's own arguments; else the
 LightningModule's ``configure_dfa()`` hook (a ``DFA`` or a dict of its arguments), with any
-argument given to the strategy overriding it; else ``blocks="auto"``.
+argument given to the strategy overriding it; else ``blocks="auto"``. The strategies name the ``DFA``
+arguments most often set from a config (``blocks``, ``output``, ``projector``, ``seed``, ``mode``,
+``nonfinite``, ``nonfinite_patience``); the others go in ``dfa_kwargs`` (or as keywords to ``DFAStrategy``).
 
 The strategies also keep the global random states (torch, CUDA, numpy, Python) in their checkpoints
 and restore them when training resumes, so dropout and anything else drawn from them continue as if
@@ -131,6 +133,8 @@ class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
         accelerator: Any = None,
         checkpoint_io: Any = None,
         precision_plugin: Any = None,
+        nonfinite: str | None = None,
+        nonfinite_patience: int | None = None,
         **dfa_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -140,7 +144,14 @@ class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
             precision_plugin=precision_plugin,
         )
         self._store_dfa_args(
-            blocks=blocks, output=output, projector=projector, seed=seed, mode=mode, dfa_kwargs=dfa_kwargs
+            blocks=blocks,
+            output=output,
+            projector=projector,
+            seed=seed,
+            mode=mode,
+            nonfinite=nonfinite,
+            nonfinite_patience=nonfinite_patience,
+            dfa_kwargs=dfa_kwargs,
         )
         self._device_given = device is not None
         # Filled by the Trainer from accelerator/devices, so "dfa" follows accelerator="cuda".
@@ -175,11 +186,20 @@ class DFADDPStrategy(_DFAStrategyMixin, DDPStrategy):
         seed: int | None = None,
         mode: str | None = None,
         dfa_kwargs: dict[str, Any] | None = None,
+        nonfinite: str | None = None,
+        nonfinite_patience: int | None = None,
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(**ddp_kwargs)
         self._store_dfa_args(
-            blocks=blocks, output=output, projector=projector, seed=seed, mode=mode, dfa_kwargs=dfa_kwargs or {}
+            blocks=blocks,
+            output=output,
+            projector=projector,
+            seed=seed,
+            mode=mode,
+            nonfinite=nonfinite,
+            nonfinite_patience=nonfinite_patience,
+            dfa_kwargs=dfa_kwargs or {},
         )
 
 
@@ -213,11 +233,20 @@ class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
         seed: int | None = None,
         mode: str | None = None,
         dfa_kwargs: dict[str, Any] | None = None,
+        nonfinite: str | None = None,
+        nonfinite_patience: int | None = None,
         **fsdp_kwargs: Any,
     ) -> None:
         super().__init__(**fsdp_kwargs)
         self._store_dfa_args(
-            blocks=blocks, output=output, projector=projector, seed=seed, mode=mode, dfa_kwargs=dfa_kwargs or {}
+            blocks=blocks,
+            output=output,
+            projector=projector,
+            seed=seed,
+            mode=mode,
+            nonfinite=nonfinite,
+            nonfinite_patience=nonfinite_patience,
+            dfa_kwargs=dfa_kwargs or {},
         )
         self._wrapper: nn.Module | None = None
 

@@ -174,7 +174,9 @@ class FSDPDump(pl.Callback):
 
 def _dfa_fsdp_rank(rank: int, port: int, folder: str) -> None:
     torchrun_env(rank, port)
-    strategy = DFAFSDPStrategy(seed=3, dfa_kwargs={"check_finite": False}, auto_wrap_policy={nn.Sequential})
+    strategy = DFAFSDPStrategy(
+        seed=3, nonfinite="skip", dfa_kwargs={"check_finite": False}, auto_wrap_policy={nn.Sequential}
+    )
     trainer(strategy=strategy, callbacks=[FSDPDump(folder)]).fit(classifier(), loader())
 
 
@@ -188,7 +190,8 @@ def dfa_fsdp_ranks(tmp_path_factory) -> list[dict[str, Any]]:
 
 def test_dfa_fsdp_builds_its_dfa_from_its_arguments_and_configure_dfa(dfa_fsdp_ranks):
     settings, points = dfa_fsdp_ranks[0]["settings"], dfa_fsdp_ranks[0]["points"]
-    assert (settings["seed"], settings["check_finite"], settings["output"]) == (3, False, "head")
+    assert (settings["seed"], settings["nonfinite"], settings["check_finite"]) == (3, "skip", False)
+    assert settings["output"] == "head", "from configure_dfa()"
     assert points == ["blocks.0", "blocks.1"], "points named as in the unwrapped module"
 
 
