@@ -60,3 +60,17 @@ def _check_patterns(module: nn.Module, multipliers: dict[str, float]) -> None:
             raise ValueError(f"lr_multipliers[{pattern!r}] must be a non-negative number, got {factor!r}.")
         if not any(_matches(name, pattern) for name in names):
             raise ValueError(_no_match_message(pattern, names, module, role="lr_multipliers"))
+
+
+def dfa_lr_multipliers(module: Any) -> Mapping[str, float] | None:
+    """A LightningModule's ``lr_multipliers`` if its run trains with DFA (``mode="dfa"``), else ``None``.
+
+    The multipliers are DFA settings: backprop and frozen-control runs of the same recipe use ``lr``
+    everywhere, so ``--baselines`` compares DFA with backprop at backprop's own learning rate.
+    """
+    from lightning_dfa.callback import find_dfa
+
+    multipliers = module.hparams.get("lr_multipliers")
+    trainer = getattr(module, "_trainer", None)
+    engine = find_dfa(trainer) if trainer is not None else None
+    return multipliers if engine is not None and engine.mode == "dfa" else None

@@ -310,3 +310,27 @@ def test_model_dfa_settings_reach_the_strategys_dfa():
         "backprop_top": 1,
         "feedback_scale": "layer",
     }
+
+
+@pytest.mark.parametrize("mode, head_lr", [("dfa", 0.002), ("backprop", 0.001), ("frozen", 0.001)])
+def test_lr_multipliers_apply_to_dfa_runs_only(mode, head_lr):
+    import lightning.pytorch as pl
+
+    from lightning_dfa import DFAStrategy
+    from lightning_dfa.data import DigitsDataModule
+    from lightning_dfa.models import MLPClassifier
+
+    model = MLPClassifier(hidden=8, depth=2, lr=0.001, lr_multipliers={"head": 2.0})
+    trainer = pl.Trainer(
+        strategy=DFAStrategy(mode=mode),
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
+    lrs = {id(p): group["lr"] for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert lrs[id(model.head.weight)] == pytest.approx(head_lr)
+    assert lrs[id(model.blocks[0][0].weight)] == pytest.approx(0.001)

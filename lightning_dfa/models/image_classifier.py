@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_dfa.optim import param_groups
+from lightning_dfa.optim import dfa_lr_multipliers, param_groups
 
 #: Sizes the model takes from the datamodule when they are not given: ViTConfig key -> datamodule reading.
 DATA_SIZES = {"num_labels": "classes", "image_size": "image_size", "num_channels": "channels"}
@@ -37,7 +37,8 @@ class ImageClassifier(pl.LightningModule):
         lr, weight_decay, betas: AdamW.
         dfa: DFA settings merged over this model's ``configure_dfa()`` (e.g. ``{"backprop_top": 1}``;
             see ``FeedbackEngine`` and docs/learning.md); strategy arguments still win.
-        lr_multipliers: module path or glob -> factor on ``lr`` (``{"model.classifier": 3.0}``), as optimizer
+        lr_multipliers: in DFA runs (mode "dfa") only, module path or glob -> factor on ``lr``
+            (``{"model.vit.layers.*": 0.3}``), as optimizer
             parameter groups (:func:`lightning_dfa.optim.param_groups`).
 
     Example::
@@ -128,7 +129,7 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        groups = param_groups(self, hp.lr, hp.weight_decay, hp.lr_multipliers, decay_vectors=True)
+        groups = param_groups(self, hp.lr, hp.weight_decay, dfa_lr_multipliers(self), decay_vectors=True)
         return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
 
 
