@@ -285,10 +285,6 @@ def test_the_skipped_count_is_kept_in_checkpoints():
     assert restored.nonfinite_steps == 3
 
 
-@pytest.mark.xfail(
-    reason="needs strategies.py: DFAStrategy's **dfa_kwargs are invisible to jsonargparse; add nonfinite=",
-    strict=True,
-)
 def test_nonfinite_can_be_set_from_the_command_line(tmp_path):
     from lightning_dfa.cli import run
 
