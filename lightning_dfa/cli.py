@@ -117,14 +117,15 @@ class DFACLI(LightningCLI):
         self.result = RunResult.of(self.trainer, seconds, metrics)
         _finish_wandb(self.trainer)
         runs = [self.result] + [self._baseline(mode) for mode in self.config.fit.baselines]
+        # trainer.log_dir is a collective (a broadcast from rank 0): every rank asks, rank 0 writes.
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.print_summary and self.trainer.is_global_zero:
             references = getattr(self.datamodule, "reference_metrics", dict)()
             print(summary_table(runs, references))
-            self._save(runs, references)
+            self._save(runs, references, run_dir)
             self._plot(runs)
 
-    def _save(self, runs: list[RunResult], references: dict[str, float]) -> None:
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+    def _save(self, runs: list[RunResult], references: dict[str, float], run_dir: Path) -> None:
         summary = {"runs": [run.as_dict() for run in runs], "references": references}
 
         def write(path: Path) -> None:

@@ -52,11 +52,12 @@ class History(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         probe = next((c for c in trainer.callbacks if isinstance(c, Alignment)), None)
         self.alignment = list(probe.history) if probe is not None else []
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective (a broadcast): every rank asks
         if not trainer.is_global_zero:
             return
         dfa = find_dfa(trainer)
         self.mode = dfa.mode if dfa is not None else "run"
-        self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self.run_dir = run_dir
         # The curves are a by-product: a full disk or an unwritable run dir warns, and the run ends normally.
         saved = write_or_warn(self.path(f"history-{self.mode}.json"), self._write_json, "the run history")
         if self.plot and saved:

@@ -1,0 +1,139 @@
+"""Two-process runs (DDP, gloo, CPU) finish and write their run files: ``lightning-dfa fit`` on the digits
+recipe (with its Alignment, FeedbackStats and History callbacks), and a ``Trainer`` with ``History``.
+
+``trainer.log_dir`` is a collective (rank 0 broadcasts it): read on rank 0 only, rank 0 waits for a
+broadcast the others never join (or that some later collective of theirs answers) and the run hangs or
+fails after training.
+
+The ranks are forked with torchrun's variables set, so Lightning joins them instead of launching new
+interpreters: the whole run takes seconds. A rank that hangs is killed at a deadline, which fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, TensorDataset
+
+WORLD = 2
+DEADLINE_S = 150
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_env(rank: int, port: int) -> None:
+    """What torchrun sets: Lightning then joins the process group instead of launching processes."""
+    torch.set_num_threads(1)  # OpenMP's pool does not survive fork (see tests/test_distributed.py)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        GROUP_RANK="0",
+        LOCAL_WORLD_SIZE=str(WORLD),
+    )
+
+
+def fork_ranks(worker: Any, root: Path) -> list[int | None]:
+    """Run ``worker(rank, port, root)`` in ``WORLD`` forked processes; their exit codes (killed at the deadline)."""
+    context = mp.start_processes(worker, args=(free_port(), str(root)), nprocs=WORLD, start_method="fork", join=False)
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline and any(p.is_alive() for p in context.processes):
+        time.sleep(0.2)
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()
+        process.join()
+    return [p.exitcode for p in context.processes]
+
+
+def _cli_rank(rank: int, port: int, root: str) -> None:
+    torchrun_env(rank, port)
+    from lightning_dfa.cli import run
+
+    run(
+        [
+            "fit",
+            "--config",
+            "digits-mlp",
+            "--trainer.strategy.class_path=lightning_dfa.DFADDPStrategy",
+            "--trainer.accelerator=cpu",
+            f"--trainer.devices={WORLD}",
+            "--trainer.max_steps=5",
+            "--trainer.limit_val_batches=2",
+            "--trainer.limit_test_batches=2",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
+    Path(root, f"rank{rank}.done").touch()
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> dict[str, Any]:
+    """Both ranks' exit codes and the run directory."""
+    root = tmp_path_factory.mktemp("ddp-cli")
+    return {"root": root, "exit": fork_ranks(_cli_rank, root)}
+
+
+def test_every_rank_of_a_two_process_cli_run_finishes(two_process_run):
+    assert two_process_run["exit"] == [0] * WORLD
+    assert all((two_process_run["root"] / f"rank{rank}.done").exists() for rank in range(WORLD))
+
+
+def test_a_two_process_cli_run_writes_its_summary(two_process_run):
+    summary = json.loads((two_process_run["root"] / "summary.json").read_text())
+    assert summary["runs"][0]["mode"] == "dfa" and summary["runs"][0]["steps"] == 5
+
+
+def test_a_two_process_cli_run_writes_its_history(two_process_run):
+    history = json.loads((two_process_run["root"] / "history-dfa.json").read_text())
+    assert [step for step, _ in history["train"]] == [1, 2, 3, 4, 5]
+    assert (two_process_run["root"] / "curves-dfa.png").exists()
+
+
+def _history_rank(rank: int, port: int, root: str) -> None:
+    from lightning_dfa import DFADDPStrategy
+    from lightning_dfa.callbacks import History
+    from lightning_dfa.models import MLPClassifier
+
+    torchrun_env(rank, port)
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 5), torch.randint(0, 3, (16,)))
+    trainer = pl.Trainer(
+        strategy=DFADDPStrategy(),
+        accelerator="cpu",
+        devices=WORLD,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[History(plot=False)],
+    )
+    trainer.fit(MLPClassifier(in_features=5, hidden=7, depth=2, num_classes=3), DataLoader(data, batch_size=4))
+    Path(root, f"rank{rank}.done").touch()
+
+
+def test_a_two_process_fit_with_history_finishes_and_writes_it(tmp_path):
+    assert fork_ranks(_history_rank, tmp_path) == [0] * WORLD
+    history = json.loads((tmp_path / "history-dfa.json").read_text())
+    assert [step for step, _ in history["train"]] == [1, 2]
