@@ -18,8 +18,9 @@ class FeedbackRouter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, engine: FeedbackEngine, routed: list, error_point: Tensor, *point_outputs: Tensor) -> Tensor:
         ctx.engine, ctx.routed = engine, routed
-        # A clone rather than a view: FSDP2 warns on views returned by custom Functions.
-        return error_point.clone()
+        # The identity without a copy: a new tensor on the same memory. Not a view (FSDP2 warns on views returned
+        # by custom Functions) and not a clone (a copy of the logits, B x T x vocabulary, every step).
+        return error_point.detach()
 
     @staticmethod
     def backward(ctx, error: Tensor) -> tuple:

@@ -30,10 +30,14 @@ ENCODINGS = ("ternary", "bitplanes", None)
 
 @dataclass
 class Frames:
-    """Binary frames ``(F, N, d)`` and their per-row weights ``(F, N, 1)``: ``e ~ (weights * frames).sum(0)``."""
+    """Binary frames ``(F, N, d)`` and their per-row weights ``(F, N, 1)``: ``e ~ (weights * frames).sum(0)``.
+
+    ``residual`` may hold ``|e - decode()|^2`` summed over the rows, when the encoder knows it (ternary does).
+    """
 
     frames: Tensor
     weights: Tensor
+    residual: float | None = None
 
     def decode(self) -> Tensor:
         """The error these frames represent (what the optics effectively project)."""
@@ -67,14 +71,25 @@ def encode(
 
 
 def ternarize(error: Tensor, threshold: float = 0.5, relative: bool = True) -> Frames:
-    """Frames ``[p, n]`` with weights ``[a, -a]``: ``e ~ a (p - n)`` (see the module doc)."""
+    """Frames ``[p, n]`` with weights ``[a, -a]``: ``e ~ a (p - n)`` (see the module doc).
+
+    The frames are written straight into one ``(2, N, d)`` tensor and the per-row sums are batched dot products,
+    so the only full-size memory is the frames themselves; ``Frames.residual`` is ``sum |e|^2 - a <e, p - n>``.
+    """
     if threshold < 0:
         raise ValueError(f"threshold must be non-negative, got {threshold}.")
-    t = threshold * error.pow(2).mean(1, keepdim=True).sqrt() if relative else torch.full_like(error[:, :1], threshold)
-    positive, negative = (error > t).to(error.dtype), (error < -t).to(error.dtype)
-    signs = positive - negative
-    scale = (error * signs).sum(1, keepdim=True) / signs.abs().sum(1, keepdim=True).clamp_min(1)
-    return Frames(torch.stack([positive, negative]), torch.stack([scale, -scale]))
+    if relative:
+        t = torch.linalg.vector_norm(error, dim=1, keepdim=True).mul_(threshold / error.shape[1] ** 0.5)
+    else:
+        t = torch.full_like(error[:, :1], threshold)
+    frames = torch.empty(2, *error.shape, dtype=error.dtype, device=error.device)
+    torch.gt(error, t, out=frames[0])
+    torch.lt(error, t.neg(), out=frames[1])
+    dots = torch.einsum("fnd,nd->nf", frames, error)  # (N, 2): <e, p>, <e, n>
+    inner = dots[:, :1] - dots[:, 1:]  # <e, p - n>
+    scale = inner / frames.sum((0, 2)).unsqueeze(1).clamp_min(1)
+    residual = float(torch.linalg.vector_norm(error).pow(2) - (scale * inner).sum())
+    return Frames(frames, torch.stack([scale, -scale]), max(residual, 0.0))
 
 
 def bitplanes(error: Tensor, bits: int = 4) -> Frames:
@@ -93,4 +108,8 @@ def bitplanes(error: Tensor, bits: int = 4) -> Frames:
 def encoding_error(error: Tensor, frames: Frames) -> float:
     """Relative error ``|e - decode(frames)| / |e|`` over the batch (0 for an all-zero batch)."""
     norm = float(error.norm())
-    return float((error - frames.decode()).norm()) / norm if norm > 0 else 0.0
+    if norm == 0:
+        return 0.0
+    if frames.residual is not None:
+        return frames.residual**0.5 / norm
+    return float((error - frames.decode()).norm()) / norm

@@ -51,10 +51,15 @@ from lightning_dfa.projectors.checks import check_error, check_nonfinite_mode
 from lightning_dfa.projectors.cost import FRAME_TIME, MAX_INPUT, MAX_OUTPUT, OPU_POWER_W, device_tiles, optical_cost
 from lightning_dfa.projectors.encoding import binary_frames, check_encoding, encode, encoding_error
 from lightning_dfa.projectors.seeded import round_tile
-from lightning_dfa.projectors.tiles import DEFAULT_GENERATOR, GENERATORS, gaussian_region, mix_seed
+from lightning_dfa.projectors.tiles import DEFAULT_GENERATOR, GENERATORS, gaussian_region, gaussian_rows, mix_seed
 
 _REAL, _IMAG, _NOISE, _ANCHOR_NOISE = 1, 2, 3, 4  # random streams
 SATURATION_WARNING = 0.01
+#: When at most this fraction of the input pixels is lit in any frame of a call (sparse errors such as a softmax
+#: minus one-hot, ternarised), only the medium's rows at those pixels are generated and multiplied.
+SPARSE_PIXELS = 0.25
+#: Lit-pixel fraction of the frames below which the CPU adds the medium's rows instead of multiplying.
+SPARSE_FRAMES = 1 / 16
 
 
 class OPU(Projector):
@@ -203,6 +208,15 @@ class OPU(Projector):
             out[:, i * width : (i + 1) * width] = part
         return out
 
+    def medium_rows(self, pixels: Tensor, cols: tuple[int, int], scale: float = 1.0) -> Tensor:
+        """The rows of :meth:`medium_tile` at the input pixels ``pixels`` (int64, on the device wanted), bit for bit."""
+        width = cols[1] - cols[0]
+        out = torch.empty(pixels.numel(), 2 * width, device=pixels.device)
+        for i, stream in enumerate((_REAL, _IMAG)):
+            part = gaussian_rows(self.seed, stream, pixels, cols, self.std * scale)
+            out[:, i * width : (i + 1) * width] = part
+        return out
+
     def anchor(self, device: torch.device) -> dict[str, Tensor]:
         """The anchor field ``R r`` (``"real"``, ``"imag"``, float32 on ``device``); computed once, on first use."""
         if self._anchor is None:
@@ -283,6 +297,7 @@ class OPU(Projector):
             for _ in range(1 + self.camera.noisy + (self.camera.noisy and self.camera.shot_noise))
         ]
         saturated = read = 0
+        lit = self._lit_pixels(flat)
         chunk = self.max_input - self.anchor_pixels  # input pixels per device pass
         for c0 in range(0, self.out_features, self.tile):
             c1 = min(c0 + self.tile, self.out_features)
@@ -290,7 +305,7 @@ class OPU(Projector):
             views = [b[: rows * (c1 - c0)].view(rows, c1 - c0) for b in scratch]
             for i0 in range(0, self.in_features, chunk):
                 i1 = min(i0 + chunk, self.in_features)
-                self._field(flat, (i0, i1), (c0, c1), anchor["scale"], field)
+                self._field(flat, (i0, i1), (c0, c1), anchor["scale"], field, lit)
                 y, sat = self._retrieve(field, anchor, (c0, c1), generator, views)
                 for weight, part in zip(frames.weights, y.view(count, vectors, c1 - c0)):
                     out[:, c0:c1].addcmul_(weight, part)
@@ -322,8 +337,28 @@ class OPU(Projector):
             "saturated": reading["saturated"],
         }
 
-    def _field(self, flat: Tensor, rows: tuple[int, int], cols: tuple[int, int], scale: float, out: Tensor) -> None:
-        """``[Re, Im]`` of ``sqrt(k) R x`` for the frames' pixels ``rows`` and outputs ``cols``, into ``out``."""
+    def _lit_pixels(self, flat: Tensor) -> Tensor | None:
+        """The input pixels lit in some frame of this call, if they are few (:data:`SPARSE_PIXELS`), else None.
+
+        Only the counter generator can give arbitrary rows of the medium, and only binary frames are sparse; frames
+        that light most pixels go the dense way (one matmul per tile of the medium).
+        """
+        if self.generator != "counter" or self.encoding is None or flat.shape[0] == 0:
+            return None
+        lit = flat.sum(0).nonzero().flatten()  # binary frames: a pixel is lit in some frame iff its sum is positive
+        return lit if lit.numel() <= SPARSE_PIXELS * self.in_features else None
+
+    def _field(
+        self, flat: Tensor, rows: tuple[int, int], cols: tuple[int, int], scale: float, out: Tensor, lit=None
+    ) -> None:
+        """``[Re, Im]`` of ``sqrt(k) R x`` for the frames' pixels ``rows`` and outputs ``cols``, into ``out``.
+
+        With ``lit`` (the pixels lit in some frame) only those rows of the medium are generated and multiplied:
+        the dark pixels add nothing to the field.
+        """
+        if lit is not None:
+            self._sparse_field(flat, lit[(lit >= rows[0]) & (lit < rows[1])], cols, scale, out)
+            return
         for r0 in range(rows[0], rows[1], self.tile):
             r1 = min(r0 + self.tile, rows[1])
             medium = self.medium_tile((r0, r1), cols, flat.device, scale).to(flat.dtype)
@@ -331,6 +366,24 @@ class OPU(Projector):
                 torch.mm(flat[:, r0:r1], medium, out=out)
             else:
                 out.addmm_(flat[:, r0:r1], medium)
+
+    def _sparse_field(self, flat: Tensor, pixels: Tensor, cols: tuple[int, int], scale: float, out: Tensor) -> None:
+        """:meth:`_field` over the lit ``pixels`` only, ``tile`` of them at a time.
+
+        On the CPU, binary frames that are sparse even among the lit pixels (:data:`SPARSE_FRAMES`) add the medium's
+        rows of their lit pixels (``index_add_``) instead of a matmul (elsewhere ``index_add_`` is not deterministic).
+        """
+        out.zero_()
+        gather = flat.device.type == "cpu" and self.encoding is not None
+        for p0 in range(0, pixels.numel(), self.tile):
+            index = pixels[p0 : p0 + self.tile]
+            medium = self.medium_rows(index, cols, scale).to(flat.dtype)
+            part = flat.index_select(1, index)
+            if gather and int(torch.count_nonzero(part)) <= SPARSE_FRAMES * part.numel():
+                frame, pixel = part.nonzero(as_tuple=True)
+                out.index_add_(0, frame, medium.index_select(0, pixel))
+            else:
+                out.addmm_(part, medium)
 
     def _retrieve(self, field: Tensor, anchor: dict, cols: tuple[int, int], generator: torch.Generator, buffers):
         """Intensities of ``x`` and ``x + r`` through the camera, then the anchor retrieval ``x @ W``.

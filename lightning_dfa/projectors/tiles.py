@@ -189,6 +189,43 @@ def _counter_region(seed: int, stream: int, rows: tuple[int, int], cols: tuple[i
             work(start)
 
 
+def gaussian_rows(
+    seed: int, stream: int, rows: Tensor, cols: tuple[int, int], std: float = 1.0, *, out: Tensor | None = None
+) -> Tensor:
+    """Rows ``rows`` (int64 indices, any order) and columns ``[c0, c1)`` of the counter generator's matrix.
+
+    The entries are those of :func:`gaussian_region` (``generator="counter"``), bit for bit on one device: each row's
+    pair is hashed and put through the same Box-Muller operations, and the row takes the cosine (even rows) or the sine
+    (odd rows) half. For a few scattered rows (the lit pixels of sparse DMD frames) this costs ``2 len(rows)`` normals
+    per column instead of the whole height. ``out`` (float32, contiguous, ``(len(rows), c1 - c0)``) is filled if given.
+    """
+    (c0, c1), device = cols, rows.device
+    if not 0 <= c0 < c1:
+        raise ValueError(f"Empty or negative columns {cols}.")
+    width = c1 - c0
+    out = torch.empty(rows.numel(), width, device=device) if out is None else out
+    if rows.numel() == 0:
+        return out
+    key, col_terms = mix_seed(seed, stream), _column_terms(cols, device)
+    step = max(1, (CPU_PIECE if device.type == "cpu" else DEVICE_PIECE) // width)
+    for start in range(0, rows.numel(), step):
+        index = rows[start : start + step]
+        bits = torch.add(col_terms[None, :], _row_keys_at(key, index.div(2, rounding_mode="floor"))[:, None])
+        scratch = torch.empty_like(bits)
+        mix64_(bits, scratch)
+        half = scratch.view(-1).view(torch.int32)[: bits.numel()].view(bits.shape)
+        both = torch.empty(2, *bits.shape, device=device)
+        _gaussian_pairs(bits, half, both[0], both[1], std)
+        torch.where((index % 2 == 1)[:, None], both[1], both[0], out=out[start : start + step])
+    return out
+
+
+def _row_keys_at(key: int, pairs: Tensor) -> Tensor:
+    """:func:`_row_keys` at arbitrary row-pair indices (int64)."""
+    z = pairs.mul(_signed(GAMMA)).add_(_signed(key))
+    return mix64_(z, torch.empty_like(z))
+
+
 def gaussian_block(
     seed: int, stream: int, block_row: int, block_col: int, device: torch.device | None = None
 ) -> Tensor:
