@@ -11,6 +11,13 @@ Per feedback point it logs
 
 and ``alignment/mean``. W&B draws them as line plots; ``history`` keeps them for the run's plots.
 
+Under DDP both gradients are those of the global batch (the probe's are averaged over the ranks, as
+DDP averages the step's). Under FSDP (``strategy="dfa_fsdp"``) the probe runs through the FSDP
+wrapper, so each rank ends with its shard of the true gradient (reduce-scattered, of the global batch,
+like the DFA update); each rank sums its shards' products and the sums are all-reduced: the cosine of
+the full gradients, with nothing gathered. Parameters held as ``DTensor`` (torch's ``fully_shard``,
+tensor parallelism) are not probed: the callback warns once and logs nothing.
+
 Example::
 
     Trainer(strategy="dfa", callbacks=[Alignment(every_n_steps=50)])
@@ -25,6 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_dfa.callback import find_dfa
@@ -39,6 +47,7 @@ class Alignment(Callback):
         self.every_n_steps = every_n_steps
         self.history: list[dict[str, float]] = []
         self._batch: tuple[Any, int, dict[str, Any]] | None = None
+        self._warned = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not pl_module.automatic_optimization:
@@ -46,7 +55,20 @@ class Alignment(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         due = trainer.global_step % self.every_n_steps == 0
-        self._batch = (batch, idx, _rng_state()) if due and _probed(trainer) else None
+        self._batch = (batch, idx, _rng_state()) if due and _probed(trainer) and self._supported(pl_module) else None
+
+    def _supported(self, pl_module: pl.LightningModule) -> bool:
+        if not any(_is_dtensor(p) for p in pl_module.parameters()):
+            return True
+        if not self._warned:
+            self._warned = True
+            rank_zero_warn(
+                "Alignment: the model's parameters are DTensors (torch's fully_shard / tensor parallelism), whose "
+                "gradients this probe cannot compare shard by shard, so it logs nothing. Measure alignment on one "
+                "device, with DDP (strategy='dfa_ddp') or with FSDP (strategy='dfa_fsdp').",
+                category=RuntimeWarning,
+            )
+        return False
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._batch is None:
@@ -60,17 +82,52 @@ class Alignment(Callback):
             update = _gradients(trainer, pl_module, batch, idx, rng, params, dfa, pause=False)
         true = _gradients(trainer, pl_module, batch, idx, rng, params, dfa, pause=True)
         row = {"step": float(trainer.global_step)}
-        for name in dfa.points:
-            if update[name] is None or true[name] is None:
-                continue
-            cosine = torch.nn.functional.cosine_similarity(update[name], true[name], dim=0).item()
-            row[f"alignment/{name}"] = cosine
-            row[f"grad_ratio/{name}"] = (update[name].norm() / true[name].norm().clamp_min(1e-30)).item()
+        for name, (dot, update_sq, true_sq) in _products(trainer, dfa.points, update, true).items():
+            row[f"alignment/{name}"] = dot / max((update_sq * true_sq) ** 0.5, 1e-8)
+            row[f"grad_ratio/{name}"] = (update_sq / max(true_sq, 1e-60)) ** 0.5
         cosines = [v for k, v in row.items() if k.startswith("alignment/")]
         if cosines:
             row["alignment/mean"] = sum(cosines) / len(cosines)
         self.history.append(row)
         pl_module.log_dict({k: v for k, v in row.items() if k != "step"}, on_step=True, on_epoch=False)
+
+
+def _products(
+    trainer: pl.Trainer, points: list[str], update: dict[str, Tensor | None], true: dict[str, Tensor | None]
+) -> dict[str, tuple[float, float, float]]:
+    """``(update . true, |update|^2, |true|^2)`` per point with both gradients; under FSDP summed over the ranks."""
+    if not _sharded(trainer):
+        return {
+            name: _dot_and_norms(update[name], true[name])
+            for name in points
+            if update[name] is not None and true[name] is not None
+        }
+    # Each rank holds a shard of every gradient (maybe an empty one): sum the local products over the ranks.
+    local = torch.tensor([_dot_and_norms(update[name], true[name]) for name in points], dtype=torch.float64)
+    total = trainer.strategy.reduce(local.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+    return {name: tuple(row.tolist()) for name, row in zip(points, total) if row[1] > 0 and row[2] > 0}
+
+
+def _dot_and_norms(update: Tensor | None, true: Tensor | None) -> tuple[float, float, float]:
+    if update is None or true is None:
+        return 0.0, 0.0, 0.0
+    update, true = update.double(), true.double()
+    return float(update @ true), float(update @ update), float(true @ true)
+
+
+def _sharded(trainer: pl.Trainer) -> bool:
+    """Whether the model is wrapped in torch's FSDP (1): its parameters and gradients are then per-rank shards."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(trainer.strategy.model, FullyShardedDataParallel)
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _probed(trainer: pl.Trainer) -> bool:
@@ -89,18 +146,28 @@ def _flat_grad(params: list[torch.nn.Parameter]) -> Tensor | None:
 
 def _gradients(trainer, pl_module, batch, idx, rng, params, dfa, pause: bool) -> dict[str, Tensor | None]:
     """Gradients of each point's parameters on ``batch``, leaving every ``.grad`` as it was."""
-    saved = {p: p.grad for p in pl_module.parameters()}
+    sharded = _sharded(trainer)
+    # Under FSDP the step's gradients are views into FSDP's flat gradient, whose storage the probe's backward
+    # may reuse (with CPU offload FSDP copies each gradient into one persistent buffer): keep copies of the shards.
+    saved = {p: p.grad.clone() if sharded and p.grad is not None else p.grad for p in pl_module.parameters()}
     for p in saved:
         p.grad = None
     after = _rng_state()
     try:
         _set_rng_state(rng)
-        no_sync = getattr(trainer.strategy.model, "no_sync", nullcontext)
+        # FSDP: through the wrapper, which gathers each unit's parameters for forward and backward and
+        # reduce-scatters the gradients (the module called directly would see only this rank's shards).
+        # DDP: this rank's batch alone, outside DDP's all-reduce; the point gradients are averaged below.
+        no_sync = nullcontext if sharded else getattr(trainer.strategy.model, "no_sync", nullcontext)
+        step = trainer.strategy.training_step if sharded else pl_module.training_step
         with dfa.paused() if pause else nullcontext(), no_sync(), _quiet(pl_module):
-            output = pl_module.training_step(batch, idx)
+            output = step(batch, idx)
             loss = output["loss"] if isinstance(output, dict) else output
             loss.backward()
-        return {name: _flat_grad(ps) for name, ps in params.items()}
+        grads = {name: _flat_grad(ps) for name, ps in params.items()}
+        if not sharded and trainer.world_size > 1:  # the global batch's gradient, as the DFA update is
+            grads = {n: None if g is None else trainer.strategy.reduce(g, reduce_op="mean") for n, g in grads.items()}
+        return grads
     finally:
         _set_rng_state(after)
         for p, grad in saved.items():

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -221,11 +222,16 @@ class CausalLM(pl.LightningModule):
     # -- samples ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_sample(self, tokenizer: Any) -> str:
-        """``sample_tokens`` tokens after ``sample_prompt`` (top-k, seeded; the global RNG is left untouched)."""
+        """``sample_tokens`` tokens after ``sample_prompt`` (top-k, seeded; the global RNG is left untouched).
+
+        Under FSDP (``strategy="dfa_fsdp"``) every rank must call it: the parameters are gathered whole on
+        every rank for the generation (``summon_full_params``) and sharded again afterwards.
+        """
         hp = self.hparams
         ids = tokenizer(hp.sample_prompt, return_tensors="pt")["input_ids"].to(self.device)
         cuda = self.device.type == "cuda"
-        with torch.random.fork_rng(devices=[self.device] if cuda else [], device_type="cuda" if cuda else None):
+        rng = torch.random.fork_rng(devices=[self.device] if cuda else [], device_type="cuda" if cuda else None)
+        with rng, _whole_parameters(self):
             torch.manual_seed(hp.sample_seed)
             out = self.model.generate(
                 ids,
@@ -257,6 +263,19 @@ class CausalLM(pl.LightningModule):
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_text(key="samples", columns=["epoch", "step", "text"], data=list(self._samples))
+
+
+def _whole_parameters(module: pl.LightningModule) -> AbstractContextManager:
+    """Under torch's FSDP (1), a context in which ``module``'s parameters are whole (a collective); else nothing.
+
+    ``generate`` calls the HF model directly, not the FSDP wrapper, so it would see only this rank's shards.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapper = getattr(getattr(module._trainer, "strategy", None), "model", None)
+    if isinstance(wrapper, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(wrapper, writeback=False)
+    return nullcontext()
 
 
 def check_vocabulary(tokenizer: Any, model_vocab: int) -> None:
