@@ -1,0 +1,180 @@
+"""The data modules' training loader resumes exactly: a recipe-like DFA run (``MLPClassifier`` on
+``DigitsDataModule``, strategy ``"dfa"``, validation every epoch) killed with SIGKILL in the middle of an
+epoch and resumed from its last checkpoint reproduces the uninterrupted run's per-step losses bitwise and
+ends with the same weights.
+
+Three forked runs as in tests/test_resume.py (which uses a hand-made resumable loader): the reference, a
+run that kills itself after step ``KILL_AT`` (checkpoints every ``EVERY`` steps), and its resumption.
+Below them, the loader's own behaviour: order from seed and epoch, a state that resumes mid-epoch, a
+share per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DistributedSampler, TensorDataset
+
+import lightning_dfa  # noqa: F401  (registers the strategies)
+from lightning_dfa.data import DigitsDataModule
+from lightning_dfa.data.splits import EpochSampler, ResumableLoader
+from lightning_dfa.models import MLPClassifier
+
+BATCH = 128  # 1,257 training digits: 10 steps per epoch
+EPOCHS = 2
+EVERY, KILL_AT = 4, 14  # last checkpoint at step 12: epoch 1, batch 2 of 10
+
+
+class StepLog(pl.Callback):
+    """Appends ``step loss`` (exact hex) after every step; saves the weights at the end."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args) -> None:
+        with open(self.folder / "losses.txt", "a") as file:
+            file.write(f"{trainer.global_step} {outputs['loss'].item().hex()}\n")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save(pl_module.state_dict(), self.folder / "weights.pt")
+
+
+class KillAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train(
+    folder: Path, checkpoints: Path, num_workers: int, kill_at: int | None = None, ckpt_path: str | None = None
+) -> None:
+    torch.set_num_threads(1)  # the same arithmetic in every run (and no OpenMP pool across fork)
+    folder.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(0, verbose=False)
+    callbacks = [StepLog(folder), ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=EVERY, save_last=True)]
+    if kill_at is not None:
+        callbacks.insert(1, KillAt(kill_at))
+    trainer = pl.Trainer(
+        strategy="dfa",
+        accelerator="cpu",
+        max_epochs=EPOCHS,
+        deterministic=True,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    model = MLPClassifier(hidden=32, depth=2)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=BATCH, num_workers=num_workers), ckpt_path=ckpt_path)
+
+
+def in_child(**kwargs: Any) -> int:
+    child = mp.get_context("fork").Process(target=train, kwargs=kwargs)
+    child.start()
+    child.join()
+    return child.exitcode
+
+
+def losses(folder: Path) -> dict[int, str]:
+    lines = (folder / "losses.txt").read_text().split()
+    return {int(step): loss for step, loss in zip(lines[::2], lines[1::2])}
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["no-workers", "2-workers"])
+def runs(request, tmp_path_factory) -> dict[str, Any]:
+    """The three runs, loading in the main process or in two workers (which prefetch ahead of training)."""
+    root, workers = tmp_path_factory.mktemp("data-resume"), request.param
+    reference = in_child(folder=root / "reference", checkpoints=root / "reference-ckpts", num_workers=workers)
+    killed = in_child(folder=root / "killed", checkpoints=root / "ckpts", num_workers=workers, kill_at=KILL_AT)
+    last = torch.load(root / "ckpts" / "last.ckpt", weights_only=False)
+    ckpt_path = str(root / "ckpts" / "last.ckpt")
+    resumed = in_child(folder=root / "resumed", checkpoints=root / "ckpts", num_workers=workers, ckpt_path=ckpt_path)
+    return {"root": root, "exit": (reference, killed, resumed), "last": last}
+
+
+def test_the_recipe_run_was_killed_after_a_mid_epoch_checkpoint(runs):
+    assert runs["exit"] == (0, -signal.SIGKILL, 0)
+    assert runs["last"]["global_step"] == KILL_AT // EVERY * EVERY
+    assert runs["last"]["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
+
+
+def test_the_resumed_recipe_run_reproduces_the_per_step_losses_bitwise(runs):
+    reference, resumed = losses(runs["root"] / "reference"), losses(runs["root"] / "resumed")
+    assert sorted(resumed) == list(range(runs["last"]["global_step"] + 1, EPOCHS * 10 + 1))
+    assert resumed == {step: reference[step] for step in resumed}
+
+
+def test_the_resumed_recipe_run_ends_with_the_same_weights(runs):
+    reference = torch.load(runs["root"] / "reference" / "weights.pt")
+    resumed = torch.load(runs["root"] / "resumed" / "weights.pt")
+    assert reference.keys() == resumed.keys()
+    for name, weight in reference.items():
+        assert torch.equal(resumed[name], weight), name
+
+
+# ---------------------------------------------------------------------------------------------- the loader itself
+def numbers(n: int = 20) -> TensorDataset:
+    return TensorDataset(torch.arange(n))
+
+
+def order(loader: ResumableLoader) -> list[int]:
+    return [int(i) for (batch,) in loader for i in batch]
+
+
+def test_the_train_loader_shuffles_from_the_global_seed_and_the_epoch(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    dm = DigitsDataModule()
+    first, again = dm.train_dataloader(), dm.train_dataloader()
+    assert isinstance(first, ResumableLoader) and first.sampler.seed == 5
+    epoch0 = torch.cat([y for _, y in first])
+    assert torch.equal(torch.cat([y for _, y in again]), epoch0)
+    first.sampler.set_epoch(1)
+    epoch1 = torch.cat([y for _, y in first])
+    assert not torch.equal(epoch1, epoch0) and torch.equal(epoch1.sort().values, epoch0.sort().values)
+
+
+def test_the_train_loader_state_resumes_mid_epoch():
+    loader = ResumableLoader(numbers(), batch_size=3, sampler=EpochSampler(numbers(), seed=0))
+    loader.sampler.set_epoch(2)
+    whole = [batch.tolist() for (batch,) in loader]
+    passing = iter(loader)
+    seen = [next(passing)[0].tolist() for _ in range(4)]
+    state = loader.state_dict()
+    assert state == {"epoch": 2, "batches": 4}
+
+    restarted = ResumableLoader(numbers(), batch_size=3, sampler=EpochSampler(numbers(), seed=0))
+    restarted.load_state_dict(state)
+    restarted.sampler.set_epoch(2)
+    rest = [batch.tolist() for (batch,) in restarted]
+    assert seen + rest == whole
+    assert restarted.state_dict() == {"epoch": 2, "batches": len(whole)}
+    assert len([batch for batch in restarted]) == len(whole), "the next pass is a whole epoch again"
+
+
+def test_a_train_loader_state_from_an_epochs_end_starts_the_next_epoch_whole():
+    loader = ResumableLoader(numbers(), batch_size=3, sampler=EpochSampler(numbers(), seed=0))
+    loader.load_state_dict({"epoch": 0, "batches": 7})
+    loader.sampler.set_epoch(1)
+    assert len(order(loader)) == 20
+
+
+def test_the_train_loader_gives_each_rank_the_share_of_lightnings_distributed_sampler():
+    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, logger=False)
+    dm = DigitsDataModule()
+    dm.trainer = trainer
+    sampler = dm.train_dataloader().sampler
+    assert (sampler.num_replicas, sampler.rank) == (2, 0)
+    lightning = DistributedSampler(dm.splits["train"], num_replicas=2, rank=0, shuffle=True, seed=sampler.seed)
+    assert list(sampler) == list(lightning)
