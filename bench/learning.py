@@ -256,14 +256,15 @@ def plot(results: list[dict], recipe: str, path: Path) -> Path:
 
     metric = STUDY[recipe]["metric"].replace("test/", "val/")
     fig, (curves, align) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name in STUDY[recipe]["variants"]:
+    for index, name in enumerate(STUDY[recipe]["variants"]):
+        style = {"linestyle": ("-", "--", ":")[index // 10 % 3]}  # 10 colours, then dashed, then dotted
         histories = _histories(results, recipe, name)
         if not histories:
             continue
-        _mean_curve(curves, [[(r["step"], r[metric]) for r in h.val if metric in r] for h in histories], name)
+        _mean_curve(curves, [[(r["step"], r[metric]) for r in h.val if metric in r] for h in histories], name, style)
         rows = [[(r["step"], r["alignment/mean"]) for r in h.alignment if "alignment/mean" in r] for h in histories]
         if any(rows) and name not in ("backprop", "frozen"):
-            _mean_curve(align, rows, name)
+            _mean_curve(align, rows, name, style)
     curves.set(title=f"{recipe}: {metric} (mean over seeds)", xlabel="step")
     if STUDY[recipe]["metric"].endswith("ppl"):
         curves.set_yscale("log")
@@ -283,13 +284,14 @@ def _histories(results: list[dict], recipe: str, name: str) -> list[History]:
     return [History.load(p) for p in paths if p.exists()]
 
 
-def _mean_curve(ax, runs: list[list[tuple[float, float]]], label: str) -> None:
+def _mean_curve(ax, runs: list[list[tuple[float, float]]], label: str, style: dict) -> None:
     runs = [run for run in runs if run]
     if not runs:
         return
     length = min(len(run) for run in runs)
     steps = [runs[0][i][0] for i in range(length)]
-    ax.plot(steps, [statistics.fmean(run[i][1] for run in runs) for i in range(length)], marker=".", label=label)
+    means = [statistics.fmean(run[i][1] for run in runs) for i in range(length)]
+    ax.plot(steps, means, marker=".", label=label, **style)
 
 
 def page(results: list[dict], recipes: list[str], image_dir: Path, intro: str) -> str:
