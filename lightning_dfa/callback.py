@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -134,23 +134,13 @@ class DFA(FeedbackEngine, Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self._losses.append(loss.detach())  # checked once per optimizer step: no extra device sync here
 
-    def _feedback(self, error: Tensor, routed: list, needed: Sequence[bool]) -> list:
-        """The engine's feedback, except that in a Lightning run a non-finite error is recorded, not raised.
-
-        The blocks then get no feedback from this micro-batch, and :meth:`on_before_optimizer_step` stops the
-        run or skips the step. The projector never sees the non-finite error (so projectors with
-        ``nonfinite="raise"`` do not raise either).
-        """
-        if self._trainer is None or not self.check_finite:
-            return super()._feedback(error, routed, needed)
-        if not bool(torch.isfinite(error).all()):
-            self._bad_error = True
-            return [None] * len(routed)
-        self.check_finite = False  # checked just above: spare the engine a second pass over the error
-        try:
-            return super()._feedback(error, routed, needed)
-        finally:
-            self.check_finite = True
+    def _nonfinite_error(self, points: int) -> list[Tensor | None]:
+        """In a Lightning run a non-finite error is recorded, not raised: the blocks get no feedback from this
+        micro-batch (the projector never sees it), and :meth:`on_before_optimizer_step` stops or skips the step."""
+        if self._trainer is None:
+            return super()._nonfinite_error(points)
+        self._bad_error = True
+        return [None] * points
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

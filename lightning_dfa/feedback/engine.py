@@ -398,10 +398,7 @@ class FeedbackEngine:
         else:
             flat = error.reshape(-1, self.projector.in_features)
         if self.check_finite and not _all_finite(flat):
-            raise FloatingPointError(
-                f"The error at {self.output!r} holds NaN or inf values; no feedback was applied. Check the loss "
-                "and learning rate, or use bf16/fp32 instead of fp16."
-            )
+            return self._nonfinite_error(len(routed))
         encoded = encode_error(flat.float(), self.error_encoding, self.ternary_threshold)
         feedback = self.projector(encoded)
         slices = {name: self._scaled(name, encoded, feedback[:, self.layout[name]]) for name, _ in routed}
@@ -411,6 +408,13 @@ class FeedbackEngine:
         for (name, shape), need in zip(routed, needed):
             grads.append(shape.gradient(slices[name]).to(error.dtype) if need else None)
         return grads
+
+    def _nonfinite_error(self, points: int) -> list[Tensor | None]:
+        """What a NaN or inf error does: raise here; the Lightning ``DFA`` records it and gives no feedback."""
+        raise FloatingPointError(
+            f"The error at {self.output!r} holds NaN or inf values; no feedback was applied. Check the loss "
+            "and learning rate, or use bf16/fp32 instead of fp16."
+        )
 
     def _scaled(self, name: str, error: Tensor, feedback: Tensor) -> Tensor:
         if self.feedback_scale == "adaptive":
