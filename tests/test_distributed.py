@@ -10,7 +10,6 @@ all-reduce / reduce-scatter, are the single process's mean loss.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import TinyMLP, tiny_gpt2
+from forking import WORLD, free_port, torchrun_env
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,7 +31,6 @@ from lightning_dfa.feedback import FeedbackEngine
 from lightning_dfa.models import MLPClassifier
 from lightning_dfa.strategies import outer_points
 
-WORLD = 2
 PER_RANK = 4
 
 
@@ -60,35 +59,14 @@ def single_process_grads(model: nn.Module, seed: int = 0) -> dict[str, Tensor]:
     return {name: param.grad for name, param in model.named_parameters()}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def fork_ranks(worker: Callable[..., None], *args: Any) -> None:
     """Run ``worker(rank, port, *args)`` in ``WORLD`` forked processes; raises if a rank fails."""
     mp.start_processes(_one_thread, args=(worker, free_port(), *args), nprocs=WORLD, start_method="fork")
 
 
 def _one_thread(rank: int, worker: Callable[..., None], *args: Any) -> None:
-    # OpenMP's thread pool does not survive fork: a forked child that enters a parallel region the parent
-    # already used hangs. One intra-op thread keeps ATen out of OpenMP (Lightning's own fork launcher does the same).
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # OpenMP's pool does not survive fork (see tests/forking.py)
     worker(rank, *args)
-
-
-def torchrun_env(rank: int, port: int) -> None:
-    """The variables torchrun sets: Lightning then joins the group instead of launching processes."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        GROUP_RANK="0",
-        LOCAL_WORLD_SIZE=str(WORLD),
-    )
 
 
 def trainer(**kwargs: Any) -> pl.Trainer:

@@ -12,8 +12,6 @@ Ranks are forked with torchrun's variables (Lightning joins them), as in tests/t
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.multiprocessing as mp
+from forking import WORLD, free_port, run_ranks, torchrun_env
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -29,44 +28,19 @@ from lightning_dfa import DFADDPStrategy, DFAFSDPStrategy, DFAStrategy
 from lightning_dfa.callbacks import Alignment
 from lightning_dfa.models import CausalLM, MLPClassifier
 
-WORLD, PER_RANK, STEPS = 2, 4, 3
+PER_RANK, STEPS = 4, 3
 DEADLINE_S = 150
 GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 16}
 GPT2.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def fork_ranks(worker: Any, folder: Path) -> list[int | None]:
     """Run ``worker(rank, folder)`` in ``WORLD`` forked ranks; their exit codes (killed at the deadline)."""
-    context = mp.start_processes(
-        _rank, args=(worker, free_port(), str(folder)), nprocs=WORLD, start_method="fork", join=False
-    )
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline and any(p.is_alive() for p in context.processes):
-        time.sleep(0.2)
-    for process in context.processes:
-        if process.is_alive():
-            process.kill()
-        process.join()
-    return [p.exitcode for p in context.processes]
+    return run_ranks(_rank, (worker, free_port(), str(folder)), DEADLINE_S)
 
 
 def _rank(rank: int, worker: Any, port: int, folder: str) -> None:
-    torch.set_num_threads(1)  # OpenMP's pool does not survive fork (see tests/test_distributed.py)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        GROUP_RANK="0",
-        LOCAL_WORLD_SIZE=str(WORLD),
-    )
+    torchrun_env(rank, port)
     worker(rank, Path(folder))
 
 

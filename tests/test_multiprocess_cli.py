@@ -12,53 +12,21 @@ interpreters: the whole run takes seconds. A rank that hangs is killed at a dead
 from __future__ import annotations
 
 import json
-import os
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.multiprocessing as mp
+from forking import WORLD, free_port, run_ranks, torchrun_env
 from torch.utils.data import DataLoader, TensorDataset
 
-WORLD = 2
 DEADLINE_S = 150
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun_env(rank: int, port: int) -> None:
-    """What torchrun sets: Lightning then joins the process group instead of launching processes."""
-    torch.set_num_threads(1)  # OpenMP's pool does not survive fork (see tests/test_distributed.py)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        GROUP_RANK="0",
-        LOCAL_WORLD_SIZE=str(WORLD),
-    )
 
 
 def fork_ranks(worker: Any, root: Path) -> list[int | None]:
     """Run ``worker(rank, port, root)`` in ``WORLD`` forked processes; their exit codes (killed at the deadline)."""
-    context = mp.start_processes(worker, args=(free_port(), str(root)), nprocs=WORLD, start_method="fork", join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline and any(p.is_alive() for p in context.processes):
-        time.sleep(0.2)
-    for process in context.processes:
-        if process.is_alive():
-            process.kill()
-        process.join()
-    return [p.exitcode for p in context.processes]
+    return run_ranks(worker, (free_port(), str(root)), DEADLINE_S)
 
 
 def _cli_rank(rank: int, port: int, root: str) -> None:
