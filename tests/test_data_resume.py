@@ -11,7 +11,6 @@ share per rank.
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,8 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
+from resuming import KillAt, StepLog, in_child, losses
 from torch.utils.data import DistributedSampler, TensorDataset
 
 import lightning_dfa  # noqa: F401  (registers the strategies)
@@ -31,29 +30,6 @@ from lightning_dfa.models import MLPClassifier
 BATCH = 128  # 1,257 training digits: 10 steps per epoch
 EPOCHS = 2
 EVERY, KILL_AT = 4, 14  # last checkpoint at step 12: epoch 1, batch 2 of 10
-
-
-class StepLog(pl.Callback):
-    """Appends ``step loss`` (exact hex) after every step; saves the weights at the end."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args) -> None:
-        with open(self.folder / "losses.txt", "a") as file:
-            file.write(f"{trainer.global_step} {outputs['loss'].item().hex()}\n")
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        torch.save(pl_module.state_dict(), self.folder / "weights.pt")
-
-
-class KillAt(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train(
@@ -80,27 +56,17 @@ def train(
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=BATCH, num_workers=num_workers), ckpt_path=ckpt_path)
 
 
-def in_child(**kwargs: Any) -> int:
-    child = mp.get_context("fork").Process(target=train, kwargs=kwargs)
-    child.start()
-    child.join()
-    return child.exitcode
-
-
-def losses(folder: Path) -> dict[int, str]:
-    lines = (folder / "losses.txt").read_text().split()
-    return {int(step): loss for step, loss in zip(lines[::2], lines[1::2])}
-
-
 @pytest.fixture(scope="module", params=[0, 2], ids=["no-workers", "2-workers"])
 def runs(request, tmp_path_factory) -> dict[str, Any]:
     """The three runs, loading in the main process or in two workers (which prefetch ahead of training)."""
     root, workers = tmp_path_factory.mktemp("data-resume"), request.param
-    reference = in_child(folder=root / "reference", checkpoints=root / "reference-ckpts", num_workers=workers)
-    killed = in_child(folder=root / "killed", checkpoints=root / "ckpts", num_workers=workers, kill_at=KILL_AT)
+    reference = in_child(train, folder=root / "reference", checkpoints=root / "reference-ckpts", num_workers=workers)
+    killed = in_child(train, folder=root / "killed", checkpoints=root / "ckpts", num_workers=workers, kill_at=KILL_AT)
     last = torch.load(root / "ckpts" / "last.ckpt", weights_only=False)
     ckpt_path = str(root / "ckpts" / "last.ckpt")
-    resumed = in_child(folder=root / "resumed", checkpoints=root / "ckpts", num_workers=workers, ckpt_path=ckpt_path)
+    resumed = in_child(
+        train, folder=root / "resumed", checkpoints=root / "ckpts", num_workers=workers, ckpt_path=ckpt_path
+    )
     return {"root": root, "exit": (reference, killed, resumed), "last": last}
 
 

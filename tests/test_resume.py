@@ -16,10 +16,8 @@ What makes it exact:
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,68 +25,20 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
+from resuming import KillAt, StepLog, in_child, losses
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import TensorDataset
 
 import lightning_dfa  # noqa: F401  (registers the strategies)
 from lightning_dfa import DFAStrategy
+from lightning_dfa.data.splits import EpochSampler, ResumableLoader
 from lightning_dfa.models import MLPClassifier
 from lightning_dfa.strategies import RNG_KEY, rng_states, set_rng_states
 
 SAMPLES, BATCH = 40, 4  # 10 steps per epoch
 EPOCHS = 3
 EVERY, KILL_AT = 4, 18  # last checkpoint at step 16: epoch 1, batch 6 of 10
-
-
-class EpochSampler(Sampler[int]):
-    """Shuffles from ``seed + epoch`` (Lightning calls ``set_epoch``) and can start mid-epoch.
-
-    Example::
-
-        sampler = EpochSampler(len(dataset), seed=0)
-        sampler.set_epoch(1); sampler.resume(epoch=1, start=24)   # the next pass yields the last 16 indices
-    """
-
-    def __init__(self, size: int, seed: int = 0) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-        self.yielded = 0  # indices handed out in this epoch, counting those skipped on resume
-        self._resume_at: tuple[int, int] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def resume(self, epoch: int, start: int) -> None:
-        self._resume_at = (epoch, start)
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        resume, self._resume_at = self._resume_at, None
-        self.yielded = resume[1] if resume is not None and resume[0] == self.epoch else 0
-        for index in order[self.yielded :]:
-            self.yielded += 1
-            yield index
-
-    def __len__(self) -> int:
-        return self.size
-
-
-class ResumableLoader(DataLoader):
-    """A shuffled ``DataLoader`` with the ``state_dict``/``load_state_dict`` that Lightning checkpoints.
-
-    Exact with ``num_workers=0``: the sampler has then handed out exactly the indices of the batches trained
-    on (a sized loader is not prefetched by Lightning).
-    """
-
-    def __init__(self, dataset: TensorDataset, batch_size: int, seed: int = 0) -> None:
-        super().__init__(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed))
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "start": self.sampler.yielded}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.resume(state["epoch"], state["start"])
 
 
 class DropoutMLP(MLPClassifier):
@@ -102,32 +52,6 @@ class DropoutMLP(MLPClassifier):
         for block in self.blocks:
             x = self.drop(block(x))
         return self.head(x)
-
-
-class StepLog(pl.Callback):
-    """Appends ``step loss`` (exact hex) after every step and the final feedback state and weights at the end."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args) -> None:
-        with open(self.folder / "losses.txt", "a") as file:
-            file.write(f"{trainer.global_step} {outputs['loss'].item().hex()}\n")
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        torch.save(pl_module.state_dict(), self.folder / "weights.pt")
-        torch.save(trainer.strategy.dfa.state_dict(), self.folder / "feedback.pt")
-
-
-class KillAt(pl.Callback):
-    """SIGKILL this process after global step ``step`` (before that step's checkpoint, if any)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def dataset() -> TensorDataset:
@@ -156,29 +80,20 @@ def train(folder: Path, checkpoints: Path, kill_at: int | None = None, ckpt_path
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    trainer.fit(DropoutMLP(), ResumableLoader(dataset(), BATCH), ckpt_path=ckpt_path)
-
-
-def in_child(**kwargs: Any) -> int:
-    """Run :func:`train` in a forked child; its exit code (``-SIGKILL`` when killed)."""
-    child = mp.get_context("fork").Process(target=train, kwargs=kwargs)
-    child.start()
-    child.join()
-    return child.exitcode
-
-
-def losses(folder: Path) -> dict[int, str]:
-    lines = (folder / "losses.txt").read_text().split()
-    return {int(step): loss for step, loss in zip(lines[::2], lines[1::2])}
+    data = dataset()
+    loader = ResumableLoader(data, batch_size=BATCH, sampler=EpochSampler(data, seed=0))
+    trainer.fit(DropoutMLP(), loader, ckpt_path=ckpt_path)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("resume")
-    reference = in_child(folder=root / "reference", checkpoints=root / "reference-ckpts")
-    killed = in_child(folder=root / "killed", checkpoints=root / "ckpts", kill_at=KILL_AT)
+    reference = in_child(train, folder=root / "reference", checkpoints=root / "reference-ckpts")
+    killed = in_child(train, folder=root / "killed", checkpoints=root / "ckpts", kill_at=KILL_AT)
     last = torch.load(root / "ckpts" / "last.ckpt", weights_only=False)
-    resumed = in_child(folder=root / "resumed", checkpoints=root / "ckpts", ckpt_path=str(root / "ckpts" / "last.ckpt"))
+    resumed = in_child(
+        train, folder=root / "resumed", checkpoints=root / "ckpts", ckpt_path=str(root / "ckpts" / "last.ckpt")
+    )
     return {"root": root, "exit": (reference, killed, resumed), "last": last}
 
 
