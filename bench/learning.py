@@ -30,23 +30,26 @@ UNTIED = (
     '--model.init_args.config={"model_type": "gpt2", "n_layer": 4, "n_embd": 128, "n_head": 4, '
     '"n_positions": 128, "tie_word_embeddings": false}'
 )
-VIT_BLOCKS_LR = '--model.init_args.lr_multipliers={{"model.vit.embeddings": {0}, "model.vit.layers.*": {0}}}'
-UNET_BLOCKS_LR = (
-    '--model.init_args.lr_multipliers={{"unet.down_blocks.*": {0}, "unet.mid_block": {0}, "unet.up_blocks.*": {0}}}'
-)
-GPT_BLOCKS_LR = '--model.init_args.lr_multipliers={{"model.transformer.h.*": {}}}'
 
 
-def variant(mode: str = "dfa", **dfa: object) -> dict:
-    return {"mode": mode, "dfa": dfa, "args": []}
+def variant(mode: str = "dfa", *args: str, **dfa: object) -> dict:
+    """A mode, DFA settings merged into the model's ``configure_dfa()``, and extra command-line arguments."""
+    return {"mode": mode, "dfa": dfa, "args": list(args)}
 
 
-def with_args(spec: dict, *args: str) -> dict:
-    return {**spec, "args": list(args)}
+def lr_scale(scale: float, **dfa: object) -> dict:
+    return variant("dfa", f"--trainer.strategy.init_args.lr_scale={scale}", **dfa)
 
 
-#: The recipe exactly as shipped (its own ``dfa`` settings and ``lr_multipliers``).
+#: The recipe exactly as shipped (its own ``dfa`` settings).
 RECIPE_DEFAULT = {"mode": "dfa", "dfa": {}, "args": [], "recipe_default": True}
+
+#: The update scales compared on every recipe ("dfa" is the plugin's default, "lr_scale 1" plain DFA).
+SCALES = (1, 0.3, 0.1, 0.03, 0.01)
+
+
+def scales(**dfa: object) -> dict[str, dict]:
+    return {"dfa": variant(**dfa), **{f"lr_scale {scale}": lr_scale(scale, **dfa) for scale in SCALES}}
 
 
 BASELINES = {"backprop": variant("backprop"), "frozen": variant("frozen")}
@@ -56,89 +59,32 @@ STUDY: dict[str, dict] = {
     "digits-mlp": {
         "metric": "test/acc",
         "args": [],
-        "variants": {
-            **BASELINES,
-            "recipe default": RECIPE_DEFAULT,
-            "dfa": variant(),
-            "adaptive": variant(feedback_scale="adaptive"),
-            "sign": variant(error_encoding="sign"),
-            "ternary": variant(error_encoding="ternary"),
-            "top1 (hybrid)": variant(backprop_top=1),
-        },
+        "variants": {**BASELINES, **scales()},
     },
     "quickstart": {
         "metric": "val/ppl",
-        # The study uses the dense Gaussian projector (2.5x faster on CPU than the OPU emulator); the
-        # recipe's OPU default is measured once with the chosen settings ("... opu").
         "args": ["--trainer.strategy.init_args.projector=gaussian"],
         "variants": {
             **BASELINES,
-            "recipe default": RECIPE_DEFAULT,
-            "dfa": variant(),
+            **scales(),
             "embeddings": variant(embeddings=True),
-            "shared": variant(shared_feedback=True),
-            "embeddings+shared": variant(embeddings=True, shared_feedback=True),
-            "hidden error": variant(output="model.transformer.ln_f"),
-            "adaptive": variant(feedback_scale="adaptive"),
-            "row": variant(error_encoding="row"),
-            "ternary": variant(error_encoding="ternary"),
-            "blocks lr x3": with_args(variant(), GPT_BLOCKS_LR.format(3)),
-            "blocks lr x0.3": with_args(variant(), GPT_BLOCKS_LR.format(0.3)),
-            "blocks lr x0.1": with_args(variant(), GPT_BLOCKS_LR.format(0.1)),
-            "blocks lr x0.03": with_args(variant(), GPT_BLOCKS_LR.format(0.03)),
-            "blocks lr x0.01": with_args(variant(), GPT_BLOCKS_LR.format(0.01)),
-            "blocks lr x0": with_args(variant(), GPT_BLOCKS_LR.format(0)),
-            "blocks lr x0.03, OPU": with_args(
-                variant(), GPT_BLOCKS_LR.format(0.03), "--trainer.strategy.init_args.projector=opu"
-            ),
-            "shared, blocks lr x3": with_args(variant(shared_feedback=True), GPT_BLOCKS_LR.format(3)),
-            "untied": with_args(variant(), UNTIED),
-            "untied+shared": with_args(variant(shared_feedback=True), UNTIED),
-            "frozen untied": with_args(variant("frozen"), UNTIED),
-            "top1 (hybrid)": variant(backprop_top=1),
+            "untied": variant("dfa", UNTIED),
+            "untied, embeddings": variant("dfa", UNTIED, embeddings=True),
+            "frozen untied": variant("frozen", UNTIED),
         },
     },
     "vit-digits": {
         "metric": "test/acc",
         "args": [],
-        "variants": {
-            **BASELINES,
-            "recipe default": RECIPE_DEFAULT,
-            "dfa": variant(),
-            "flatten": variant(sequence_feedback="flatten"),
-            "shared": variant(shared_feedback=True),
-            "adaptive": variant(feedback_scale="adaptive"),
-            "row": variant(error_encoding="row"),
-            "ternary": variant(error_encoding="ternary"),
-            "blocks lr x0.03": with_args(variant(), VIT_BLOCKS_LR.format(0.03)),
-            "blocks lr x0.1": with_args(variant(), VIT_BLOCKS_LR.format(0.1)),
-            "blocks lr x0.3": with_args(variant(), VIT_BLOCKS_LR.format(0.3)),
-            "blocks lr x3": with_args(variant(), VIT_BLOCKS_LR.format(3)),
-            "blocks lr x10": with_args(variant(), VIT_BLOCKS_LR.format(10)),
-            "top1 (hybrid)": variant(backprop_top=1),
-            "top1 (hybrid), blocks lr x0.1": with_args(variant(backprop_top=1), VIT_BLOCKS_LR.format(0.1)),
-            "top1 (hybrid), blocks lr x0.3": with_args(variant(backprop_top=1), VIT_BLOCKS_LR.format(0.3)),
-        },
+        "variants": {**BASELINES, **scales()},
     },
     "ddpm-digits": {
         "metric": "test/loss",
         "args": ["--model.init_args.sample_every_n_epochs=10"],
         "variants": {
-            **BASELINES,
-            "recipe default": RECIPE_DEFAULT,
-            "dfa": variant(),
-            "spatial": variant(spatial_feedback=True),
-            "spatial 3x3": variant(spatial_feedback=True, spatial_patch=3),
-            "spatial+embeddings": variant(spatial_feedback=True, embeddings=True),
-            "spatial+carry": variant(spatial_feedback=True, cut_inputs="hidden"),
-            "spatial+embeddings+carry": variant(spatial_feedback=True, embeddings=True, cut_inputs="hidden"),
-            "adaptive": variant(feedback_scale="adaptive"),
-            "blocks lr x0.1": with_args(variant(), UNET_BLOCKS_LR.format(0.1)),
-            "spatial, blocks lr x0.1": with_args(variant(spatial_feedback=True), UNET_BLOCKS_LR.format(0.1)),
-            "spatial+embeddings+carry, blocks lr x0.1": with_args(
-                variant(spatial_feedback=True, embeddings=True, cut_inputs="hidden"), UNET_BLOCKS_LR.format(0.1)
-            ),
-            "top1 (hybrid)": variant(backprop_top=1),
+            "backprop": variant("backprop"),
+            "frozen": variant("frozen", spatial_feedback=True),
+            **scales(spatial_feedback=True),
         },
     },
 }
@@ -164,7 +110,7 @@ def command(recipe: str, name: str, spec: dict, seed: int, run_dir: Path) -> lis
         *STUDY[recipe]["args"],
     ]
     if not spec.get("recipe_default"):  # the variant alone, whatever the recipe's own DFA defaults are
-        argv += ["--model.init_args.dfa=null", "--model.init_args.lr_multipliers=null"]
+        argv += ["--model.init_args.dfa=null"]
     argv += spec["args"]
     if spec["dfa"]:
         argv.append(f"--model.init_args.dfa={json.dumps(spec['dfa'])}")

@@ -113,6 +113,7 @@ class DFA(FeedbackEngine, Callback):
         if self.model is not None:
             self.detach()
         self.attach(pl_module)
+        self.scale_updates(*trainer.optimizers)  # the optimizers exist now (strategy.setup ran)
         self._trainer = trainer
         self._reset_step()
 

@@ -4,7 +4,8 @@ Where the feedback points come from, in order: the strategy's own arguments; els
 LightningModule's ``configure_dfa()`` hook (a ``DFA`` or a dict of its arguments), with any
 argument given to the strategy overriding it; else ``blocks="auto"``. The strategies name the ``DFA``
 arguments most often set from a config (``blocks``, ``output``, ``projector``, ``seed``, ``mode``,
-``nonfinite``, ``nonfinite_patience``); the others go in ``dfa_kwargs`` (or as keywords to ``DFAStrategy``).
+``lr_scale``, ``nonfinite``, ``nonfinite_patience``); the others go in ``dfa_kwargs`` (or as keywords to
+``DFAStrategy``).
 
 The strategies also keep the global random states (torch, CUDA, numpy, Python) in their checkpoints
 and restore them when training resumes, so dropout and anything else drawn from them continue as if
@@ -135,6 +136,7 @@ class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
         precision_plugin: Any = None,
         nonfinite: str | None = None,
         nonfinite_patience: int | None = None,
+        lr_scale: float | None = None,
         **dfa_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -151,6 +153,7 @@ class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
             mode=mode,
             nonfinite=nonfinite,
             nonfinite_patience=nonfinite_patience,
+            lr_scale=lr_scale,
             dfa_kwargs=dfa_kwargs,
         )
         self._device_given = device is not None
@@ -188,6 +191,7 @@ class DFADDPStrategy(_DFAStrategyMixin, DDPStrategy):
         dfa_kwargs: dict[str, Any] | None = None,
         nonfinite: str | None = None,
         nonfinite_patience: int | None = None,
+        lr_scale: float | None = None,
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(**ddp_kwargs)
@@ -199,6 +203,7 @@ class DFADDPStrategy(_DFAStrategyMixin, DDPStrategy):
             mode=mode,
             nonfinite=nonfinite,
             nonfinite_patience=nonfinite_patience,
+            lr_scale=lr_scale,
             dfa_kwargs=dfa_kwargs or {},
         )
 
@@ -235,6 +240,7 @@ class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
         dfa_kwargs: dict[str, Any] | None = None,
         nonfinite: str | None = None,
         nonfinite_patience: int | None = None,
+        lr_scale: float | None = None,
         **fsdp_kwargs: Any,
     ) -> None:
         super().__init__(**fsdp_kwargs)
@@ -246,6 +252,7 @@ class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
             mode=mode,
             nonfinite=nonfinite,
             nonfinite_patience=nonfinite_patience,
+            lr_scale=lr_scale,
             dfa_kwargs=dfa_kwargs or {},
         )
         self._wrapper: nn.Module | None = None

@@ -280,57 +280,14 @@ def test_unknown_cut_inputs_lists_the_choices():
         DFA(cut_inputs="side")
 
 
-# ---------------------------------------------------------------------- learning-rate multipliers
-def test_lr_multipliers_become_parameter_groups(deep_mlp):
-    from lightning_dfa.optim import param_groups
-
-    groups = param_groups(deep_mlp, lr=0.1, weight_decay=0.5, lr_multipliers={"blocks.*": 0.2, "head": 3})
-    by_lr = {}
-    for group in groups:
-        by_lr.setdefault(round(group["lr"], 6), []).extend(group["params"])
-    assert sorted(by_lr) == [0.02, 0.3]
-    assert len(by_lr[0.02]) == 6 and {id(p) for p in by_lr[0.3]} == {id(p) for p in deep_mlp.head.parameters()}
-    assert {g["weight_decay"] for g in groups if g["params"][0].ndim == 1} == {0.0}
-
-
-def test_lr_multiplier_for_an_unknown_module_lists_candidates(deep_mlp):
-    from lightning_dfa.optim import param_groups
-
-    with pytest.raises(ValueError, match=r"lr_multipliers: 'blocks\.9' matches no module.*Closest paths"):
-        param_groups(deep_mlp, lr=0.1, lr_multipliers={"blocks.9": 2.0})
-
-
+# ---------------------------------------------------------------------- model settings
 def test_model_dfa_settings_reach_the_strategys_dfa():
     from lightning_dfa.models import MLPClassifier
 
-    model = MLPClassifier(dfa={"backprop_top": 1, "feedback_scale": "layer"}, lr_multipliers={"head": 2.0})
+    model = MLPClassifier(dfa={"backprop_top": 1, "feedback_scale": "layer"})
     assert model.configure_dfa() == {
         "blocks": "blocks.*",
         "output": "head",
         "backprop_top": 1,
         "feedback_scale": "layer",
     }
-
-
-@pytest.mark.parametrize("mode, head_lr", [("dfa", 0.002), ("backprop", 0.001), ("frozen", 0.001)])
-def test_lr_multipliers_apply_to_dfa_runs_only(mode, head_lr):
-    import lightning.pytorch as pl
-
-    from lightning_dfa import DFAStrategy
-    from lightning_dfa.data import DigitsDataModule
-    from lightning_dfa.models import MLPClassifier
-
-    model = MLPClassifier(hidden=8, depth=2, lr=0.001, lr_multipliers={"head": 2.0})
-    trainer = pl.Trainer(
-        strategy=DFAStrategy(mode=mode),
-        max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
-    lrs = {id(p): group["lr"] for group in trainer.optimizers[0].param_groups for p in group["params"]}
-    assert lrs[id(model.head.weight)] == pytest.approx(head_lr)
-    assert lrs[id(model.blocks[0][0].weight)] == pytest.approx(0.001)

@@ -15,6 +15,7 @@ Everything happens inside one ordinary ``loss.backward()``:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -34,6 +35,7 @@ from lightning_dfa.feedback.rows import (
     spatial_error_rows,
 )
 from lightning_dfa.feedback.scaling import ERROR_ENCODINGS, FEEDBACK_SCALES, AdaptiveScale, encode_error, fixed_scales
+from lightning_dfa.feedback.update_scale import DEFAULT_LR_SCALE, ScaledUpdates, check_lr_scale, own_parameters
 from lightning_dfa.projectors import build_projector
 from lightning_dfa.projectors.registry import ProjectorSpec, check_projector_sizes
 
@@ -60,6 +62,9 @@ class FeedbackEngine:
             errors, else 1). See :mod:`lightning_dfa.feedback.rows`.
         sequence_feedback: ``"broadcast"`` or ``"flatten"``, for per-sample errors with per-token points.
         check_finite: raise if the error holds NaN or inf instead of spreading it into every block.
+        lr_scale: the feedback points learn at ``lr_scale`` x their optimizer's learning rate (``mode="dfa"``
+            only; baselines keep the plain rate). Lightning runs apply it to every optimizer; in plain PyTorch call
+            :meth:`scale_updates` once. See :mod:`lightning_dfa.feedback.update_scale`.
 
     Learning variants (:doc:`docs/learning.md` measures each):
 
@@ -82,8 +87,10 @@ class FeedbackEngine:
     Example::
 
         dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(model)
+        dfa.scale_updates(optimizer)         # the blocks learn at lr_scale x lr
         loss_fn(model(x), y).backward()      # blocks get projector(e) slices, the head its true gradient
-        dfa.detach()                         # plain backprop again
+        optimizer.step()
+        dfa.detach()                         # plain backprop (and plain optimizer steps) again
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class FeedbackEngine:
         error_rows: int | None = None,
         sequence_feedback: str = "broadcast",
         check_finite: bool = True,
+        lr_scale: float = DEFAULT_LR_SCALE,
         error_encoding: str = "none",
         ternary_threshold: float = 1.0,
         feedback_scale: str = "fan_in",
@@ -122,6 +130,7 @@ class FeedbackEngine:
             raise ValueError(f"spatial_patch must be an odd positive integer (1, 3, 5, ...), got {spatial_patch!r}.")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+        check_lr_scale(lr_scale)
         self.blocks = blocks
         self.output = output
         self.projector_spec = projector
@@ -130,6 +139,8 @@ class FeedbackEngine:
         self.error_rows = error_rows
         self.sequence_feedback = sequence_feedback
         self.check_finite = check_finite
+        self.lr_scale = lr_scale
+        self._scaled_updates: list[ScaledUpdates] = []
         self.error_encoding, self.ternary_threshold = error_encoding, ternary_threshold
         self.feedback_scale, self.scale_momentum = feedback_scale, scale_momentum
         self.backprop_top, self.embeddings, self.cut_inputs = backprop_top, embeddings, cut_inputs
@@ -161,6 +172,7 @@ class FeedbackEngine:
             "error_rows": self.error_rows,
             "sequence_feedback": self.sequence_feedback,
             "check_finite": self.check_finite,
+            "lr_scale": self.lr_scale,
             "error_encoding": self.error_encoding,
             "ternary_threshold": self.ternary_threshold,
             "feedback_scale": self.feedback_scale,
@@ -254,9 +266,23 @@ class FeedbackEngine:
             if active:
                 self._install_hooks()
 
+    def scale_updates(self, *optimizers: torch.optim.Optimizer) -> None:
+        """Make the points learn at ``lr_scale`` x each optimizer's learning rate (exactly as their own parameter
+        group would), until :meth:`detach`. Only in ``mode="dfa"``: the baselines keep the plain rate. Parameters
+        shared with modules outside the points (a head tied to embedding points) keep the full rate."""
+        if self.model is None:
+            raise RuntimeError("scale_updates() needs the model: call attach(model) first.")
+        if self.mode != "dfa" or self.lr_scale == 1.0:
+            return
+        params = own_parameters(self.model, self.points)
+        self._scaled_updates += [ScaledUpdates(optimizer, params, self.lr_scale) for optimizer in optimizers]
+
     def detach(self) -> None:
-        """Remove every hook: the model is exactly as before (plain backprop)."""
+        """Remove every hook: the model and its optimizers are exactly as before (plain backprop)."""
         self._remove_hooks()
+        for scaled in self._scaled_updates:
+            scaled.remove()
+        self._scaled_updates.clear()
         for param in self._frozen:
             param.requires_grad_(True)
         self._frozen = []
@@ -433,6 +459,7 @@ class FeedbackEngine:
             "layout": {name: (s.start, s.stop) for name, s in self.layout.items()},
             "projector": self.projector.state_dict(),
             "adaptive_scales": dict(self._adaptive.factors),
+            "lr_scale": self.lr_scale,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -444,6 +471,14 @@ class FeedbackEngine:
             )
         if "layout" not in state:
             return
+        saved_scale = state.get("lr_scale", self.lr_scale)
+        if saved_scale != self.lr_scale:
+            warnings.warn(
+                f"The checkpoint was trained with lr_scale={saved_scale}, this run uses lr_scale={self.lr_scale}: "
+                f"the feedback points' learning rate changes from here on (set lr_scale={saved_scale} to resume "
+                "the same trajectory).",
+                stacklevel=2,
+            )
         self._adaptive.factors = dict(state.get("adaptive_scales", {}))
         if self.projector is None:
             self._saved_state = dict(state)

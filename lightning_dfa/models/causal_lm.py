@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from lightning_dfa.callback import DFA
-from lightning_dfa.optim import dfa_lr_multipliers, param_groups
+from lightning_dfa.optim import param_groups
 
 SCHEDULES = ("cosine", "constant")
 
@@ -47,9 +47,6 @@ class CausalLM(pl.LightningModule):
         lr, weight_decay, betas: AdamW (no weight decay on biases and norms).
         dfa: DFA settings merged over this model's ``configure_dfa()`` (e.g. ``{"backprop_top": 1}``;
             see ``FeedbackEngine`` and docs/learning.md); strategy arguments still win.
-        lr_multipliers: in DFA runs (mode "dfa") only, module path or glob -> factor on ``lr``
-            (``{"model.vit.layers.*": 0.3}``), as optimizer
-            parameter groups (:func:`lightning_dfa.optim.param_groups`).
         warmup_steps, schedule: linear warmup, then ``"cosine"`` decay to 0 at the last step or ``"constant"``.
         sample_prompt, sample_tokens, sample_top_k, sample_seed: the text sample generated after each
             validation (top-k sampling with a fixed seed, so samples of different epochs and runs compare).
@@ -81,7 +78,6 @@ class CausalLM(pl.LightningModule):
         sample_top_k: int = 20,
         sample_seed: int = 0,
         dfa: dict[str, Any] | None = None,
-        lr_multipliers: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if (config is None) == (pretrained is None):
@@ -210,7 +206,7 @@ class CausalLM(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = param_groups(self, hp.lr, hp.weight_decay, dfa_lr_multipliers(self))
+        groups = param_groups(self, hp.lr, hp.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches
         if hp.schedule == "cosine" and math.isfinite(total):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_dfa.models.image_classifier import check_data_sizes, local_checkpoint, sizes_from_data
-from lightning_dfa.optim import dfa_lr_multipliers, param_groups
+from lightning_dfa.optim import param_groups
 
 #: UNet2DModel config keys taken from the datamodule when not given -> datamodule reading.
 DATA_SIZES = {"sample_size": "image_size", "in_channels": "channels", "out_channels": "channels"}
@@ -33,8 +33,7 @@ class Diffusion(pl.LightningModule):
         validation epoch (not the sanity check) ``num_samples`` images are generated from ``sample_seed``
         with ``inference_steps`` DDPM steps, saved to ``<log_dir>/samples/epoch_XXX.png`` and logged to
         W&B when the logger is a ``WandbLogger``. Data are expected in [-1, 1] (``normalize="symmetric"``).
-    ``dfa`` (DFA settings over ``configure_dfa()``, e.g. ``{"spatial_feedback": True}``) and
-    ``lr_multipliers`` (in DFA runs: module glob -> factor on ``lr``) as in :class:`~lightning_dfa.models.CausalLM`.
+    ``dfa``: DFA settings over ``configure_dfa()``, e.g. ``{"spatial_feedback": True}``.
 
         Example::
 
@@ -57,7 +56,6 @@ class Diffusion(pl.LightningModule):
         inference_steps: int = 100,
         sample_every_n_epochs: int = 1,
         dfa: dict[str, Any] | None = None,
-        lr_multipliers: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if config is not None and pretrained is not None:
@@ -144,7 +142,7 @@ class Diffusion(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        groups = param_groups(self, hp.lr, hp.weight_decay, dfa_lr_multipliers(self), decay_vectors=True)
+        groups = param_groups(self, hp.lr, hp.weight_decay, decay_vectors=True)
         return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
 
     # ------------------------------------------------------------------ samples

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_dfa.optim import dfa_lr_multipliers, param_groups
+from lightning_dfa.optim import param_groups
 
 #: Sizes the model takes from the datamodule when they are not given: ViTConfig key -> datamodule reading.
 DATA_SIZES = {"num_labels": "classes", "image_size": "image_size", "num_channels": "channels"}
@@ -37,9 +37,6 @@ class ImageClassifier(pl.LightningModule):
         lr, weight_decay, betas: AdamW.
         dfa: DFA settings merged over this model's ``configure_dfa()`` (e.g. ``{"backprop_top": 1}``;
             see ``FeedbackEngine`` and docs/learning.md); strategy arguments still win.
-        lr_multipliers: in DFA runs (mode "dfa") only, module path or glob -> factor on ``lr``
-            (``{"model.vit.layers.*": 0.3}``), as optimizer
-            parameter groups (:func:`lightning_dfa.optim.param_groups`).
 
     Example::
 
@@ -59,7 +56,6 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         dfa: dict[str, Any] | None = None,
-        lr_multipliers: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if config is not None and pretrained is not None:
@@ -129,7 +125,7 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        groups = param_groups(self, hp.lr, hp.weight_decay, dfa_lr_multipliers(self), decay_vectors=True)
+        groups = param_groups(self, hp.lr, hp.weight_decay, decay_vectors=True)
         return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dfa.optim import dfa_lr_multipliers, param_groups
+from lightning_dfa.optim import param_groups
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -19,8 +19,7 @@ class MLPClassifier(pl.LightningModule):
 
     Each block is a feedback point; the head is the error point, so its output's gradient
     (softmax - one-hot, per sample) is the error that DFA projects.
-    ``dfa`` (DFA settings over ``configure_dfa()``) and ``lr_multipliers`` (in DFA runs: module glob -> factor on
-    ``lr``) as in :class:`~lightning_dfa.models.CausalLM`.
+    ``dfa``: DFA settings over ``configure_dfa()``, as in :class:`~lightning_dfa.models.CausalLM`.
 
     Example::
 
@@ -37,7 +36,6 @@ class MLPClassifier(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         dfa: dict[str, Any] | None = None,
-        lr_multipliers: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -77,5 +75,5 @@ class MLPClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        groups = param_groups(self, hp.lr, hp.weight_decay, dfa_lr_multipliers(self), decay_vectors=True)
+        groups = param_groups(self, hp.lr, hp.weight_decay, decay_vectors=True)
         return torch.optim.Adam(groups, lr=hp.lr)

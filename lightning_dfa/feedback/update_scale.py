@@ -1,0 +1,110 @@
+"""The feedback points learn at ``lr_scale`` x the learning rate of whatever optimizer trains them.
+
+Why: a DFA update is only partly aligned with the true gradient, and Adam-like optimizers move every
+parameter by about ``lr`` per step whatever its gradient's size; at the head's rate the blocks' misaligned
+updates drown what the head learns (docs/learning.md measures it).
+
+How, exactly: a step pre-hook on the optimizer moves the points' parameters of every parameter group
+into a copy of that group whose ``lr`` is scaled, and a step post-hook puts them back. Inside ``step()``
+the optimizer therefore sees the explicit parameter groups a user would have written, at the scaled
+rate, for any optimizer that treats its groups independently (every ``torch.optim`` optimizer, fused and
+foreach ones too); the optimizer state is kept per parameter, so it follows the parameter. Outside
+``step()`` the groups are the user's own, so LR schedulers (which set each group's ``lr`` before the
+step), ``state_dict()`` and checkpoints see nothing of it, and a scheduled ``lr`` is scaled at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+#: The default share of the learning rate for the feedback points (chosen in docs/learning.md).
+DEFAULT_LR_SCALE = 0.03
+
+#: Key of the scaled copies in the optimizer's groups while a step runs (to tell them apart).
+SCALED = "lightning_dfa_lr_scale"
+
+
+class ScaledUpdates:
+    """Scale the update of ``params`` to ``scale`` x what ``optimizer`` gives the rest of their group.
+
+    Example::
+
+        scaled = ScaledUpdates(optimizer, model.blocks.parameters(), scale=0.03)
+        optimizer.step()      # blocks: the step of a group at 0.03 x lr; everything else: unchanged
+        scaled.remove()
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], scale: float) -> None:
+        check_lr_scale(scale)
+        self.optimizer = optimizer
+        self.scale = float(scale)
+        self._params = set(params)
+        self._groups: list[tuple[dict[str, Any], list[nn.Parameter]]] = []
+        self._handles = [
+            optimizer.register_step_pre_hook(self._split),
+            optimizer.register_step_post_hook(self._merge),
+        ]
+
+    def _split(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        self._merge()  # a step that raised left its groups split
+        for group in list(optimizer.param_groups):
+            points = [p for p in group["params"] if p in self._params]
+            if not points:
+                continue
+            self._groups.append((group, group["params"]))
+            # The user's group keeps its place (code that reads param_groups[i] during the step sees it).
+            group["params"] = [p for p in group["params"] if p not in self._params]
+            optimizer.param_groups.append({**group, "params": points, "lr": group["lr"] * self.scale, SCALED: True})
+
+    def _merge(self, *_: Any) -> None:
+        if not self._groups:
+            return
+        self.optimizer.param_groups[:] = [g for g in self.optimizer.param_groups if not g.get(SCALED)]
+        for group, params in self._groups:
+            group["params"] = params
+        self._groups.clear()
+
+    def remove(self) -> None:
+        """Take the hooks off: the optimizer steps as it did before."""
+        self._merge()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def check_lr_scale(scale: Any) -> None:
+    """``lr_scale`` must be a number in [0, 1] (0 freezes the points; 1 is the optimizer's own rate)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 1.0:
+        raise ValueError(
+            f"lr_scale must be a number in [0, 1], the feedback points' share of the learning rate (1.0 leaves "
+            f"the optimizer as it is), got {scale!r}."
+        )
+
+
+def own_parameters(model: nn.Module, points: Iterable[str]) -> list[nn.Parameter]:
+    """The trainable parameters of the ``points`` modules that no other module uses (a tied head keeps its rate).
+
+    Example::
+
+        own_parameters(gpt2, ["transformer.wte", "transformer.h.0"])   # wte is tied to lm_head: h.0's only
+    """
+    points = list(points)
+
+    def inside(name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in points)
+
+    owned: dict[nn.Parameter, None] = {}
+    shared: set[nn.Parameter] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        module = name.rpartition(".")[0]
+        if not param.requires_grad:
+            continue
+        if inside(module):
+            owned[param] = None
+        else:
+            shared.add(param)
+    return [p for p in owned if p not in shared]

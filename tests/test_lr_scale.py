@@ -1,0 +1,328 @@
+"""``lr_scale``: the feedback points learn at ``lr_scale`` x the optimizer's rate, for any optimizer and schedule.
+
+The reference everywhere is what a user would write by hand: the points in their own parameter group at the
+scaled learning rate, with ``lr_scale=1.0`` (the optimizer untouched).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyMLP
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dfa import DFA, DFADDPStrategy, DFAFSDPStrategy, DFAStrategy
+from lightning_dfa.feedback import FeedbackEngine
+from lightning_dfa.feedback.update_scale import ScaledUpdates, own_parameters
+
+SCALE = 0.1
+LR = 0.05
+
+
+def points_and_rest(model):
+    points = [p for block in model.blocks for p in block.parameters()]
+    return points, list(model.head.parameters())
+
+
+def explicit_groups(model, lr=LR, scale=SCALE):
+    points, rest = points_and_rest(model)
+    return [{"params": rest, "lr": lr}, {"params": points, "lr": lr * scale}]
+
+
+def warmup(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3))
+
+
+def cosine(optimizer):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=6)
+
+
+def one_cycle(optimizer):
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lrs, total_steps=8)
+
+
+OPTIMIZERS = {
+    "adamw": lambda groups: torch.optim.AdamW(groups, lr=LR, weight_decay=0.1),
+    "adam-foreach": lambda groups: torch.optim.Adam(groups, lr=LR, foreach=True),
+    "adam-fused": lambda groups: torch.optim.Adam(groups, lr=LR, fused=True),
+    "sgd-momentum": lambda groups: torch.optim.SGD(groups, lr=LR, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "rmsprop": lambda groups: torch.optim.RMSprop(groups, lr=LR, momentum=0.5),
+}
+
+
+def batches(steps=6):
+    generator = torch.Generator().manual_seed(3)
+    return [
+        (torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator)) for _ in range(steps)
+    ]
+
+
+def train_plain(model, optimizer, scheduler, scale):
+    with DFA(blocks="blocks.*", output="head", lr_scale=scale).attach(model) as dfa:
+        dfa.scale_updates(optimizer)
+        for x, y in batches():
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+    return model
+
+
+def assert_same_weights(a, b):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def two_copies():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    return model, copy.deepcopy(model)
+
+
+@pytest.mark.parametrize(
+    "schedule", [None, warmup, cosine, one_cycle], ids=["constant", "warmup", "cosine", "onecycle"]
+)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_points_update_as_an_explicit_group_at_the_scaled_rate(name, schedule):
+    scaled, reference = two_copies()
+    make = OPTIMIZERS[name]
+    opt = make(scaled.parameters())
+    ref_opt = make(explicit_groups(reference))
+    train_plain(scaled, opt, schedule and schedule(opt), SCALE)
+    train_plain(reference, ref_opt, schedule and schedule(ref_opt), 1.0)
+    assert_same_weights(scaled, reference)
+
+
+def test_points_move_less_than_at_the_full_rate():
+    scaled, full = two_copies()
+    start = [p.detach().clone() for p in scaled.blocks.parameters()]
+    train_plain(scaled, torch.optim.Adam(scaled.parameters(), lr=LR), None, SCALE)
+    train_plain(full, torch.optim.Adam(full.parameters(), lr=LR), None, 1.0)
+    moved = sum((p - s).abs().sum() for p, s in zip(scaled.blocks.parameters(), start))
+    moved_full = sum((p - s).abs().sum() for p, s in zip(full.blocks.parameters(), start))
+    assert 0 < moved < 0.2 * moved_full
+
+
+def test_each_of_two_optimizers_scales_its_own_points():
+    scaled, reference = two_copies()
+    first = torch.optim.Adam([*scaled.blocks[0].parameters(), *scaled.head.parameters()], lr=LR)
+    second = torch.optim.SGD(scaled.blocks[1].parameters(), lr=LR, momentum=0.9)
+    ref_first = torch.optim.Adam(
+        [{"params": reference.blocks[0].parameters(), "lr": LR * SCALE}, {"params": reference.head.parameters()}], lr=LR
+    )
+    ref_second = torch.optim.SGD(reference.blocks[1].parameters(), lr=LR * SCALE, momentum=0.9)
+    for model, optimizers, scale in ((scaled, (first, second), SCALE), (reference, (ref_first, ref_second), 1.0)):
+        with DFA(blocks="blocks.*", output="head", lr_scale=scale).attach(model) as dfa:
+            dfa.scale_updates(*optimizers)
+            for x, y in batches():
+                F.cross_entropy(model(x), y).backward()
+                for optimizer in optimizers:
+                    optimizer.step()
+                    optimizer.zero_grad()
+    assert_same_weights(scaled, reference)
+
+
+def test_outside_the_step_the_optimizer_keeps_the_users_groups():
+    model = TinyMLP()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    scheduler = cosine(optimizer)
+    with DFA(blocks="blocks.*", output="head", lr_scale=SCALE).attach(model) as dfa:
+        dfa.scale_updates(optimizer)
+        x, y = batches()[0]
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        scheduler.step()
+        assert len(optimizer.param_groups) == 1
+        assert len(optimizer.param_groups[0]["params"]) == len(list(model.parameters()))
+        assert len(optimizer.state_dict()["param_groups"]) == 1
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(scheduler.get_last_lr()[0])
+
+
+def test_a_step_that_raised_leaves_no_split_groups_behind():
+    model = TinyMLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    scaled = ScaledUpdates(optimizer, model.blocks.parameters(), SCALE)
+
+    def failing_closure():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        optimizer.step(failing_closure)
+    x, y = batches()[0]
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    assert len(optimizer.param_groups) == 1
+    scaled.remove()
+    assert len(optimizer.param_groups[0]["params"]) == len(list(model.parameters()))
+
+
+def test_detach_restores_plain_optimizer_steps():
+    scaled, reference = two_copies()
+    optimizer = torch.optim.SGD(scaled.parameters(), lr=LR)
+    dfa = DFA(blocks="blocks.*", output="head", lr_scale=SCALE).attach(scaled)
+    dfa.scale_updates(optimizer)
+    dfa.detach()
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
+    for model, opt in ((scaled, optimizer), (reference, ref_optimizer)):
+        x, y = batches()[0]
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert_same_weights(scaled, reference)
+
+
+@pytest.mark.parametrize("mode", ["backprop", "frozen"])
+def test_the_baselines_keep_the_plain_rate(mode):
+    model = TinyMLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    with DFA(blocks="blocks.*", output="head", mode=mode, lr_scale=SCALE).attach(model) as dfa:
+        dfa.scale_updates(optimizer)
+        assert optimizer._optimizer_step_pre_hooks == {}  # noqa: SLF001 (no hook: nothing to scale)
+
+
+def test_a_parameter_tied_to_a_module_outside_the_points_keeps_the_full_rate():
+    from conftest import tiny_gpt2
+
+    gpt2 = tiny_gpt2()
+    owned = own_parameters(gpt2, ["transformer.wte", "transformer.h.0"])
+    assert gpt2.transformer.wte.weight is gpt2.lm_head.weight
+    assert not any(p is gpt2.transformer.wte.weight for p in owned)
+    assert {id(p) for p in owned} == {id(p) for p in gpt2.transformer.h[0].parameters()}
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "0.1", True])
+def test_a_scale_outside_0_to_1_is_refused_with_its_meaning(bad):
+    with pytest.raises(ValueError, match=r"lr_scale must be a number in \[0, 1\].*got"):
+        FeedbackEngine(lr_scale=bad)
+
+
+def test_scale_updates_before_attach_says_to_attach():
+    with pytest.raises(RuntimeError, match=r"call attach\(model\) first"):
+        DFA(lr_scale=SCALE).scale_updates(torch.optim.SGD(TinyMLP().parameters(), lr=LR))
+
+
+def test_resuming_with_another_scale_warns():
+    model = TinyMLP()
+    dfa = DFA(blocks="blocks.*", output="head", lr_scale=SCALE).attach(model)
+    x, y = batches()[0]
+    F.cross_entropy(model(x), y).backward()
+    state = dfa.state_dict()
+    assert state["lr_scale"] == SCALE
+    other = DFA(blocks="blocks.*", output="head", lr_scale=0.5)
+    with pytest.warns(UserWarning, match=r"lr_scale=0.1, this run uses lr_scale=0.5"):
+        other.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DFA(blocks="blocks.*", output="head", lr_scale=SCALE).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------- Lightning
+class Classifier(pl.LightningModule):
+    """A user's module: AdamW over all parameters (or explicit groups, for the reference), warmup schedule."""
+
+    def __init__(self, explicit: bool = False, manual: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = TinyMLP()
+        self.explicit = explicit
+        self.automatic_optimization = not manual
+
+    def configure_dfa(self):
+        return {"blocks": "net.blocks.*", "output": "net.head"}
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self.net(batch[0]), batch[1])
+        if self.automatic_optimization:
+            return loss
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.lr_schedulers().step()
+
+    def configure_optimizers(self):
+        params = explicit_groups(self.net) if self.explicit else self.parameters()
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup(optimizer), "interval": "step"}}
+
+
+def fit(module, strategy, **trainer_args):
+    data = TensorDataset(*map(torch.cat, zip(*batches(8))))
+    trainer = pl.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **trainer_args,
+    )
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "manual, trainer_args",
+    [(False, {}), (True, {}), (False, {"accumulate_grad_batches": 2}), (False, {"precision": "bf16-mixed"})],
+    ids=["automatic", "manual", "accumulation", "bf16-mixed"],
+)
+def test_a_lightning_run_scales_the_points_as_an_explicit_group(manual, trainer_args):
+    scaled = Classifier(manual=manual)
+    reference = Classifier(explicit=True, manual=manual)
+    fit(scaled, DFAStrategy(lr_scale=SCALE), **trainer_args)
+    fit(reference, DFAStrategy(lr_scale=1.0), **trainer_args)
+    assert_same_weights(scaled.net, reference.net)
+
+
+def test_the_callback_applies_the_scale_under_another_strategy():
+    scaled, reference = Classifier(), Classifier(explicit=True)
+    fit(scaled, "auto", callbacks=[DFA(blocks="net.blocks.*", output="net.head", lr_scale=SCALE)])
+    fit(reference, DFAStrategy(lr_scale=1.0))
+    assert_same_weights(scaled.net, reference.net)
+
+
+@pytest.mark.parametrize("strategy", [DFAStrategy, DFADDPStrategy, DFAFSDPStrategy])
+def test_every_strategy_takes_the_scale(strategy):
+    assert strategy(lr_scale=0.2)._dfa_args["lr_scale"] == 0.2  # noqa: SLF001
+
+
+def test_the_default_scale_is_used_without_settings():
+    assert DFAStrategy()._dfa_args.get("lr_scale") is None  # noqa: SLF001 (the engine's default applies)
+    assert math.isclose(DFA().lr_scale, FeedbackEngine().lr_scale)
+
+
+def test_dfa_ddp_with_a_scale_trains_like_one_process():
+    scaled, reference = Classifier(), Classifier(explicit=True)
+    fit(scaled, DFADDPStrategy(lr_scale=SCALE, process_group_backend="gloo"), devices=1, use_distributed_sampler=False)
+    fit(reference, DFAStrategy(lr_scale=1.0))
+    assert_same_weights(scaled.net, reference.net)
+
+
+def test_the_cli_sets_the_scale(tmp_path):
+    from lightning_dfa.cli import main
+
+    main(
+        [
+            "fit",
+            "--config",
+            "digits-mlp",
+            "--trainer.strategy.init_args.lr_scale=0.25",
+            "--trainer.max_steps=2",
+            "--trainer.logger=false",
+            "--trainer.limit_val_batches=0",
+            "--trainer.limit_test_batches=0",
+            "--trainer.callbacks=[]",
+            "--baselines=[]",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    config = (tmp_path / "config.yaml").read_text()
+    assert "lr_scale: 0.25" in config
