@@ -256,7 +256,7 @@ def _chosen(dfa: DFA, output_auto: bool) -> str:
 
 
 def _projector_name(spec: Any) -> str:
-    spec = check_projector_spec(spec)  # a YAML config (jsonargparse Namespace) as a dict
+    spec = spec.as_dict() if hasattr(spec, "as_dict") else spec  # a YAML config (jsonargparse Namespace)
     if isinstance(spec, str):
         return spec
     if isinstance(spec, Mapping):
