@@ -16,7 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_dfa.feedback import FeedbackEngine
@@ -112,8 +112,10 @@ class DFA(FeedbackEngine, Callback):
         # After setup() and configure_model(): models may build their layers there.
         if self.model is not None:
             self.detach()
+        output_auto = self.output is None
         self.attach(pl_module)
         self.scale_updates(*trainer.optimizers)  # the optimizers exist now (strategy.setup ran)
+        rank_zero_info(_chosen(self, output_auto))  # automatic choices must be visible before the run goes far
         self._trainer = trainer
         self._reset_step()
 
@@ -239,6 +241,30 @@ def _describe(loss: Tensor) -> str:
     values = loss.detach().float().flatten()
     value = float(values[~torch.isfinite(values)][0])
     return "nan" if math.isnan(value) else str(value)
+
+
+def _chosen(dfa: DFA, output_auto: bool) -> str:
+    """What DFA trains, in one line: ``DFA: 4 feedback points h.0 ... h.3 (auto), error at lm_head (auto), ...``."""
+    points = dfa.points
+    shown = " ".join(points) if len(points) <= 3 else f"{points[0]} ... {points[-1]}"
+    line = (
+        f"DFA: {len(points)} feedback points {shown}{' (auto)' if dfa.blocks == 'auto' else ''}, error at "
+        f"{dfa.output}{' (auto)' if output_auto else ''}, projector {_projector_name(dfa.projector_spec)}"
+    )
+    if dfa.backprop_points:
+        line += f", {len(dfa.backprop_points)} top blocks by backprop"
+    return f"{line}, points at lr_scale={dfa.lr_scale} x lr" if dfa.mode == "dfa" else f"{line}, mode {dfa.mode}"
+
+
+def _projector_name(spec: Any) -> str:
+    spec = spec.as_dict() if hasattr(spec, "as_dict") else spec  # a YAML config (jsonargparse Namespace)
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, Mapping):
+        return str(spec["class_path"])
+    if isinstance(spec, Tensor):
+        return f"matrix {tuple(spec.shape)}"
+    return getattr(spec, "__name__", type(spec).__name__)  # a class or factory, or a projector module
 
 
 def as_dfa(spec: DFA | FeedbackEngine | Mapping[str, Any], where: str) -> DFA:

@@ -137,11 +137,37 @@ def test_unknown_output_path_lists_the_closest_paths(mlp):
 
 
 def test_dfa_on_a_model_without_known_blocks_says_how_to_name_them():
-    class NoHook(MLPClassifier):
+    class Layers(MLPClassifier):
         configure_dfa = None
 
+        def __init__(self) -> None:
+            super().__init__(hidden=8, depth=2)
+            self.blocks = nn.ModuleList([nn.Linear(64, 8), nn.Linear(8, 8)])  # single layers: no rule finds blocks
+
     with pytest.raises(ValueError, match=r"found no HuggingFace model.*blocks=\['blocks\.\*'\].*DFAStrategy\(blocks="):
-        trainer(strategy="dfa").fit(NoHook(hidden=8, depth=2), datamodule=DigitsDataModule())
+        trainer(strategy="dfa").fit(Layers(), datamodule=DigitsDataModule())
+
+
+def test_auto_on_a_stack_of_layers_names_the_blocks_to_set():
+    with pytest.raises(
+        ValueError, match=r"or repeated blocks.*in Sequential.*blocks=\['0'\].*Set them with DFA\(blocks="
+    ):
+        DFA().attach(nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)))
+
+
+def test_output_none_with_no_module_after_the_blocks_asks_to_name_the_output():
+    class HeadFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(7, 3)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(7, 7), nn.Tanh()) for _ in range(2))
+
+    with pytest.raises(
+        ValueError,
+        match=r"no module with trainable parameters is registered after the last block "
+        r"'blocks\.1'.*the module whose output the loss uses.*DFA\(output=\.\.\.\)",
+    ):
+        DFA().attach(HeadFirst())
 
 
 def test_dfa_on_a_model_without_submodules_says_it_needs_blocks():

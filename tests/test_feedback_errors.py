@@ -27,8 +27,11 @@ def test_unknown_output_path_is_an_error(mlp):
         DFA(blocks="blocks.*", output="heads").attach(mlp)
 
 
-def test_auto_on_a_model_without_known_blocks_suggests_patterns(mlp):
-    with pytest.raises(ValueError, match=r"found no HuggingFace model.*blocks=\['blocks\.\*'\]; module containers"):
+def test_auto_on_a_model_without_known_or_repeated_blocks_suggests_patterns(mlp):
+    mlp.blocks = nn.ModuleList([nn.Linear(5, 7), nn.Linear(7, 7)])  # single layers: no rule finds blocks
+    with pytest.raises(
+        ValueError, match=r"found no HuggingFace model.*or repeated blocks.*blocks=\['blocks\.\*'\]; module containers"
+    ):
         DFA(output="head").attach(mlp)
 
 

@@ -1,13 +1,96 @@
-"""blocks="auto" on HuggingFace GPT-2, Llama, ViT and a diffusers UNet: one DFA step, exact routing."""
+"""blocks="auto" and output=None on HuggingFace GPT-2, Llama, ViT, a diffusers UNet and plain PyTorch models (a
+nanoGPT, a torchvision ResNet, a CNN, an MLP): the chosen points, one DFA step, exact routing, a Lightning fit."""
 
+import logging
+
+import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import capture_grad, tiny_gpt2, tiny_llama, tiny_unet, tiny_vit
+import torch.nn.functional as F
+from conftest import TinyMLP, capture_grad, tiny_gpt2, tiny_llama, tiny_unet, tiny_vit
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_dfa  # noqa: F401  (registers strategy="dfa")
 from lightning_dfa import DFA
 
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
 PIXELS = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+LABELS = torch.tensor([1, 2])
+
+
+class NanoBlock(nn.Module):
+    """A nanoGPT block: pre-norm causal self-attention and MLP, each with a residual."""
+
+    def __init__(self, width: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.c_attn, self.c_proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.c_attn(self.ln_1(x)).split(c, dim=2))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
+        x = x + self.c_proj(attended)
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's layout: token and position embeddings, a ModuleList of blocks, a final norm, a tied head."""
+
+    def __init__(self, vocab: int = 64, width: int = 32, layers: int = 4, context: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(context, width)
+        self.h = nn.ModuleList(NanoBlock(width) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+class SmallCNN(nn.Module):
+    """A ModuleList of Sequential conv blocks, then pooling and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(a, 8, 3, padding=1), nn.ReLU()) for a in (1, 8, 8))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.pool(x).flatten(1))
+
+
+def resnet18() -> nn.Module:
+    """torchvision's ResNet-18 for 1-channel 8x8 images."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=3)
+    model.conv1 = nn.Conv2d(1, 64, 3, padding=1, bias=False)
+    return model
+
+
+class Wrapped(pl.LightningModule):
+    """A network inside a LightningModule, next to a loss module without parameters."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.model, self.loss = network, nn.CrossEntropyLoss()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
 
 
 def lm_loss(model):
@@ -15,13 +98,26 @@ def lm_loss(model):
 
 
 def vit_loss(model):
-    return model(pixel_values=PIXELS, labels=torch.tensor([1, 2])).loss
+    return model(pixel_values=PIXELS, labels=LABELS).loss
 
 
 def unet_loss(model):
     return ((model(PIXELS, torch.tensor([1, 5])).sample - PIXELS) ** 2).mean()
 
 
+def next_token_loss(model, ids=IDS):
+    return F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+
+
+def image_loss(model):
+    return F.cross_entropy(model(PIXELS), LABELS)
+
+
+def mlp_loss(model):
+    return F.cross_entropy(model(PIXELS.flatten(1)[:, :5]), LABELS)
+
+
+RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]
 CASES = {
     "gpt2": (tiny_gpt2, lm_loss, ["transformer.h.0", "transformer.h.1"], "lm_head"),
     "llama": (tiny_llama, lm_loss, ["model.layers.0", "model.layers.1"], "lm_head"),
@@ -32,6 +128,16 @@ CASES = {
         ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"],
         "conv_out",
     ),
+    "nanogpt": (NanoGPT, next_token_loss, ["h.0", "h.1", "h.2", "h.3"], "lm_head"),
+    "resnet18": (resnet18, image_loss, RESNET_STAGES, "fc"),
+    "resnet18 in a LightningModule": (
+        lambda: Wrapped(resnet18()),
+        image_loss,
+        [f"model.{stage}" for stage in RESNET_STAGES],
+        "model.fc",
+    ),
+    "cnn": (SmallCNN, image_loss, ["blocks.0", "blocks.1", "blocks.2"], "head"),
+    "mlp": (TinyMLP, mlp_loss, ["blocks.0", "blocks.1"], "head"),
 }
 
 
@@ -67,6 +173,45 @@ def test_no_gradient_crosses_a_block_boundary(case):
     for point in points:
         total = sum(p.grad.abs().sum() for p in model.get_submodule(point).parameters() if p.grad is not None)
         assert (total == 0) == (point == silenced), point
+
+
+def test_named_blocks_without_output_take_the_last_module_with_parameters_after_them():
+    assert DFA(blocks="h.*").attach(NanoGPT()).output == "lm_head"
+    assert DFA(blocks=["layer1", "layer2"]).attach(resnet18()).output == "fc"
+
+
+class PlainGPT(pl.LightningModule):
+    """A LightningModule with no configure_dfa(): DFA must find its blocks and error point itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = NanoGPT()
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return next_token_loss(self.model, batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_strategy_dfa_fits_a_plain_module_and_prints_the_chosen_points(caplog):
+    module = PlainGPT()
+    before = {name: p.detach().clone() for name, p in module.model.h.named_parameters()}
+    trainer = pl.Trainer(
+        strategy="dfa",
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with caplog.at_level(logging.INFO):
+        trainer.fit(module, DataLoader(TensorDataset(IDS.repeat(2, 1)), batch_size=2))
+    chosen = "DFA: 4 feedback points model.h.0 ... model.h.3 (auto), error at model.lm_head (auto), projector gaussian"
+    assert chosen in caplog.text
+    unchanged = [name for name, p in module.model.h.named_parameters() if torch.equal(p, before[name])]
+    assert not unchanged
 
 
 def test_per_token_errors_give_per_token_feedback_rows():

@@ -48,10 +48,11 @@ class FeedbackEngine:
 
     Args:
         blocks: module paths or glob patterns (``"transformer.h.*"``, ``["0", "1"]``), or ``"auto"``
-            for the blocks of HuggingFace models (``_no_split_modules``) and diffusers UNets.
+            for the blocks of HuggingFace models (``_no_split_modules``) and diffusers UNets, else the
+            largest group of repeated sibling blocks (:func:`~lightning_dfa.feedback.points.repeated_blocks`).
         output: module path whose output's gradient is the error ``e`` (logits, or the last hidden
             state before the head). ``None`` picks it for known families (LM head, classifier, UNet
-            ``conv_out``).
+            ``conv_out``), else the last module with parameters registered after the blocks.
         projector: ``"gaussian"`` (default), a projector module, a ``(d_e, sum d_i)`` matrix, a class,
             or a config ``{"class_path": ..., "init_args": {...}}``. Built at the first forward pass.
         seed: seed of the projection; the same seed gives the same feedback on every device and rank.
@@ -191,14 +192,18 @@ class FeedbackEngine:
         if self.model is not None:
             raise RuntimeError("This DFA is already attached to a model; call detach() first.")
         points, top = self._select_points(model)
-        output = self.output if self.output is not None else auto_output(model)
+        blocks = points + top
+        output = self.output if self.output is not None else auto_output(model, blocks)
         if output is None:
             raise ValueError(
-                f"output=None and no known error point in {type(model).__name__}: name the module whose output's "
-                f"gradient is the error, e.g. the head (top-level children: {[n for n, _ in model.named_children()]})."
+                f"output=None and no error point found in {type(model).__name__}: it holds no HuggingFace model or "
+                f"UNet, and no module with trainable parameters is registered after the last block {blocks[-1]!r}. "
+                "Name the module whose output the loss uses (its gradient is the error), e.g. the head "
+                f"(top-level children: {[n for n, _ in model.named_children()]}), with DFA(output=...), "
+                "DFAStrategy(output=...) or configure_dfa()."
             )
         resolve_module(model, output, role="output")
-        for point in points + top:
+        for point in blocks:
             if output == point or output.startswith(point + "."):
                 raise ValueError(
                     f"The output point {output!r} lies inside the feedback point {point!r}: the error must be taken "

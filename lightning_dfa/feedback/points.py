@@ -1,4 +1,10 @@
-"""Choosing feedback points: module paths, glob patterns, or the blocks of known model families."""
+"""Choosing feedback points: module paths, glob patterns, the blocks of known model families, or repeated blocks.
+
+``blocks="auto"`` and ``output=None`` try, in order: HuggingFace models (``_no_split_modules``, the output embeddings
+or ``classifier``/``score``), diffusers UNets (``down_blocks``/``mid_block``/``up_blocks``, ``conv_out``), then any
+module: the largest group of repeated sibling blocks (:func:`repeated_blocks`) and the last module with parameters
+registered after them (:func:`module_after_blocks`).
+"""
 
 from __future__ import annotations
 
@@ -45,7 +51,8 @@ def resolve_module(model: nn.Module, path: str, role: str = "output") -> nn.Modu
 
 
 def auto_points(model: nn.Module) -> list[str]:
-    """The blocks of a HuggingFace model (``_no_split_modules``) or of a diffusers UNet."""
+    """The blocks of a HuggingFace model (``_no_split_modules``) or of a diffusers UNet, else
+    :func:`repeated_blocks`."""
     for prefix, module in model.named_modules():
         classes = getattr(module, "_no_split_modules", None)
         if classes and hasattr(module, "config"):
@@ -63,8 +70,12 @@ def auto_points(model: nn.Module) -> list[str]:
             "modules (blocks, then an output module such as the head). Build it from submodules, or train it "
             "without DFA (strategy='auto')."
         )
+    repeated = repeated_blocks(model)
+    if repeated:
+        return repeated
     raise ValueError(
-        "blocks='auto' found no HuggingFace model (with _no_split_modules) or diffusers UNet in "
+        "blocks='auto' found no HuggingFace model (with _no_split_modules), diffusers UNet, or repeated blocks "
+        "(>= 2 sibling modules of one class that have submodules and trainable parameters) in "
         f"{type(model).__name__}. Name the blocks, e.g. blocks={_suggest_patterns(model)!r}; "
         f"module containers here: {candidate_containers(model)}; top-level children: "
         f"{[n for n, _ in model.named_children()]}. Set them with DFA(blocks=...), DFAStrategy(blocks=...) "
@@ -72,8 +83,9 @@ def auto_points(model: nn.Module) -> list[str]:
     )
 
 
-def auto_output(model: nn.Module) -> str | None:
-    """The error point of known families: an LM's output embeddings, a classifier head, a UNet's conv_out."""
+def auto_output(model: nn.Module, blocks: Sequence[str] = ()) -> str | None:
+    """The error point of known families (an LM's output embeddings, a classifier head, a UNet's conv_out), else
+    :func:`module_after_blocks`; ``None`` if neither applies."""
     for prefix, module in model.named_modules():
         if hasattr(module, "_no_split_modules") and hasattr(module, "config"):
             head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
@@ -82,7 +94,55 @@ def auto_output(model: nn.Module) -> str | None:
                     return _join(prefix, name)
         if _is_unet(module) and hasattr(module, "conv_out"):
             return _join(prefix, "conv_out")
-    return None
+    return module_after_blocks(model, blocks) if blocks else None
+
+
+def repeated_blocks(model: nn.Module) -> list[str]:
+    """The blocks of any model: the largest (by trainable parameters) group of >= 2 sibling modules of one class
+    that have submodules and trainable parameters, in registration order; ``[]`` if there is none.
+
+    This finds the children of an ``nn.ModuleList`` / ``nn.Sequential`` of blocks (a nanoGPT's ``h.*``) as well as
+    top-level stages (a ResNet's ``layer1`` .. ``layer4``). Leaves (``Linear``, norms, embeddings) are layers, not
+    blocks; ``ModuleList`` / ``ModuleDict`` have no ``forward`` to hook; embeddings are not blocks.
+    """
+    embeddings = set(embedding_points(model))
+    best: list[str] = []
+    best_size = 0
+    for prefix, parent in model.named_modules():
+        groups: dict[type, list[tuple[str, nn.Module]]] = {}
+        for name, child in parent.named_children():
+            path = _join(prefix, name)
+            container = isinstance(child, (nn.ModuleList, nn.ModuleDict))
+            leaf = next(child.children(), None) is None
+            if not (container or leaf or path in embeddings) and _trainable_size([child]):
+                groups.setdefault(type(child), []).append((path, child))
+        for members in groups.values():
+            size = _trainable_size([module for _, module in members])
+            if len(members) >= 2 and size > best_size:  # ties: the first group in registration order
+                best, best_size = [path for path, _ in members], size
+    return best
+
+
+def module_after_blocks(model: nn.Module, blocks: Sequence[str]) -> str | None:
+    """The error point of any model: the last module, in registration order, that holds trainable parameters of its
+    own and is registered after every block, outside them (a nanoGPT's ``lm_head``, a ResNet's ``fc``).
+
+    Registration order stands in for execution order, which is only known in forward: the engine raises at the
+    first step if this module runs before a block or not at all.
+    """
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    last_block = max(order[block] for block in blocks)
+    found = None
+    for name, module in model.named_modules():
+        inside = any(name.startswith(block + ".") for block in blocks)
+        if order[name] > last_block and not inside and any(p.requires_grad for p in module.parameters(recurse=False)):
+            found = name
+    return found
+
+
+def _trainable_size(modules: list[nn.Module]) -> int:
+    """Trainable parameter count, each shared (tied) parameter once."""
+    return sum({id(p): p.numel() for m in modules for p in m.parameters() if p.requires_grad}.values())
 
 
 def _is_unet(module: nn.Module) -> bool:
@@ -107,7 +167,9 @@ def candidate_containers(model: nn.Module, limit: int = 12) -> list[str]:
 
 
 def _suggest_patterns(model: nn.Module) -> list[str]:
-    return [f"{name}.*" for name in candidate_containers(model, limit=3)] or ["<path>.*"]
+    patterns = [f"{name}.*" for name in candidate_containers(model, limit=3)]
+    layers = [name for name, child in model.named_children() if _trainable_size([child])]
+    return patterns or layers[:-1] or ["<path>.*"]  # a flat model: its layers before the last (the head)
 
 
 def _matches(name: str, pattern: str) -> bool:
