@@ -180,11 +180,17 @@ def test_detach_restores_plain_optimizer_steps():
 
 @pytest.mark.parametrize("mode", ["backprop", "frozen"])
 def test_the_baselines_keep_the_plain_rate(mode):
-    model = TinyMLP()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    with DFA(blocks="blocks.*", output="head", mode=mode, lr_scale=SCALE).attach(model) as dfa:
+    baseline, reference = two_copies()
+    optimizer = torch.optim.SGD(baseline.parameters(), lr=LR)
+    with DFA(blocks="blocks.*", output="head", mode=mode, lr_scale=SCALE).attach(baseline) as dfa:
         dfa.scale_updates(optimizer)
-        assert optimizer._optimizer_step_pre_hooks == {}  # noqa: SLF001 (no hook: nothing to scale)
+        x, y = batches()[0]
+        F.cross_entropy(baseline(x), y).backward()
+        optimizer.step()
+    with DFA(blocks="blocks.*", output="head", mode=mode, lr_scale=1.0).attach(reference):
+        F.cross_entropy(reference(x), y).backward()
+        torch.optim.SGD(reference.parameters(), lr=LR).step()
+    assert_same_weights(baseline, reference)
 
 
 def test_a_parameter_tied_to_a_module_outside_the_points_keeps_the_full_rate():
