@@ -37,6 +37,7 @@ from lightning_dfa.feedback.rows import (
 )
 from lightning_dfa.feedback.scaling import ERROR_ENCODINGS, FEEDBACK_SCALES, AdaptiveScale, encode_error, fixed_scales
 from lightning_dfa.projectors import build_projector
+from lightning_dfa.projectors.checks import check_fits_in_memory
 from lightning_dfa.projectors.registry import ProjectorSpec, check_projector_sizes
 
 MODES = ("dfa", "backprop", "frozen")
@@ -427,9 +428,9 @@ class FeedbackEngine:
                 "state (a tuple may carry other values after it)."
             )
         raise RuntimeError(
-                f"Feedback point {name!r} has trainable parameters but its output does not require grad; was it "
-                "run under torch.no_grad() or reentrant checkpointing?"
-            )
+            f"Feedback point {name!r} has trainable parameters but its output does not require grad; was it "
+            "run under torch.no_grad() or reentrant checkpointing?"
+        )
 
     def check_routed(self) -> None:
         """Raise if block outputs were recorded but the output point never ran, or if the loss did not use the
@@ -489,7 +490,11 @@ class FeedbackEngine:
         self._scales = fixed_scales(self.feedback_scale, error_features, widths)
         if self._saved_state is not None:
             _check_saved_layout(self._saved_state, layout, error_features)
-        self.projector = build_projector(self.projector_spec, error_features, start, self.seed).to(device)
+        projector = build_projector(self.projector_spec, error_features, start, self.seed)
+        if device.type != "cpu":  # built on the CPU: check the device can hold it before moving it there
+            tensors = [*projector.parameters(), *projector.buffers()]
+            check_fits_in_memory(f"Projector {type(projector).__name__}", sum(t.nbytes for t in tensors), device)
+        self.projector = projector.to(device)
         self.layout, self._built_for = layout, weakref.ref(self.model)
         if self._saved_state is not None:
             self.projector.load_state_dict(self._saved_state["projector"])
@@ -501,7 +506,8 @@ class FeedbackEngine:
             flat = spatial_error_rows(error, self.spatial_patch)
         else:
             flat = error.reshape(-1, self.projector.in_features)
-        if self.check_finite and not _all_finite(flat):
+        # A meta tensor has no values to check (a model traced on the meta device, e.g. to count memory).
+        if self.check_finite and not flat.is_meta and not _all_finite(flat):
             return self._nonfinite_error(len(routed))
         encoded = encode_error(flat.float(), self.error_encoding, self.ternary_threshold)
         feedback = self.projector(encoded)
