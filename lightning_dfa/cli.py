@@ -210,7 +210,7 @@ def option_hint(message: str, parser: Any) -> str:
 def _load_yaml(text: str) -> Any:
     """YAML as jsonargparse loads it, with projector names as dotted paths (``class_path: seeded`` ->
     ``lightning_dfa.projectors.seeded.SeededGaussian``): jsonargparse imports every ``class_path`` inside a class's
-    arguments, and can only import dotted paths."""
+    arguments, and can only import dotted paths (a name without a dot is never an import path, so this is safe)."""
     return _dotted_projectors(_YAML(text))
 
 
@@ -220,10 +220,9 @@ def _dotted_projectors(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     value = {key: _dotted_projectors(item) for key, item in value.items()}
-    spec = value.get("projector")
-    factory = PROJECTORS.get(spec.get("class_path")) if isinstance(spec, dict) else None
+    factory = PROJECTORS.get(value.get("class_path")) if isinstance(value.get("class_path"), str) else None
     if inspect.isclass(factory):
-        value["projector"] = {**spec, "class_path": f"{factory.__module__}.{factory.__qualname__}"}
+        value["class_path"] = f"{factory.__module__}.{factory.__qualname__}"
     return value
 
 

@@ -147,6 +147,7 @@ class FeedbackEngine:
         self.points: list[str] = []
         self.model: nn.Module | None = None
         self._records: dict[str, Tensor] = {}
+        self._handed: dict[int, tuple[Tensor, Tensor]] = {}  # this forward's detached copies and their originals
         self._handles: list[RemovableHandle] = []
         self._built_for: weakref.ref | None = None  # the model the layout and projector were built for
         self._output_ran = False  # the output point ran after the last block: a second call is a reuse
@@ -275,6 +276,7 @@ class FeedbackEngine:
     def forget_forward(self) -> None:
         """Drop what the current forward pass recorded (it was abandoned, e.g. by an out-of-memory error)."""
         self._records.clear()
+        self._handed.clear()
         self._output_ran, self._routers_pending, self._loss_used = False, 0, []
 
     @contextmanager
@@ -325,6 +327,8 @@ class FeedbackEngine:
             hidden = first_tensor(output, f"Feedback point {name!r}")
             if not torch.is_grad_enabled() or in_backward():
                 return None
+            if self._output_ran:  # a new forward pass
+                self._handed.clear()
             self._output_ran = False
             if name in self._records:
                 raise RuntimeError(
@@ -333,7 +337,9 @@ class FeedbackEngine:
                     "is called twice per forward pass (shared blocks are not supported)."
                 )
             self._records[name] = hidden
-            return replace_first(output, hidden.detach())
+            copy = hidden.detach()
+            self._handed[id(copy)] = (copy, hidden)
+            return replace_first(output, copy)
 
         return record
 
@@ -369,9 +375,14 @@ class FeedbackEngine:
         routed_outputs = (records[name] for name, _ in routed)
         return replace_first(output, FeedbackRouter.apply(self, routed, error_point, *routed_outputs))
 
-    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if sys.exc_info()[1] is not None:  # the forward pass raised: a retry must not find its records
             self.forget_forward()
+            return None
+        # The model returns block outputs (hidden_states): give the caller the blocks' own outputs, not the
+        # detached copies the model ran on, so a loss term on them reaches the block (added to its feedback).
+        handed, self._handed = self._handed, {}
+        return _swap_copies(output, handed) if handed and torch.is_grad_enabled() else None
 
     def _point_grad(self, owner: str) -> Callable[[Tensor], None]:
         def hook(param: Tensor) -> None:
@@ -590,6 +601,22 @@ class _Hook:
 
 def _no_op(*args: Any) -> None:
     return None
+
+
+def _swap_copies(value: Any, handed: dict[int, tuple[Tensor, Tensor]]) -> Any:
+    """``value`` with every detached copy of a point's output replaced by the output itself (in place in dicts,
+    e.g. a HuggingFace ``ModelOutput``)."""
+    if isinstance(value, Tensor):
+        copy, original = handed.get(id(value), (None, None))
+        return original if copy is value else value
+    if isinstance(value, list) or isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return type(value)(_swap_copies(item, handed) for item in value)
+    if isinstance(value, dict):
+        for key, item in list(value.items()):
+            swapped = _swap_copies(item, handed)
+            if swapped is not item:
+                value[key] = swapped
+    return value
 
 
 def attached_engine(model: nn.Module) -> FeedbackEngine | None:
