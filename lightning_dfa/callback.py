@@ -130,6 +130,9 @@ class DFA(FeedbackEngine, Callback):
             self._trainer = None
             self._reset_step()
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self.forget_forward()  # a retry after an exception (BatchSizeFinder after out of memory) starts clean
+
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.check_routed()
 

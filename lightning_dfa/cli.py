@@ -24,16 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from jsonargparse import get_loader, set_loader
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_dfa.callbacks.history import plot_history, write_or_warn
-from lightning_dfa.feedback import MODES
+from lightning_dfa.feedback import MODES, FeedbackEngine
 from lightning_dfa.loggers import guard_loggers
+from lightning_dfa.projectors.registry import PROJECTORS
 from lightning_dfa.summary import RunResult, summary_table
 
 RECIPES = resources.files("lightning_dfa") / "recipes"
+
+#: The engine's settings (``error_rows``, ``feedback_scale``, ...): in a strategy's YAML they go in ``dfa_kwargs``.
+DFA_SETTINGS = tuple(FeedbackEngine().settings())
 
 
 def recipe_names() -> list[str]:
@@ -190,10 +196,34 @@ def option_hint(message: str, parser: Any) -> str:
         where = where or "the config"
     else:
         return ""
+    if "dfa_kwargs" in options and key in DFA_SETTINGS:  # a DFA setting the strategy does not name
+        return (
+            f"hint: {key!r} is a DFA setting that {where} does not name: give it under dfa_kwargs, e.g. "
+            f"init_args: {{dfa_kwargs: {{{key}: ...}}}}, or return it from the model's configure_dfa().\n"
+        )
     close = difflib.get_close_matches(key, options, n=3)
     guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     listed = f" Its options: {options}." if options and len(options) <= 40 else ""
     return f"hint: {key!r} is not an option of {where}{guess}{listed}\n"
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML as jsonargparse loads it, with projector names as dotted paths (``class_path: seeded`` ->
+    ``lightning_dfa.projectors.seeded.SeededGaussian``): jsonargparse imports every ``class_path`` inside a class's
+    arguments, and can only import dotted paths (a name without a dot is never an import path, so this is safe)."""
+    return _dotted_projectors(_YAML(text))
+
+
+def _dotted_projectors(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_dotted_projectors(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    value = {key: _dotted_projectors(item) for key, item in value.items()}
+    factory = PROJECTORS.get(value.get("class_path")) if isinstance(value.get("class_path"), str) else None
+    if inspect.isclass(factory):
+        value["class_path"] = f"{factory.__module__}.{factory.__qualname__}"
+    return value
 
 
 def _split_key(path: str, dests: list[str]) -> tuple[str, str]:
@@ -238,7 +268,11 @@ def _check_baselines(baselines: list[str], trainer: Any) -> None:
         )
 
 
+_YAML = get_loader("yaml")
+set_loader("lightning_dfa", _load_yaml, exceptions=(yaml.YAMLError,))
+
 _CLI_OPTIONS: dict[str, Any] = dict(
+    parser_kwargs={"parser_mode": "lightning_dfa"},
     subclass_mode_model=True,
     subclass_mode_data=True,
     save_config_kwargs={"overwrite": True},

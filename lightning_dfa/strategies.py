@@ -4,8 +4,8 @@ Where the feedback points come from, in order: the strategy's own arguments; els
 LightningModule's ``configure_dfa()`` hook (a ``DFA`` or a dict of its arguments), with any
 argument given to the strategy overriding it; else ``blocks="auto"``. The strategies name the ``DFA``
 arguments most often set from a config (``blocks``, ``output``, ``projector``, ``seed``, ``mode``,
-``lr_scale``, ``nonfinite``, ``nonfinite_patience``); the others go in ``dfa_kwargs`` (or as keywords to
-``DFAStrategy``).
+``lr_scale``, ``nonfinite``, ``nonfinite_patience``); the others go in ``dfa_kwargs`` (in YAML too:
+``init_args: {dfa_kwargs: {error_rows: 2}}``; ``DFAStrategy`` also takes them as keywords).
 
 The strategies also keep the global random states (torch, CUDA, numpy, Python) in their checkpoints
 and restore them when training resumes, so dropout and anything else drawn from them continue as if
@@ -137,7 +137,8 @@ class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
         nonfinite: str | None = None,
         nonfinite_patience: int | None = None,
         lr_scale: float | None = None,
-        **dfa_kwargs: Any,
+        dfa_kwargs: dict[str, Any] | None = None,
+        **more_dfa_kwargs: Any,
     ) -> None:
         super().__init__(
             device=device or "cpu",
@@ -154,7 +155,7 @@ class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
             nonfinite=nonfinite,
             nonfinite_patience=nonfinite_patience,
             lr_scale=lr_scale,
-            dfa_kwargs=dfa_kwargs,
+            dfa_kwargs={**(dfa_kwargs or {}), **more_dfa_kwargs},
         )
         self._device_given = device is not None
         # Filled by the Trainer from accelerator/devices, so "dfa" follows accelerator="cuda".

@@ -371,6 +371,118 @@ def test_digits_with_bad_split_fractions_names_the_valid_range():
         DigitsDataModule(val_fraction=0.5, test_fraction=0.6)
 
 
+# ---------------------------------------------------------------------------------------------- silent or misleading
+def test_loss_that_does_not_use_the_error_point_names_the_modules_it_used():
+    from conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    DFA().attach(model)  # the error point is lm_head, whose logits this loss ignores
+    ids = torch.randint(0, 64, (2, 8))
+    hidden = model(ids, output_hidden_states=True).hidden_states[-1]
+    loss = F.cross_entropy(nn.Linear(32, 2)(hidden[:, -1]), torch.tensor([0, 1]))
+    with pytest.raises(
+        RuntimeError,
+        match=r"does not use the output of the error point 'lm_head'.*it used "
+        r"\['transformer\.ln_f'\].*output='transformer\.ln_f'",
+    ):
+        loss.backward()
+
+
+def test_lightning_loss_that_does_not_use_the_error_point_stops_the_run():
+    class SkipsHead(MLPClassifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self(x)  # the head runs, but the loss below does not use it
+            h = x.flatten(1)
+            for block in self.blocks:
+                h = block(h)
+            return F.cross_entropy(self.probe(h), y)
+
+    model = SkipsHead(hidden=8, depth=2)
+    model.probe = nn.Linear(8, 10)
+    run_ = trainer(strategy=DFAStrategy(blocks="blocks.*", output="head"))
+    with pytest.raises(RuntimeError, match=r"does not use the output of the error point 'head'.*\['probe'\]"):
+        run_.fit(model, datamodule=DigitsDataModule())
+
+
+def test_model_compiled_before_attach_is_refused_at_the_first_backward(mlp, batch):
+    compiled = torch.compile(mlp, backend="eager")
+    step(compiled, batch)  # compiled without the hooks
+    DFA(blocks="blocks.*", output="head").attach(mlp)
+    with pytest.raises(
+        RuntimeError,
+        match=r"no forward pass since dfa.attach\(\) ran the DFA hooks.*Attach first, "
+        r"then compile",
+    ):
+        step(compiled, batch)
+
+
+def test_second_dfa_on_an_attached_model_asks_to_detach_the_first(mlp):
+    DFA(blocks="blocks.*", output="head").attach(mlp)
+    with pytest.raises(RuntimeError, match=r"already attached to another DFA.*Detach that one first"):
+        DFA(blocks="blocks.0", output="head").attach(mlp)
+
+
+def test_block_returning_an_integer_tensor_names_its_dtype(batch):
+    class Rounding(nn.Linear):
+        def forward(self, x):
+            return super().forward(x).long()
+
+    class FloatHead(nn.Linear):
+        def forward(self, x):
+            return super().forward(x.float())
+
+    model = nn.Sequential(Rounding(5, 6), FloatHead(6, 3))
+    DFA(blocks=["0"], output="1").attach(model)
+    with pytest.raises(
+        TypeError,
+        match=r"'0' has trainable parameters but returns a torch.int64 tensor, which cannot "
+        r"carry a gradient\. Select as point the module whose output is the floating-point",
+    ):
+        model(batch[0])
+
+
+def test_output_point_called_twice_says_so(mlp, batch):
+    class TwoHeads(nn.Module):
+        def __init__(self, mlp):
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, x):
+            for block in self.mlp.blocks:
+                x = block(x)
+            return self.mlp.head(x) + self.mlp.head(x * 0.5)
+
+    model = TwoHeads(mlp)
+    DFA(blocks="mlp.blocks.*", output="mlp.head").attach(model)
+    with pytest.raises(RuntimeError, match=r"'mlp.head' ran twice in one forward pass.*Call it once per forward pass"):
+        model(batch[0])
+
+
+def test_dense_projector_larger_than_memory_names_the_memory_free_projectors():
+    with pytest.raises(
+        MemoryError,
+        match=r"1000000 x 1000000 needs 3725\.3 GiB, more than the .* GiB of memory "
+        r"available on cpu\. Use a projector that stores no matrix: projector='seeded'.*'structured'",
+    ):
+        build_projector("gaussian", 10**6, 10**6, seed=0)
+
+
+def test_dfa_setting_in_a_strategys_yaml_says_to_put_it_in_dfa_kwargs(capsys):
+    err = cli_error(capsys, "--trainer.strategy.error_rows=1")
+    assert "hint: 'error_rows' is a DFA setting that lightning_dfa.DFAStrategy does not name: give it under " in err
+    assert "init_args: {dfa_kwargs: {error_rows: ...}}" in err
+
+
+def test_projector_short_name_as_class_path_in_yaml_builds_that_projector():
+    from lightning_dfa.cli import _CLI_OPTIONS, DFACLI, resolve_recipe
+
+    projector = "--trainer.strategy.projector={class_path: seeded, init_args: {tile: 1024}}"
+    cli = DFACLI(cli_args=["--config", resolve_recipe("digits-mlp"), projector], run=False, **_CLI_OPTIONS)
+    built = build_projector(cli.trainer.strategy._dfa_args["projector"], 3, 14, seed=0)
+    assert type(built).__name__ == "SeededGaussian" and built.tile == 1024
+
+
 # ---------------------------------------------------------------------------------------------- the catalogue
 def test_every_catalogue_entry_is_documented():
     documented = DOCS.read_text()

@@ -1,5 +1,8 @@
 """The DFA gradients are exactly the hand-computed ones, and detaching restores backprop."""
 
+import copy as copy_module
+
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TinyMLP, capture_grad
@@ -190,3 +193,102 @@ def test_frozen_control_computes_no_projection(mlp, batch):
     dfa.projector.register_forward_hook(lambda *args: calls.append(1))
     F.cross_entropy(mlp(batch[0]), batch[1]).backward()
     assert calls == [] and mlp.head.weight.grad is not None
+
+
+# ---------------------------------------------------------------------- misuses that train correctly
+def test_loss_term_on_a_returned_block_output_is_added_to_the_blocks_feedback(batch):
+    class ReturnsHidden(TinyMLP):
+        def forward(self, x):
+            hidden = []
+            for block in self.blocks:
+                x = block(x)
+                hidden.append(x)
+            return self.head(x), hidden
+
+    torch.manual_seed(0)
+    model, seen = ReturnsHidden(), {}
+    capture_grad(model.blocks[1], seen, "h")
+    dfa = DFA(blocks="blocks.*", output="head").attach(model)
+    capture_grad(model.head, seen, "e")
+    logits, hidden = model(batch[0])
+    (F.cross_entropy(logits, batch[1]) + 10 * hidden[1].pow(2).mean()).backward()
+    h = hidden[1].detach()
+    local = 10 * 2 * h / h.numel()  # the term's own gradient; the head's gradient must not reach the block
+    torch.testing.assert_close(seen["h"], dfa.projector(seen["e"])[:, dfa.layout["blocks.1"]] + local)
+
+
+def test_frozen_head_with_trainable_blocks_trains_the_blocks(mlp, batch):
+    seen = {}
+    capture_grad(mlp.blocks[0], seen, "h")
+    dfa = DFA(blocks="blocks.*", output="head").attach(mlp)
+    mlp.head.requires_grad_(False)
+    logits = mlp(batch[0])
+    logits.retain_grad()
+    F.cross_entropy(logits, batch[1]).backward()
+    torch.testing.assert_close(seen["h"], dfa.projector(logits.grad)[:, dfa.layout["blocks.0"]])
+    assert mlp.head.weight.grad is None
+
+
+def test_frozen_control_keeps_a_head_tied_to_an_embedding_point_trainable():
+    from conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    DFA(embeddings=True, mode="frozen").attach(model)
+    assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.requires_grad
+    assert not model.transformer.wpe.weight.requires_grad
+    assert not any(p.requires_grad for p in model.transformer.h.parameters())
+    ids = torch.randint(0, 64, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    assert model.lm_head.weight.grad is not None and model.transformer.ln_f.weight.grad is not None
+
+
+def test_dfa_reused_for_a_deeper_model_builds_its_layout_again(mlp, batch):
+    dfa = DFA(blocks="blocks.*", output="head")
+    with dfa.attach(mlp):
+        F.cross_entropy(mlp(batch[0]), batch[1]).backward()
+    deeper = TinyMLP(widths=(5, 7, 6, 4))
+    dfa.attach(deeper)
+    F.cross_entropy(deeper(batch[0]), batch[1]).backward()
+    assert list(dfa.layout) == ["blocks.0", "blocks.1", "blocks.2"] and dfa.projector.out_features == 17
+    assert all(block[0].weight.grad is not None for block in deeper.blocks)
+
+
+def test_forward_abandoned_between_the_blocks_and_the_head_leaves_no_records(mlp, batch):
+    class FailsOnce(torch.nn.Module):
+        def __init__(self, mlp):
+            super().__init__()
+            self.mlp, self.fail = mlp, True
+
+        def forward(self, x):
+            for block in self.mlp.blocks:
+                x = block(x)
+            if self.fail:  # e.g. out of memory, before a retry with a smaller batch
+                self.fail = False
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return self.mlp.head(x)
+
+    model = FailsOnce(mlp)
+    DFA(blocks="mlp.blocks.*", output="mlp.head").attach(model)
+    with pytest.raises(torch.OutOfMemoryError):
+        model(batch[0])
+    F.cross_entropy(model(batch[0][:2]), batch[1][:2]).backward()
+    assert mlp.blocks[0][0].weight.grad is not None
+
+
+def test_deep_copy_of_an_attached_model_is_an_unattached_copy(mlp, batch):
+    dfa = DFA(blocks="blocks.*", output="head").attach(mlp)
+    copy = copy_module.deepcopy(mlp)
+    expected = backprop_grads(copy_module.deepcopy(copy), *batch)
+    F.cross_entropy(copy(batch[0]), batch[1]).backward()  # plain backprop: it writes nothing into dfa
+    for name, param in copy.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name])
+    F.cross_entropy(mlp(batch[0]), batch[1]).backward()  # the original still trains with DFA
+    assert dfa.layout and not torch.allclose(mlp.blocks[0][0].weight.grad, expected["blocks.0.0.weight"])
+
+
+def test_model_on_the_meta_device_runs_without_the_finiteness_check(batch):
+    with torch.device("meta"):
+        model = TinyMLP()
+    DFA(blocks="blocks.*", output="head").attach(model)
+    model(batch[0].to("meta")).sum().backward()
+    assert model.blocks[0][0].weight.grad.is_meta

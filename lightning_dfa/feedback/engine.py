@@ -15,7 +15,9 @@ Everything happens inside one ordinary ``loss.backward()``:
 from __future__ import annotations
 
 import math
+import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -37,6 +39,7 @@ from lightning_dfa.feedback.rows import (
 from lightning_dfa.feedback.scaling import ERROR_ENCODINGS, FEEDBACK_SCALES, AdaptiveScale, encode_error, fixed_scales
 from lightning_dfa.feedback.update_scale import DEFAULT_LR_SCALE, ScaledUpdates, check_lr_scale, own_parameters
 from lightning_dfa.projectors import build_projector
+from lightning_dfa.projectors.checks import check_fits_in_memory
 from lightning_dfa.projectors.registry import ProjectorSpec, check_projector_sizes
 
 MODES = ("dfa", "backprop", "frozen")
@@ -156,7 +159,14 @@ class FeedbackEngine:
         self.points: list[str] = []
         self.model: nn.Module | None = None
         self._records: dict[str, Tensor] = {}
+        self._handed: dict[int, tuple[Tensor, Tensor]] = {}  # this forward's detached copies and their originals
         self._handles: list[RemovableHandle] = []
+        self._built_for: weakref.ref | None = None  # the model the layout and projector were built for
+        self._output_ran = False  # the output point ran after the last block: a second call is a reuse
+        self._forwards = 0  # forward passes through the output point since attach (0: the hooks were bypassed)
+        self._routers_pending = 0  # routers applied in forward whose backward has not run yet
+        self._router_task = self._unrouted_task = -1  # graph tasks of the last router backward, of a check
+        self._loss_used: list[str] = []  # modules that got gradients in a backward pass that ran no router
         self._frozen: list[nn.Parameter] = []
         #: Called as ``observe(error, {point: feedback})`` in every backward (rows x features), for diagnostics.
         self.observers: list[Callable[[Tensor, dict[str, Tensor]], None]] = []
@@ -191,6 +201,13 @@ class FeedbackEngine:
         """Select the feedback points of ``model`` and install the hooks (none in backprop mode)."""
         if self.model is not None:
             raise RuntimeError("This DFA is already attached to a model; call detach() first.")
+        other = attached_engine(model)
+        if other is not None:
+            raise RuntimeError(
+                f"{type(model).__name__} is already attached to another DFA ({other!r}): two engines would cut and "
+                "route the same blocks. Detach that one first (other.detach()), or use one DFA with several "
+                "patterns in blocks=[...]."
+            )
         points, top = self._select_points(model)
         blocks = points + top
         output = self.output if self.output is not None else auto_output(model, blocks)
@@ -209,9 +226,15 @@ class FeedbackEngine:
                     f"The output point {output!r} lies inside the feedback point {point!r}: the error must be taken "
                     "after every block. Choose an output outside the blocks that runs after them, e.g. the head."
                 )
+        if self._built_for is not None and self._built_for() is not model:  # a sweep reusing the DFA: new layout
+            self.projector, self.layout, self._scales, self._built_for = None, {}, {}, None
+            self._adaptive = AdaptiveScale(self.scale_momentum)
         self.model, self.points, self.backprop_points, self.output = model, points, top, output
+        self._forwards, self._routers_pending, self._output_ran = 0, 0, False
         if self.mode == "frozen":
-            self._frozen = [p for name in points for p in model.get_submodule(name).parameters() if p.requires_grad]
+            # Only the points' own parameters: one shared with another module (a head tied to the token
+            # embedding) keeps training, so the control still trains everything DFA trains besides the blocks.
+            self._frozen = [p for p in point_parameters(model, points)[0] if p.requires_grad]
             for param in self._frozen:
                 param.requires_grad_(False)
         if self.mode in ("dfa", "frozen"):
@@ -247,18 +270,31 @@ class FeedbackEngine:
     def _install_hooks(self) -> None:
         modules = dict(self.model.named_modules())
         for name in self.points:
-            self._handles.append(modules[name].register_forward_pre_hook(self._cut_inputs, with_kwargs=True))
-            self._handles.append(modules[name].register_forward_hook(self._recorder(name)))
+            self._handles.append(modules[name].register_forward_pre_hook(_Hook(self._cut_inputs), with_kwargs=True))
+            self._handles.append(modules[name].register_forward_hook(_Hook(self._recorder(name))))
         if self.cut_inputs == "all":  # backprop blocks: their hidden state flows, side inputs from DFA blocks do not
             for name in self.backprop_points:
-                self._handles.append(modules[name].register_forward_pre_hook(_cut_side_inputs, with_kwargs=True))
-        self._handles.append(modules[self.output].register_forward_hook(self._route))
+                self._handles.append(modules[name].register_forward_pre_hook(_Hook(_cut_side_inputs), with_kwargs=True))
+        self._handles.append(modules[self.output].register_forward_hook(_Hook(self._route)))
+        # Called even when the forward raises (an out-of-memory retry): the records of that pass are stale.
+        self._handles.append(self.model.register_forward_hook(_Hook(self._after_forward), always_call=True))
+        own, others = point_parameters(self.model, self.points)
+        for params, hook in ((own, self._point_grad), (others, self._other_grad)):
+            for param, owner in params.items():
+                if param.requires_grad:
+                    self._handles.append(param.register_post_accumulate_grad_hook(hook(owner)))
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.forget_forward()
+
+    def forget_forward(self) -> None:
+        """Drop what the current forward pass recorded (it was abandoned, e.g. by an out-of-memory error)."""
         self._records.clear()
+        self._handed.clear()
+        self._output_ran, self._routers_pending, self._loss_used = False, 0, []
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -322,6 +358,9 @@ class FeedbackEngine:
             hidden = first_tensor(output, f"Feedback point {name!r}")
             if not torch.is_grad_enabled() or in_backward():
                 return None
+            if self._output_ran:  # a new forward pass
+                self._handed.clear()
+            self._output_ran = False
             if name in self._records:
                 raise RuntimeError(
                     f"Feedback point {name!r} ran again before the output point {self.output!r} did: either the "
@@ -329,7 +368,9 @@ class FeedbackEngine:
                     "is called twice per forward pass (shared blocks are not supported)."
                 )
             self._records[name] = hidden
-            return replace_first(output, hidden.detach())
+            copy = hidden.detach()
+            self._handed[id(copy)] = (copy, hidden)
+            return replace_first(output, copy)
 
         return record
 
@@ -337,40 +378,115 @@ class FeedbackEngine:
         error_point = first_tensor(output, f"Output point {self.output!r}")
         if not torch.is_grad_enabled() or in_backward():
             return None
-        if not error_point.requires_grad:  # nothing downstream trains: no error to project this time
-            self._records.clear()
-            return None
-        missing = [name for name in self.points if name not in self._records]
+        records, self._records = self._records, {}
+        if not records and self._output_ran and self.points:
+            raise RuntimeError(
+                f"The output point {self.output!r} ran twice in one forward pass (or again without the blocks "
+                "running in between): DFA takes the error at one call of the output module. Call it once per "
+                f"forward pass (e.g. on the concatenated inputs), or choose as output a module that runs once, "
+                "after every block."
+            )
+        self._output_ran, self._forwards = True, self._forwards + 1
+        if not error_point.requires_grad and not any(r.requires_grad for r in records.values()):
+            return None  # nothing trains: no error to project this time
+        missing = [name for name in self.points if name not in records]
         if missing:
             raise RuntimeError(
                 f"Feedback points {missing} did not run before the output point {self.output!r}; every block must "
                 "run before the error is taken. Choose an output module that runs last (e.g. the head)."
             )
-        records, self._records = self._records, {}
         shapes = self._point_shapes(records, error_point)
-        routed = [(name, shapes[name]) for name in self.points if self._trains(name, records[name])]
-        if not routed:  # e.g. the frozen-blocks control: no block to feed, no projection to pay for
+        # The frozen-blocks control feeds no block (parameters it shares with the head train with their true
+        # gradient), so it pays for no projection. A frozen head with trainable blocks is routed all the same.
+        trains = self.mode != "frozen"
+        routed = [(name, shapes[name]) for name in self.points if trains and self._trains(name, records[name])]
+        if not routed:
             return None
+        self._routers_pending += 1
         routed_outputs = (records[name] for name, _ in routed)
         return replace_first(output, FeedbackRouter.apply(self, routed, error_point, *routed_outputs))
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if sys.exc_info()[1] is not None:  # the forward pass raised: a retry must not find its records
+            self.forget_forward()
+            return None
+        # The model returns block outputs (hidden_states): give the caller the blocks' own outputs, not the
+        # detached copies the model ran on, so a loss term on them reaches the block (added to its feedback).
+        handed, self._handed = self._handed, {}
+        return _swap_copies(output, handed) if handed and torch.is_grad_enabled() else None
+
+    def _point_grad(self, owner: str) -> Callable[[Tensor], None]:
+        def hook(param: Tensor) -> None:
+            if not self._forwards:
+                raise RuntimeError(
+                    f"A parameter of {owner!r}, inside a feedback point, received a gradient although no forward pass "
+                    "since dfa.attach() ran the DFA hooks: this is backprop, not DFA. A model compiled with "
+                    "torch.compile and run before attach() keeps its compiled graph, which bypasses hooks added "
+                    "later. Attach first, then compile (dfa.attach(model); model = torch.compile(model)), or call "
+                    "torch.compiler.reset() after attach()."
+                )
+
+        return hook
+
+    def _other_grad(self, owner: str) -> Callable[[Tensor], None]:
+        def hook(param: Tensor) -> None:
+            task = torch._C._current_graph_task_id()
+            if not self._routers_pending or task == self._router_task:
+                return
+            if not self._loss_used:  # decide at the end of this backward pass: the router may still run
+                self._unrouted_task = task
+                torch.autograd.Variable._execution_engine.queue_callback(self._check_error_used)
+            if owner not in self._loss_used:
+                self._loss_used.append(owner)
+
+        return hook
+
+    def _check_error_used(self) -> None:
+        used, self._loss_used = self._loss_used, []
+        if self._router_task != self._unrouted_task:
+            self._routers_pending = 0
+            raise RuntimeError(self._unused_error_message(used))
+
+    def _unused_error_message(self, used: list[str]) -> str:
+        used_text = f"; it used {used}" if used else ""
+        return (
+            f"The loss does not use the output of the error point {self.output!r}: it got no gradient in this "
+            f"backward pass{used_text}. The feedback points {self.points} got no feedback and would not train. "
+            "Set output= to the module whose output the loss is computed from"
+            + (f" (e.g. output={used[0]!r})" if used else "")
+            + f", or compute the loss from {self.output!r}'s output. A forward pass that is not trained on should "
+            "run under torch.no_grad()."
+        )
 
     def _trains(self, name: str, hidden: Tensor) -> bool:
         if hidden.requires_grad:
             return True
-        if any(p.requires_grad for p in self.model.get_submodule(name).parameters()):
-            raise RuntimeError(
-                f"Feedback point {name!r} has trainable parameters but its output does not require grad; was it "
-                "run under torch.no_grad() or reentrant checkpointing?"
+        if not any(p.requires_grad for p in self.model.get_submodule(name).parameters()):
+            return False  # a frozen block: nothing to train
+        if not (hidden.is_floating_point() or hidden.is_complex()):
+            raise TypeError(
+                f"Feedback point {name!r} has trainable parameters but returns a {hidden.dtype} tensor, which "
+                "cannot carry a gradient. Select as point the module whose output is the floating-point hidden "
+                "state (a tuple may carry other values after it)."
             )
-        return False  # a frozen block: nothing to train
+        raise RuntimeError(
+            f"Feedback point {name!r} has trainable parameters but its output does not require grad; was it "
+            "run under torch.no_grad() or reentrant checkpointing?"
+        )
 
     def check_routed(self) -> None:
-        """Raise if block outputs were recorded but the output point never ran (call after backward)."""
+        """Raise if block outputs were recorded but the output point never ran, or if the loss did not use the
+        output point's output (call after backward)."""
         if self._records:
             raise RuntimeError(
                 f"The output point {self.output!r} did not run in the forward pass, so the feedback points "
                 f"{list(self._records)} got no feedback. Choose an output module that runs after every block."
             )
+        pending, self._routers_pending = self._routers_pending, 0
+        if pending:
+            _, others = point_parameters(self.model, self.points)
+            used = list(dict.fromkeys(owner for param, owner in others.items() if param.grad is not None))
+            raise RuntimeError(self._unused_error_message(used))
 
     # ------------------------------------------------------------------ layout and projection
     def _point_shapes(self, records: dict[str, Tensor], error_point: Tensor) -> dict[str, PointShape]:
@@ -416,8 +532,12 @@ class FeedbackEngine:
         self._scales = fixed_scales(self.feedback_scale, error_features, widths)
         if self._saved_state is not None:
             _check_saved_layout(self._saved_state, layout, error_features)
-        self.projector = build_projector(self.projector_spec, error_features, start, self.seed).to(device)
-        self.layout = layout
+        projector = build_projector(self.projector_spec, error_features, start, self.seed)
+        if device.type != "cpu":  # built on the CPU: check the device can hold it before moving it there
+            tensors = [*projector.parameters(), *projector.buffers()]
+            check_fits_in_memory(f"Projector {type(projector).__name__}", sum(t.nbytes for t in tensors), device)
+        self.projector = projector.to(device)
+        self.layout, self._built_for = layout, weakref.ref(self.model)
         if self._saved_state is not None:
             self.projector.load_state_dict(self._saved_state["projector"])
             self._saved_state = None
@@ -428,7 +548,8 @@ class FeedbackEngine:
             flat = spatial_error_rows(error, self.spatial_patch)
         else:
             flat = error.reshape(-1, self.projector.in_features)
-        if self.check_finite and not _all_finite(flat):
+        # A meta tensor has no values to check (a model traced on the meta device, e.g. to count memory).
+        if self.check_finite and not flat.is_meta and not _all_finite(flat):
             return self._nonfinite_error(len(routed))
         encoded = encode_error(flat.float(), self.error_encoding, self.ternary_threshold)
         feedback = self.projector(encoded)
@@ -439,6 +560,10 @@ class FeedbackEngine:
         for (name, shape), need in zip(routed, needed):
             grads.append(shape.gradient(slices[name]).to(error.dtype) if need else None)
         return grads
+
+    def _router_ran(self) -> None:
+        self._routers_pending = max(self._routers_pending - 1, 0)
+        self._router_task = torch._C._current_graph_task_id()
 
     def _nonfinite_error(self, points: int) -> list[Tensor | None]:
         """What a NaN or inf error does: raise here; the Lightning ``DFA`` records it and gives no feedback."""
@@ -497,6 +622,62 @@ class FeedbackEngine:
             f"{type(self).__name__}(blocks={self.blocks!r}, output={self.output!r}, projector={self.projector_spec!r}, "
             f"seed={self.seed}, mode={self.mode!r})"
         )
+
+
+class _Hook:
+    """A hook of one engine. A deep copy of the model (an EMA or SWA copy) gets a no-op instead: the copy is
+    not attached, and must not write into this engine's records."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+        self.engine = getattr(function, "__self__", None)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.function(*args)
+
+    def __deepcopy__(self, memo: dict) -> Callable[..., None]:
+        return _no_op
+
+
+def _no_op(*args: Any) -> None:
+    return None
+
+
+def _swap_copies(value: Any, handed: dict[int, tuple[Tensor, Tensor]]) -> Any:
+    """``value`` with every detached copy of a point's output replaced by the output itself (in place in dicts,
+    e.g. a HuggingFace ``ModelOutput``)."""
+    if isinstance(value, Tensor):
+        copy, original = handed.get(id(value), (None, None))
+        return original if copy is value else value
+    if isinstance(value, list) or isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return type(value)(_swap_copies(item, handed) for item in value)
+    if isinstance(value, dict):
+        for key, item in list(value.items()):
+            swapped = _swap_copies(item, handed)
+            if swapped is not item:
+                value[key] = swapped
+    return value
+
+
+def attached_engine(model: nn.Module) -> FeedbackEngine | None:
+    """The engine whose hooks are on ``model``, if any."""
+    for module in model.modules():
+        for hook in module._forward_hooks.values():
+            if isinstance(hook, _Hook) and isinstance(hook.engine, FeedbackEngine):
+                return hook.engine
+    return None
+
+
+def point_parameters(model: nn.Module, points: Sequence[str]) -> tuple[dict[Tensor, str], dict[Tensor, str]]:
+    """The parameters of the feedback points alone, and all the others, each with the module that owns it. A
+    parameter shared with a module outside the points (a head tied to the token embedding) is one of the others."""
+    inside: dict[Tensor, str] = {}
+    outside: dict[Tensor, str] = {}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        owner = path.rpartition(".")[0]
+        into = inside if any(owner == p or owner.startswith(p + ".") for p in points) else outside
+        into.setdefault(param, owner)
+    return {param: owner for param, owner in inside.items() if param not in outside}, outside
 
 
 def reentrant(module: nn.Module) -> bool:

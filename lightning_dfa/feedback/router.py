@@ -24,6 +24,7 @@ class FeedbackRouter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, error: Tensor) -> tuple:
+        ctx.engine._router_ran()
         grads = ctx.engine._feedback(error, ctx.routed, ctx.needs_input_grad[3:])
         return (None, None, error, *grads)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -53,3 +54,34 @@ def check_error(name: str, error: Tensor, in_features: int, nonfinite: str = "ra
         )
     warnings.warn(f"{name}: {count} error rows are not finite; their feedback is NaN.", RuntimeWarning, stacklevel=3)
     return ~finite
+
+
+def check_fits_in_memory(what: str, nbytes: int, device: torch.device | str = "cpu") -> None:
+    """Raise ``MemoryError`` before allocating ``nbytes`` that the device cannot hold, naming the projectors that
+    store no matrix (instead of the allocator's message from inside the first forward pass)."""
+    device = torch.device(device)
+    available = _available_bytes(device)
+    if available is None or nbytes <= available:
+        return
+    raise MemoryError(
+        f"{what} needs {nbytes / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB of memory available on "
+        f"{device}. Use a projector that stores no matrix: projector='seeded' (the same Gaussian, regenerated "
+        "tile by tile from the seed) or projector='structured' (a fast structured transform)."
+    )
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:  # MemAvailable counts the reclaimable page cache; the free pages alone would refuse too early
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None

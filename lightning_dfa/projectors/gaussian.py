@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_dfa.projectors.base import Projector
+from lightning_dfa.projectors.checks import check_fits_in_memory
 
 
 def default_std(in_features: int) -> float:
@@ -35,6 +36,10 @@ class Gaussian(Projector):
     def __init__(self, in_features: int, out_features: int, *, seed: int = 0, std: float | None = None) -> None:
         super().__init__(in_features, out_features, seed=seed)
         self.std = default_std(in_features) if std is None else float(std)
+        # Drawn on the CPU, so checked there; the engine checks the target device before moving it.
+        check_fits_in_memory(
+            f"A dense Gaussian projector of {in_features} x {out_features}", in_features * out_features * 4
+        )
         generator = torch.Generator().manual_seed(seed)
         weight = torch.randn(in_features, out_features, generator=generator).mul_(self.std)
         self.register_buffer("weight", weight, persistent=False)
