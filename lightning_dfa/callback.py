@@ -91,6 +91,7 @@ class DFA(FeedbackEngine, Callback):
         self.last_nonfinite: str | None = None
         self._consecutive = 0
         self._trainer: pl.Trainer | None = None
+        self._told_scale = False
         self._losses: list[Tensor] = []  # this step's losses (one per micro-batch), checked at the optimizer step
         self._bad_error = False
 
@@ -117,6 +118,7 @@ class DFA(FeedbackEngine, Callback):
         self.scale_updates(*trainer.optimizers)  # the optimizers exist now (strategy.setup ran)
         rank_zero_info(_chosen(self, output_auto))  # automatic choices must be visible before the run goes far
         self._trainer = trainer
+        self._told_scale = False
         self._reset_step()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -135,6 +137,9 @@ class DFA(FeedbackEngine, Callback):
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.check_routed()
+        if self.lr_scale == "auto" and self.points_lr_scale is not None and not self._told_scale:
+            self._told_scale = True  # known from the first error only
+            rank_zero_info(f"DFA: lr_scale='auto' set the points' learning rate to {self.points_lr_scale:.3g} x lr")
 
     # ------------------------------------------------------------------ non-finite steps
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -256,7 +261,10 @@ def _chosen(dfa: DFA, output_auto: bool) -> str:
     )
     if dfa.backprop_points:
         line += f", {len(dfa.backprop_points)} top blocks by backprop"
-    return f"{line}, points at lr_scale={dfa.lr_scale} x lr" if dfa.mode == "dfa" else f"{line}, mode {dfa.mode}"
+    if dfa.mode != "dfa":
+        return f"{line}, mode {dfa.mode}"
+    scale = "1/sqrt(error width)" if dfa.lr_scale == "auto" else dfa.lr_scale
+    return f"{line}, points at lr_scale={scale} x lr"
 
 
 def _projector_name(spec: Any) -> str:

@@ -7,7 +7,7 @@ scaled learning rate, with ``lr_scale=1.0`` (the optimizer untouched).
 from __future__ import annotations
 
 import copy
-import math
+import os
 import warnings
 
 import lightning.pytorch as pl
@@ -205,7 +205,7 @@ def test_a_parameter_tied_to_a_module_outside_the_points_keeps_the_full_rate():
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, "0.1", True])
 def test_a_scale_outside_0_to_1_is_refused_with_its_meaning(bad):
-    with pytest.raises(ValueError, match=r"lr_scale must be a number in \[0, 1\].*got"):
+    with pytest.raises(ValueError, match=r"lr_scale must be .auto. or a number in \[0, 1\].*got"):
         FeedbackEngine(lr_scale=bad)
 
 
@@ -233,11 +233,11 @@ def test_resuming_with_another_scale_warns():
 class Classifier(pl.LightningModule):
     """A user's module: AdamW over all parameters (or explicit groups, for the reference), warmup schedule."""
 
-    def __init__(self, explicit: bool = False, manual: bool = False):
+    def __init__(self, explicit: bool = False, manual: bool = False, scale: float = SCALE):
         super().__init__()
         torch.manual_seed(0)
         self.net = TinyMLP()
-        self.explicit = explicit
+        self.explicit, self.scale = explicit, scale
         self.automatic_optimization = not manual
 
     def configure_dfa(self):
@@ -254,7 +254,7 @@ class Classifier(pl.LightningModule):
         self.lr_schedulers().step()
 
     def configure_optimizers(self):
-        params = explicit_groups(self.net) if self.explicit else self.parameters()
+        params = explicit_groups(self.net, scale=self.scale) if self.explicit else self.parameters()
         optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup(optimizer), "interval": "step"}}
 
@@ -302,12 +302,14 @@ def test_every_strategy_takes_the_scale(strategy):
 
 def test_the_default_scale_is_used_without_settings():
     assert DFAStrategy()._dfa_args.get("lr_scale") is None  # noqa: SLF001 (the engine's default applies)
-    assert math.isclose(DFA().lr_scale, FeedbackEngine().lr_scale)
+    assert DFA().lr_scale == FeedbackEngine().lr_scale == "auto"
 
 
-def test_dfa_ddp_with_a_scale_trains_like_one_process():
+def test_dfa_ddp_with_a_scale_trains_like_one_process(monkeypatch):
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the process group's variables leave with the test
     scaled, reference = Classifier(), Classifier(explicit=True)
     fit(scaled, DFADDPStrategy(lr_scale=SCALE, process_group_backend="gloo"), devices=1, use_distributed_sampler=False)
+    torch.distributed.destroy_process_group()
     fit(reference, DFAStrategy(lr_scale=1.0))
     assert_same_weights(scaled.net, reference.net)
 
@@ -332,3 +334,48 @@ def test_the_cli_sets_the_scale(tmp_path):
     )
     config = (tmp_path / "config.yaml").read_text()
     assert "lr_scale: 0.25" in config
+
+
+# ---------------------------------------------------------------------- lr_scale="auto"
+@pytest.mark.parametrize("width, scale", [(1, 1.0), (10, 10**-0.5), (4096, 1 / 64)])
+def test_auto_is_one_over_the_square_root_of_the_error_width(width, scale):
+    from lightning_dfa.feedback.update_scale import auto_lr_scale
+
+    assert auto_lr_scale(width) == pytest.approx(scale)
+
+
+def test_auto_is_the_default_and_is_set_by_the_first_forward():
+    model = TinyMLP()  # 3 classes: the error has 3 values per sample
+    dfa = DFA(blocks="blocks.*", output="head").attach(model)
+    assert dfa.lr_scale == "auto" and dfa.points_lr_scale is None
+    model(torch.randn(2, 5))
+    assert dfa.points_lr_scale == pytest.approx(3**-0.5)
+
+
+def test_auto_counts_tokens_as_rows_and_the_whole_image_as_one():
+    from conftest import tiny_gpt2, tiny_unet
+
+    gpt2 = tiny_gpt2()
+    with DFA().attach(gpt2) as dfa:
+        gpt2(torch.zeros(2, 8, dtype=torch.long))
+        assert dfa.points_lr_scale == pytest.approx(64**-0.5)  # vocabulary of 64 per token
+    unet = tiny_unet()
+    with DFA(spatial_feedback=True).attach(unet) as dfa:  # rows are pixels, the rule still sees 1 x 8 x 8
+        unet(torch.zeros(2, 1, 8, 8), torch.tensor([1, 2]))
+        assert dfa.points_lr_scale == pytest.approx(64**-0.5)
+
+
+def test_auto_scales_the_points_as_a_group_at_the_chosen_rate():
+    scaled, reference = two_copies()
+    opt = torch.optim.AdamW(scaled.parameters(), lr=LR)
+    ref_opt = torch.optim.AdamW(explicit_groups(reference, scale=3**-0.5), lr=LR)
+    train_plain(scaled, opt, None, "auto")
+    train_plain(reference, ref_opt, None, 1.0)
+    assert_same_weights(scaled, reference)
+
+
+def test_auto_in_a_lightning_step_scales_the_very_first_update():
+    scaled, reference = Classifier(), Classifier(explicit=True, scale=3**-0.5)  # 3 classes
+    fit(scaled, DFAStrategy(lr_scale="auto"))  # the first forward runs inside step(closure)
+    fit(reference, DFAStrategy(lr_scale=1.0))
+    assert_same_weights(scaled.net, reference.net)

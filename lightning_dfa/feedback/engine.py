@@ -37,7 +37,13 @@ from lightning_dfa.feedback.rows import (
     spatial_error_rows,
 )
 from lightning_dfa.feedback.scaling import ERROR_ENCODINGS, FEEDBACK_SCALES, AdaptiveScale, encode_error, fixed_scales
-from lightning_dfa.feedback.update_scale import DEFAULT_LR_SCALE, ScaledUpdates, check_lr_scale, own_parameters
+from lightning_dfa.feedback.update_scale import (
+    DEFAULT_LR_SCALE,
+    ScaledUpdates,
+    auto_lr_scale,
+    check_lr_scale,
+    own_parameters,
+)
 from lightning_dfa.projectors import build_projector
 from lightning_dfa.projectors.checks import check_fits_in_memory
 from lightning_dfa.projectors.registry import ProjectorSpec, check_projector_sizes
@@ -67,8 +73,10 @@ class FeedbackEngine:
         sequence_feedback: ``"broadcast"`` or ``"flatten"``, for per-sample errors with per-token points.
         check_finite: raise if the error holds NaN or inf instead of spreading it into every block.
         lr_scale: the feedback points learn at ``lr_scale`` x their optimizer's learning rate (``mode="dfa"``
-            only; baselines keep the plain rate). Lightning runs apply it to every optimizer; in plain PyTorch call
-            :meth:`scale_updates` once. See :mod:`lightning_dfa.feedback.update_scale`.
+            only; baselines keep the plain rate). ``"auto"`` (default) is ``1 / sqrt(error width)``, the error's
+            values per row with the default rows (tokens for sequences, samples otherwise), set at the first
+            forward pass. Lightning runs apply it to every optimizer; in plain PyTorch call :meth:`scale_updates`
+            once. See :mod:`lightning_dfa.feedback.update_scale`.
 
     Learning variants (:doc:`docs/learning.md` measures each):
 
@@ -107,7 +115,7 @@ class FeedbackEngine:
         error_rows: int | None = None,
         sequence_feedback: str = "broadcast",
         check_finite: bool = True,
-        lr_scale: float = DEFAULT_LR_SCALE,
+        lr_scale: float | str = DEFAULT_LR_SCALE,
         error_encoding: str = "none",
         ternary_threshold: float = 1.0,
         feedback_scale: str = "fan_in",
@@ -144,6 +152,8 @@ class FeedbackEngine:
         self.sequence_feedback = sequence_feedback
         self.check_finite = check_finite
         self.lr_scale = lr_scale
+        #: The points' share of the learning rate in use: ``lr_scale``, or what ``"auto"`` chose at the first forward.
+        self.points_lr_scale: float | None = None if lr_scale == "auto" else float(lr_scale)
         self._scaled_updates: list[ScaledUpdates] = []
         self.error_encoding, self.ternary_threshold = error_encoding, ternary_threshold
         self.feedback_scale, self.scale_momentum = feedback_scale, scale_momentum
@@ -316,7 +326,8 @@ class FeedbackEngine:
         if self.mode != "dfa" or self.lr_scale == 1.0:
             return
         params = own_parameters(self.model, self.points)
-        self._scaled_updates += [ScaledUpdates(optimizer, params, self.lr_scale) for optimizer in optimizers]
+        scale = (lambda: self.points_lr_scale) if self.lr_scale == "auto" else self.lr_scale
+        self._scaled_updates += [ScaledUpdates(optimizer, params, scale) for optimizer in optimizers]
 
     def detach(self) -> None:
         """Remove every hook: the model and its optimizers are exactly as before (plain backprop)."""
@@ -503,6 +514,11 @@ class FeedbackEngine:
             error_features = math.prod(error_point.shape[rows:])
         if self.projector is None:
             self._build(shapes, error_features, error_point.device)
+            if self.lr_scale == "auto":  # the error width with default rows, whatever the rows of the projection
+                width = math.prod(error_point.shape[error_row_dims(error_point.shape, None) :])
+                self.points_lr_scale = auto_lr_scale(width)
+                for scaled in self._scaled_updates:  # a step already under way (Lightning's closure) learns it now
+                    scaled.rescale()
         for name, shape in shapes.items():
             have = self.layout[name].stop - self.layout[name].start
             if shape.features != have:

@@ -15,14 +15,15 @@ step), ``state_dict()`` and checkpoints see nothing of it, and a scheduled ``lr`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-#: The default share of the learning rate for the feedback points (chosen in docs/learning.md).
-DEFAULT_LR_SCALE = 0.03
+#: The default: ``"auto"``, one over the square root of the error's width (:func:`auto_lr_scale`; docs/learning.md).
+DEFAULT_LR_SCALE = "auto"
 
 #: Key of the scaled copies in the optimizer's groups while a step runs (to tell them apart).
 SCALED = "lightning_dfa_lr_scale"
@@ -38,12 +39,21 @@ class ScaledUpdates:
         scaled.remove()
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], scale: float) -> None:
-        check_lr_scale(scale)
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: Iterable[nn.Parameter],
+        scale: float | Callable[[], float | None],
+    ) -> None:
+        if not callable(scale):
+            check_lr_scale(scale)
+        # A number, or read at every step: ``"auto"`` is known once the first error has been seen, which in a
+        # Lightning step (forward and backward inside ``step(closure)``) is after the pre-hook: see rescale().
+        self.scale = scale
         self.optimizer = optimizer
-        self.scale = float(scale)
         self._params = set(params)
         self._groups: list[tuple[dict[str, Any], list[nn.Parameter]]] = []
+        self._scaled: list[dict[str, Any]] = []
         self._handles = [
             optimizer.register_step_pre_hook(self._split),
             optimizer.register_step_post_hook(self._merge),
@@ -58,7 +68,15 @@ class ScaledUpdates:
             self._groups.append((group, group["params"]))
             # The user's group keeps its place (code that reads param_groups[i] during the step sees it).
             group["params"] = [p for p in group["params"] if p not in self._params]
-            optimizer.param_groups.append({**group, "params": points, "lr": group["lr"] * self.scale, SCALED: True})
+            self._scaled.append({**group, "params": points, SCALED: True})
+        optimizer.param_groups.extend(self._scaled)
+        self.rescale()
+
+    def rescale(self) -> None:
+        """Set the scaled groups' rates from the scale now known (called again when ``"auto"`` is resolved)."""
+        scale = self.scale() if callable(self.scale) else self.scale
+        for (group, _), scaled in zip(self._groups, self._scaled):
+            scaled["lr"] = group["lr"] * (1.0 if scale is None else scale)
 
     def _merge(self, *_: Any) -> None:
         if not self._groups:
@@ -67,6 +85,7 @@ class ScaledUpdates:
         for group, params in self._groups:
             group["params"] = params
         self._groups.clear()
+        self._scaled.clear()
 
     def remove(self) -> None:
         """Take the hooks off: the optimizer steps as it did before."""
@@ -77,12 +96,28 @@ class ScaledUpdates:
 
 
 def check_lr_scale(scale: Any) -> None:
-    """``lr_scale`` must be a number in [0, 1] (0 freezes the points; 1 is the optimizer's own rate)."""
+    """``lr_scale`` is ``"auto"`` or a number in [0, 1] (0 freezes the points; 1 is the optimizer's own rate)."""
+    if scale == "auto":
+        return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 1.0:
         raise ValueError(
-            f"lr_scale must be a number in [0, 1], the feedback points' share of the learning rate (1.0 leaves "
-            f"the optimizer as it is), got {scale!r}."
+            f"lr_scale must be 'auto' or a number in [0, 1], the feedback points' share of the learning rate (1.0 "
+            f"leaves the optimizer as it is), got {scale!r}."
         )
+
+
+def auto_lr_scale(error_width: int) -> float:
+    """``1 / sqrt(error_width)``: the points' share of the learning rate for an error of that many values per row.
+
+    The wider the error, the less of a block's DFA update is aligned with its true gradient (a random
+    projection mixes more independent error directions), so the slower the blocks must learn for the head
+    to keep up: a GPT's 4096-token logits give 0.016, ten classes 0.32 (docs/learning.md measures the rule).
+
+    Example::
+
+        auto_lr_scale(4096)   # 0.015625
+    """
+    return min(1.0, 1.0 / math.sqrt(error_width))
 
 
 def own_parameters(model: nn.Module, points: Iterable[str]) -> list[nn.Parameter]:
