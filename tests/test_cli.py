@@ -1,5 +1,7 @@
 """The ``lightning-dfa`` command: recipes parse, resolve by name, train, and DFA learns the quick start."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -8,16 +10,20 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_dfa.cli import main, recipe_names, resolve_recipe, run
+from lightning_dfa.runs import latest_run, run_files
 
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+DIGITS = ["fit", "--config", "digits-mlp", *QUIET]
 
 
 def test_recipes_are_listed_with_their_first_line(capsys):
     main(["recipes"])
-    out = capsys.readouterr().out
-    assert "digits-mlp" in out and "DFA quick start" in out
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "Quick start" in lines["quickstart"]
+    assert "MLP" in lines["digits-mlp"] and "quick start" not in lines["digits-mlp"].lower()
 
 
 def test_a_bare_recipe_name_resolves_to_the_shipped_file():
@@ -95,29 +101,62 @@ def test_dfa_learns_the_digits_quick_start(tmp_path, capsys):
     assert backprop >= 0.95
 
 
-def test_baselines_run_after_fit_and_print_beside_dfa(tmp_path, capsys):
-    cli = run(
-        [
-            "fit",
-            "--config",
-            "digits-mlp",
-            "--baselines=[frozen, backprop]",
-            "--trainer.max_steps=30",
-            f"--trainer.default_root_dir={tmp_path}",
-            *QUIET,
-        ]
-    )
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def two_launches(tmp_path_factory):
+    """digits-mlp with both baselines, then again without them, into one root: the issue's mixed-folder case."""
+    root = tmp_path_factory.mktemp("runs")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        first = run(
+            DIGITS + ["--baselines=[frozen, backprop]", "--trainer.max_steps=30", f"--trainer.default_root_dir={root}"]
+        )
+        run(DIGITS + ["--baselines=[]", "--trainer.max_steps=10", f"--trainer.default_root_dir={root}"])
+    return {"root": root, "out": printed.getvalue(), "first": first}
+
+
+def test_baselines_run_after_fit_and_print_beside_dfa(two_launches):
+    out = two_launches["out"]
     header = next(line for line in out.splitlines() if "frozen" in line and "backprop" in line)
     assert header.split() == ["dfa", "frozen", "backprop"]
     assert "test/acc" in out and "alignment/mean" in out
-    assert (tmp_path / "comparison.png").exists()
-    for mode in ("dfa", "frozen", "backprop"):
-        assert (tmp_path / f"history-{mode}.json").exists(), mode
-    saved = json.loads((tmp_path / "summary.json").read_text())
+    saved = json.loads((two_launches["root"] / "version_0" / "summary.json").read_text())
     assert [r["mode"] for r in saved["runs"]] == ["dfa", "frozen", "backprop"]
     assert saved["runs"][0]["metrics"]["test/acc"] > 0.5
-    assert cli.result.mode == "dfa"
+    assert two_launches["first"].result.mode == "dfa"
+
+
+def test_each_launch_gets_a_new_version_folder_and_latest_points_at_the_newest(two_launches):
+    root = two_launches["root"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "version_0", "version_1"]
+    assert latest_run(root) == (root / "version_1").resolve()
+
+
+def test_a_run_and_its_baselines_hold_their_files_in_their_version_folder(two_launches):
+    files = run_files(two_launches["root"] / "version_0")
+    top = {name for name in files if "/" not in name}
+    assert top == {"comparison.png", "config.yaml", "curves-dfa.png", "history-dfa.json", "summary.json"}
+    for mode in ("frozen", "backprop"):
+        assert {f"{mode}/config.yaml", f"{mode}/history-{mode}.json", f"{mode}/curves-{mode}.png"} <= set(files)
+
+
+def test_a_launch_without_baselines_holds_only_its_own_files(two_launches):
+    files = [name for name in run_files(two_launches["root"] / "version_1") if not name.startswith("checkpoints/")]
+    assert files == ["config.yaml", "curves-dfa.png", "history-dfa.json", "summary.json"]
+
+
+def test_the_summary_lists_every_file_of_its_run_folder(two_launches):
+    for version in ("version_0", "version_1"):
+        folder = two_launches["root"] / version
+        assert json.loads((folder / "summary.json").read_text())["files"] == run_files(folder)
+
+
+def test_config_yaml_is_the_launched_runs_config_and_each_baseline_has_its_own(two_launches):
+    folder = two_launches["root"] / "version_0"
+    for path, mode in [("config.yaml", "dfa"), ("frozen/config.yaml", "frozen"), ("backprop/config.yaml", "backprop")]:
+        config = yaml.safe_load((folder / path).read_text())
+        assert config["trainer"]["strategy"]["init_args"]["mode"] == mode, path
+        # the root, not the version folder: rerunning the saved config makes a new version folder
+        assert config["trainer"]["default_root_dir"] == str(two_launches["root"])
 
 
 def test_unknown_baseline_mode_is_an_error(tmp_path):
