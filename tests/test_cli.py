@@ -1,8 +1,10 @@
 """The ``lightning-dfa`` command: recipes parse, resolve by name, train, and DFA learns the quick start."""
 
 import contextlib
+import csv
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_dfa.cli import main, recipe_names, resolve_recipe, run
+from lightning_dfa.cli import DEBUG_ENV, main, recipe_names, resolve_recipe, run
+from lightning_dfa.models import MLPClassifier
 from lightning_dfa.runs import latest_run, run_files
 
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -174,10 +177,12 @@ def test_unknown_baseline_mode_is_an_error(tmp_path):
         )
 
 
-def test_wandb_runs_offline_and_leaves_no_process_behind(tmp_path):
-    """The recipe's W&B logger writes an offline run; nothing of the session survives the command."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
-    env["HOME"] = str(tmp_path)  # no netrc: not logged in, so offline by default
+@pytest.fixture(scope="module")
+def wandb_command(tmp_path_factory):
+    """The digits recipe with its W&B logger, as a user runs it: a fresh process, not logged in, a new root."""
+    root = tmp_path_factory.mktemp("wandb-run")
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SILENT")}
+    env["HOME"] = str(root)  # no netrc: not logged in, so offline by default
     process = subprocess.Popen(
         [
             sys.executable,
@@ -189,10 +194,10 @@ def test_wandb_runs_offline_and_leaves_no_process_behind(tmp_path):
             "--trainer.max_steps=2",
             "--trainer.limit_val_batches=1",
             "--trainer.limit_test_batches=1",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.default_root_dir={root / 'runs'}",
+            f"--trainer.logger.init_args.save_dir={root / 'runs'}",
         ],
-        cwd=tmp_path,
+        cwd=root,
         env=env,
         start_new_session=True,
         stdout=subprocess.PIPE,
@@ -201,9 +206,28 @@ def test_wandb_runs_offline_and_leaves_no_process_behind(tmp_path):
     )
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 0, out[-3000:]
-    assert list((tmp_path / "wandb").glob("offline-run-*")), out[-2000:]
+    return {"root": root / "runs", "out": out, "pid": process.pid}
+
+
+def test_wandb_runs_offline_in_the_run_folder(wandb_command):
+    assert list((latest_run(wandb_command["root"]) / "wandb").glob("offline-run-*")), wandb_command["out"][-2000:]
+
+
+def test_the_command_leaves_no_process_behind(wandb_command):
     time.sleep(1)
-    assert session_processes(process.pid) == [], "processes of the command's session are still running"
+    assert session_processes(wandb_command["pid"]) == [], "processes of the command's session are still running"
+
+
+@pytest.mark.parametrize(
+    "warning",
+    [
+        "LightningCLI's args parameter is intended to run from within Python",
+        "The anonymous setting has no effect",
+        "does not exist",  # wandb: "git root <save_dir> does not exist"
+    ],
+)
+def test_a_recipe_with_wandb_prints_none_of_the_warnings_the_project_caused(wandb_command, warning):
+    assert warning not in wandb_command["out"]
 
 
 def session_processes(session: int) -> list[int]:
@@ -248,3 +272,81 @@ def test_a_projector_by_name_from_the_command_line(tmp_path):
         ]
     )
     assert type(cli.trainer.strategy.dfa.projector).__name__ == "Structured"
+
+
+def test_a_run_bounded_by_max_steps_counts_the_epochs_those_steps_span(tmp_path):
+    # Lightning's max_epochs=-1 there made the progress bar read "Epoch 0/-2"
+    cli = run(DIGITS + ["--trainer.max_epochs=-1", "--trainer.max_steps=50", f"--trainer.default_root_dir={tmp_path}"])
+    batches = cli.trainer.num_training_batches
+    assert batches < 50 and cli.trainer.max_epochs == math.ceil(50 / batches)
+    assert cli.trainer.global_step == 50
+
+
+def test_validation_every_n_steps_is_in_the_history_at_each_check_and_ends_on_the_summarys_value(tmp_path):
+    tiny = "{model_type: gpt2, n_layer: 1, n_embd: 16, n_head: 2, n_positions: 128}"
+    run(
+        [
+            "fit",
+            "--config",
+            "quickstart",
+            "--baselines=[]",
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=2",
+            "--trainer.limit_test_batches=2",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--model.init_args.config={tiny}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+        ]
+    )
+    folder = latest_run(tmp_path)  # the CSVLogger's log_dir (the history's folder) is in it: quickstart/version_0
+    history = json.loads(next(folder.rglob("history-dfa.json")).read_text())["val"]
+    with next(folder.rglob("metrics.csv")).open() as file:
+        logged = [float(row["val/ppl"]) for row in csv.DictReader(file) if row["val/ppl"]]
+    summary = json.loads((folder / "summary.json").read_text())["runs"][0]["metrics"]
+    assert [row["step"] for row in history] == [2.0, 4.0]
+    assert [row["val/ppl"] for row in history] == pytest.approx(logged)
+    assert history[-1]["val/ppl"] == pytest.approx(summary["val/ppl"])
+
+
+def command_error(capsys, *args):
+    """What ``lightning-dfa fit --config digits-mlp <args>`` prints when it stops with exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*DIGITS, "--trainer.fast_dev_run=true", *args])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_wrong_projector_name_is_its_message_without_a_traceback(capsys, tmp_path):
+    err = command_error(capsys, "--trainer.strategy.projector=gausian", f"--trainer.default_root_dir={tmp_path}")
+    assert err.startswith("error: Unknown projector 'gausian'; known names: [")
+
+
+def test_a_wrong_block_path_is_its_message_without_a_traceback(capsys, tmp_path):
+    err = command_error(capsys, "--trainer.strategy.blocks=block.0", f"--trainer.default_root_dir={tmp_path}")
+    assert err.startswith("error: blocks: 'block.0' matches no module of MLPClassifier. Closest paths:")
+
+
+def test_the_debug_variable_shows_a_configuration_errors_traceback(monkeypatch, tmp_path):
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(ValueError, match="Unknown projector 'gausian'"):
+        main(
+            [
+                *DIGITS,
+                "--trainer.fast_dev_run=true",
+                "--trainer.strategy.projector=gausian",
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
+
+
+def test_an_error_raised_once_the_model_runs_keeps_its_traceback(monkeypatch, tmp_path):
+    def broken(self, batch, batch_idx):
+        raise ValueError("a bug in training_step")
+
+    monkeypatch.setattr(MLPClassifier, "training_step", broken)
+    with pytest.raises(ValueError, match="a bug in training_step"):
+        main([*DIGITS, "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
