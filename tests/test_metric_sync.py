@@ -6,18 +6,11 @@ logged; ``tests/test_multiprocess_cli.py`` checks a two-rank run prints no such 
 
 import lightning.pytorch as pl
 import pytest
+from test_vision_models import UNET, VIT
 
 from lightning_dfa.data import DigitsDataModule, ImageDataModule, TextDataModule
 from lightning_dfa.models import CausalLM, Diffusion, ImageClassifier, MLPClassifier
 
-VIT = {"patch_size": 2, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
-UNET = {
-    "block_out_channels": [8, 16],
-    "down_block_types": ["DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D"],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-}
 GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32}
 
 MODELS = {
