@@ -1,9 +1,10 @@
 """``lightning-dfa``: LightningCLI over the library's models and data, plus ``lightning-dfa recipes``.
 
 Each launch writes into a new run folder, ``<trainer.default_root_dir>/version_N`` (``<root>/latest``
-points at the newest; :mod:`lightning_dfa.runs`), with its baselines beside it. A configuration error
-(an unknown option, a bad value, a block path that matches nothing) prints its message alone;
-``LIGHTNING_DFA_DEBUG=1`` prints the traceback too. Errors raised once the model runs keep theirs.
+points at the newest; :mod:`lightning_dfa.runs`), its baselines in ``frozen/`` and ``backprop/`` inside
+it. A configuration error (an unknown option, a bad value, a block path that matches nothing) prints
+its message alone; ``LIGHTNING_DFA_DEBUG=1`` prints the traceback too. Errors raised once the model
+runs keep theirs.
 
 Examples::
 
@@ -152,7 +153,7 @@ class DFACLI(LightningCLI):
         elif _first_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)  # a baseline's, in its DFA run's: W&B starts in it
         for logger in _logger_configs(trainer.logger):
-            saves_to = logger.get("init_args", {}).get("save_dir")
+            saves_to = (logger.get("init_args") or {}).get("save_dir")
             if saves_to is not None and Path(saves_to) == root:
                 logger.init_args.save_dir = str(self.run_dir)
         trainer.default_root_dir = str(self.run_dir)
