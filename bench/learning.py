@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lightning_dfa.callbacks.history import History
+from lightning_dfa.runs import latest_run
 
 #: The quick start's GPT with separate input and output embeddings (GPT-2 ties them by default).
 UNTIED = (
@@ -136,8 +137,9 @@ def run(recipe: str, name: str, seed: int, root: Path) -> dict:
         base["failed"] = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1]).strip()
         print(f"{recipe:<12} {name:<26} seed {seed}: FAILED {base['failed'][:150]}", flush=True)
     else:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        base.update(metrics=summary["runs"][0]["metrics"], references=summary["references"])
+        folder = latest_run(run_dir)  # the command's version_N folder under its root
+        summary = json.loads((folder / "summary.json").read_text())
+        base.update(dir=str(folder), metrics=summary["runs"][0]["metrics"], references=summary["references"])
         print(f"{recipe:<12} {name:<26} seed {seed}: {base['metrics']} ({base['wall_s']} s)", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(base, indent=1))

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from lightning_dfa.callbacks.history import History, plot_history
+from lightning_dfa.runs import latest_run
 
 CPU_RECIPES = ["digits-mlp", "quickstart", "vit-digits", "ddpm-digits"]
 MODES = ["dfa", "frozen", "backprop"]
@@ -71,9 +72,10 @@ def run(recipe: str, mode: str, root: Path) -> dict:
             "ms_per_step": float("nan"),
             "references": {},
         }
-    summary = json.loads((run_dir / "summary.json").read_text())
+    folder = latest_run(run_dir)  # the command's version_N folder under its root
+    summary = json.loads((folder / "summary.json").read_text())
     result = summary["runs"][0]
-    result.update(**base, references=summary["references"])
+    result.update(base, run_dir=str(folder), references=summary["references"])
     print(f"{recipe:<12} {mode:<9} {result['ms_per_step']:8.1f} ms/step  {result['metrics']}", flush=True)
     return result
 

@@ -1,5 +1,11 @@
 """``lightning-dfa``: LightningCLI over the library's models and data, plus ``lightning-dfa recipes``.
 
+Each launch writes into a new run folder, ``<trainer.default_root_dir>/version_N`` (``<root>/latest``
+points at the newest; :mod:`lightning_dfa.runs`), its baselines in ``frozen/`` and ``backprop/`` inside
+it. A configuration error (an unknown option, a bad value, a block path that matches nothing) prints
+its message alone; ``LIGHTNING_DFA_DEBUG=1`` prints the traceback too. Errors raised once the model
+runs keep theirs.
+
 Examples::
 
     lightning-dfa fit --config recipes/digits-mlp.yaml                 # DFA
@@ -13,6 +19,7 @@ import difflib
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -23,9 +30,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import yaml
-from jsonargparse import get_loader, set_loader
+from jsonargparse import Namespace, get_loader, set_loader
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -34,12 +44,19 @@ from lightning_dfa.callbacks.history import plot_history, write_or_warn
 from lightning_dfa.feedback import MODES, FeedbackEngine
 from lightning_dfa.loggers import guard_loggers
 from lightning_dfa.projectors.registry import PROJECTORS
+from lightning_dfa.runs import LATEST, new_version, run_files
 from lightning_dfa.summary import RunResult, summary_table
 
 RECIPES = resources.files("lightning_dfa") / "recipes"
 
 #: The engine's settings (``error_rows``, ``feedback_scale``, ...): in a strategy's YAML they go in ``dfa_kwargs``.
 DFA_SETTINGS = tuple(FeedbackEngine().settings())
+
+#: Set (to anything) to see the traceback of a configuration error.
+DEBUG_ENV = "LIGHTNING_DFA_DEBUG"
+
+#: Errors that, raised before the model runs, come from the configuration: the command prints their message alone.
+CONFIGURATION_ERRORS = (ValueError, TypeError, LookupError, ImportError, FileNotFoundError, MisconfigurationException)
 
 
 def recipe_names() -> list[str]:
@@ -73,10 +90,20 @@ class DFACLI(LightningCLI):
     and prints them beside the DFA run; with ``History`` callbacks their curves share one plot.
     """
 
-    def __init__(self, *args: Any, cli_args: list[str] | None = None, summary: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        cli_args: list[str] | None = None,
+        summary: bool = True,
+        run_dir: Path | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.cli_args, self.print_summary = list(cli_args or []), summary
+        self.run_dir = run_dir  # None: a new version folder; a baseline is given <its DFA run's folder>/<mode>
         self.result: RunResult | None = None
-        super().__init__(*args, args=cli_args, **kwargs)
+        defaults = kwargs.pop("trainer_defaults", {})
+        callbacks = [MarkModelErrors(), EpochsOfMaxSteps()]  # fresh per run: the baselines get their own
+        super().__init__(*args, args=cli_args, trainer_defaults={**defaults, "callbacks": callbacks}, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -93,16 +120,48 @@ class DFACLI(LightningCLI):
         for each in parsers:
             each.exit_on_error = False
         try:
-            super().parse_arguments(parser, args)
+            # LightningCLI.parse_arguments minus its warning about args given beside sys.argv: this command
+            # passes its own sys.argv on purpose (recipe names resolved), and its baselines add options to it.
+            self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
         except ArgumentError as err:
             sub_parser = getattr(self, "_subcommand_parsers", {}).get(subcommand, parser)
             hint = option_hint(str(err), sub_parser)
             command = f"lightning-dfa {subcommand} --help" if subcommand else "lightning-dfa --help"
-            sys.stderr.write(f"error: {err}\n{hint}Every option: {command}\n")
+            # An unknown option: the hint says it in one line; jsonargparse's account of it only with DEBUG_ENV.
+            detail = f"{err}\n" if hint and os.environ.get(DEBUG_ENV) else ""
+            sys.stderr.write(f"error: {detail}{hint or err}\nEvery option: {command}\n")
             raise SystemExit(2) from None
         finally:
             for each in parsers:
                 each.exit_on_error = True
+
+    def instantiate_classes(self) -> None:
+        """Instantiate as LightningCLI does, in this run's folder; the config saved with it keeps the root."""
+        if not self.subcommand:
+            return super().instantiate_classes()
+        trainer = self.config[self.subcommand].trainer
+        launched = trainer.clone()
+        self._move_into_run_dir(trainer)
+        try:
+            super().instantiate_classes()
+        finally:  # in place: SaveConfigCallback holds this config. Rerun, it makes a new version folder again.
+            trainer.default_root_dir, trainer.logger = launched.default_root_dir, launched.logger
+
+    def _move_into_run_dir(self, trainer: Namespace) -> None:
+        """The trainer's root, and every logger that saves to that root, move to this run's folder."""
+        root = Path(trainer.default_root_dir or "lightning_logs")
+        if self.run_dir is None:
+            # Only the first process creates the folder. The others (ranks started by torchrun, or launched by
+            # Lightning after rank 0 chose) go through root/latest: everything they write goes through
+            # trainer.log_dir, a broadcast of rank 0's folder.
+            self.run_dir = new_version(root) if _first_process() else root / LATEST
+        elif _first_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # a baseline's, in its DFA run's: W&B starts in it
+        for logger in _logger_configs(trainer.logger):
+            saves_to = (logger.get("init_args") or {}).get("save_dir")
+            if saves_to is not None and Path(saves_to) == root:
+                logger.init_args.save_dir = str(self.run_dir)
+        trainer.default_root_dir = str(self.run_dir)
 
     def before_fit(self) -> None:
         _check_baselines(self.config.fit.baselines, self.trainer)
@@ -123,38 +182,83 @@ class DFACLI(LightningCLI):
         self.result = RunResult.of(self.trainer, seconds, metrics)
         _finish_wandb(self.trainer)
         runs = [self.result] + [self._baseline(mode) for mode in self.config.fit.baselines]
-        # trainer.log_dir is a collective (a broadcast from rank 0): every rank asks, rank 0 writes.
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.print_summary and self.trainer.is_global_zero:
             references = getattr(self.datamodule, "reference_metrics", dict)()
             print(summary_table(runs, references))
-            self._save(runs, references, run_dir)
             self._plot(runs)
+            self._save(runs, references)
 
-    def _save(self, runs: list[RunResult], references: dict[str, float], run_dir: Path) -> None:
+    def _save(self, runs: list[RunResult], references: dict[str, float]) -> None:
+        """``summary.json``, written last: it lists every file of the run folder, itself included."""
+        path = Path(self.run_dir) / "summary.json"
         summary = {"runs": [run.as_dict() for run in runs], "references": references}
 
         def write(path: Path) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(summary, indent=1))
+            files = sorted({*run_files(path.parent), path.name})
+            path.write_text(json.dumps({**summary, "run_dir": str(path.parent), "files": files}, indent=1))
 
-        write_or_warn(run_dir / "summary.json", write, "the summary")
+        if write_or_warn(path, write, "the summary"):
+            print(f"run folder: {path.parent} (summary.json lists its files)")
 
     def _baseline(self, mode: str) -> RunResult:
         args = [*self.cli_args, f"--trainer.strategy.mode={mode}", "--baselines=[]"]
         wandb_name = next(
-            (lg._wandb_init.get("name") for lg in self.trainer.loggers if isinstance(lg, WandbLogger)), None
+            (lg.init_args.get("name") for lg in _logger_configs(self.config.fit.trainer.logger) if _is_wandb(lg)), None
         )
         if wandb_name:
             args.append(f"--trainer.logger.init_args.name={wandb_name}-{mode}")
-        return DFACLI(cli_args=args, summary=False, **_CLI_OPTIONS).result
+        # A folder of its own inside the launched run's: its config, curves, checkpoints and W&B run.
+        return DFACLI(cli_args=args, summary=False, run_dir=Path(self.run_dir) / mode, **_CLI_OPTIONS).result
 
     def _plot(self, runs: list[RunResult]) -> None:
         histories = {run.mode: run.history for run in runs if run.history is not None and run.history.run_dir}
         if len(histories) > 1:
-            path = self.result.history.path("comparison.png")
+            path = Path(self.run_dir) / "comparison.png"
             if write_or_warn(path, lambda p: plot_history(histories, p), "the comparison plot"):
                 print(f"curves: {path}")
+
+
+class MarkModelErrors(Callback):
+    """Marks an error raised once the model has run (a batch started) so that the command keeps its traceback.
+
+    Errors raised before (Trainer setup, DFA's checks of block paths and projector names) are configuration
+    errors: :func:`main` prints their message alone.
+    """
+
+    def __init__(self) -> None:
+        self.model_ran = False
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.model_ran = True
+
+    def on_validation_batch_start(self, *args: Any) -> None:
+        self.model_ran = True
+
+    def on_test_batch_start(self, *args: Any) -> None:
+        self.model_ran = True
+
+    def on_predict_batch_start(self, *args: Any) -> None:
+        self.model_ran = True
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.model_ran:
+            exception.lightning_dfa_model_ran = True
+
+
+class EpochsOfMaxSteps(Callback):
+    """A run bounded by ``max_steps`` alone gets the number of epochs those steps span as its ``max_epochs``.
+
+    Lightning sets ``max_epochs=-1`` there, and its progress bar then reads ``Epoch 0/-2``. The epoch count is
+    only known once the training data is (``trainer.num_training_batches``); it ends no run earlier than
+    ``max_steps``, which still stops it.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batches = trainer.num_training_batches
+        if trainer.max_epochs == -1 and trainer.max_steps > 0 and math.isfinite(batches) and batches > 0:
+            steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+            trainer.fit_loop.max_epochs = math.ceil(trainer.max_steps / steps_per_epoch)
 
 
 def _finish_wandb(trainer: Any) -> None:
@@ -169,18 +273,34 @@ def _finish_wandb(trainer: Any) -> None:
                 )
 
 
+def _first_process() -> bool:
+    """Whether this process is (or will be) global rank 0, from the variables that launchers set before it starts."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+    return all(int(os.environ.get(key) or 0) == 0 for key in ranks)
+
+
+def _logger_configs(logger: Any) -> list[Namespace]:
+    """The ``class_path`` + ``init_args`` entries of a parsed ``trainer.logger`` (one, a list, or a bool)."""
+    return [lg for lg in (logger if isinstance(logger, list) else [logger]) if isinstance(lg, Namespace)]
+
+
+def _is_wandb(logger: Namespace) -> bool:
+    module_name, _, name = logger.class_path.rpartition(".")
+    return issubclass(getattr(importlib.import_module(module_name), name), WandbLogger)
+
+
 def _spawns(trainer: Any) -> bool:
     """Whether fit starts its processes by spawning (a W&B run started before would be pickled to them)."""
     return getattr(getattr(trainer.strategy, "launcher", None), "_start_method", None) in ("spawn", "forkserver")
 
 
 def option_hint(message: str, parser: Any) -> str:
-    """For a parser error about an unknown option, a line naming the closest valid options (else "").
+    """For a parser error about an unknown option, a sentence naming the closest valid options (else "").
 
     Example::
 
         option_hint("Group 'trainer' does not accept option 'max_stepz'", parser)
-        # "hint: 'max_stepz' is not an option of trainer; did you mean 'max_steps'? Its options: [...]"
+        # "'max_stepz' is not an option of trainer; did you mean 'max_steps'? Its options: [...]."
     """
     found = re.search(r"class_path '([\w.]+)':\s*Option '([\w.]+)' is not accepted", message)
     if found:
@@ -204,7 +324,7 @@ def option_hint(message: str, parser: Any) -> str:
     close = difflib.get_close_matches(key, options, n=3)
     guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     listed = f" Its options: {options}." if options and len(options) <= 40 else ""
-    return f"hint: {key!r} is not an option of {where}{guess}{listed}\n"
+    return f"{key!r} is not an option of {where}{guess}{listed}"
 
 
 def _load_yaml(text: str) -> Any:
@@ -281,8 +401,14 @@ _CLI_OPTIONS: dict[str, Any] = dict(
 
 
 def main(args: list[str] | None = None) -> None:
-    """The ``lightning-dfa`` console script."""
-    run(args)
+    """The ``lightning-dfa`` console script: a configuration error is its message alone (see the module doc)."""
+    try:
+        run(args)
+    except CONFIGURATION_ERRORS as err:
+        if os.environ.get(DEBUG_ENV) or getattr(err, "lightning_dfa_model_ran", False):
+            raise
+        sys.stderr.write(f"error: {err}\n(the traceback: {DEBUG_ENV}=1 lightning-dfa ...)\n")
+        raise SystemExit(2) from None
 
 
 def run(args: list[str] | None = None) -> DFACLI | None:

@@ -22,6 +22,7 @@ import functools
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch import loggers
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -112,3 +113,17 @@ def _describe_dir(logger: Logger) -> str:
     except Exception:  # noqa: BLE001 - a broken logger may fail here too
         folder = None
     return f" (save_dir {folder!r})" if folder else ""
+
+
+class WandbLogger(loggers.WandbLogger):
+    """Lightning's ``WandbLogger`` (same arguments), less the ``anonymous=None`` it always hands to ``wandb.init``.
+
+    wandb (0.23 and later) deprecated anonymous mode and warns "The anonymous setting has no effect" on every
+    run that sets it, even to None. Lightning offers no way to leave it out, so this logger removes it from the
+    ``wandb.init`` arguments when it is None; ``anonymous=True`` still reaches wandb (and its warning).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous", "unset") is None:
+            del self._wandb_init["anonymous"]

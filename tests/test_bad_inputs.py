@@ -4,7 +4,6 @@ names the problem and the fix. docs/errors.md lists every entry (checked by the 
 Each test matches the key phrases of both halves: what is wrong, and what to do instead.
 """
 
-import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -306,24 +305,21 @@ def test_unknown_recipe_lists_the_shipped_recipes():
 
 def test_unknown_strategy_option_in_yaml_suggests_the_closest(capsys):
     err = cli_error(capsys, "--trainer.strategy.blok=blocks.*")
-    assert "Option 'blok' is not accepted" in err
-    assert "hint: 'blok' is not an option of lightning_dfa.DFAStrategy; did you mean 'blocks'?" in err
+    assert err.startswith("error: 'blok' is not an option of lightning_dfa.DFAStrategy; did you mean 'blocks'?")
 
 
 def test_unknown_section_in_a_config_file_suggests_the_closest(capsys, tmp_path):
     config = tmp_path / "typo.yaml"
     config.write_text("modle:\n  class_path: lightning_dfa.models.MLPClassifier\n")
     err = cli_error(capsys, "--config", str(config))
-    assert "'modle.class_path'" in err
-    assert "hint: 'modle' is not an option of the config; did you mean 'model'?" in err
+    assert err.startswith("error: 'modle' is not an option of the config; did you mean 'model'?")
 
 
 def test_unknown_trainer_option_suggests_the_closest(capsys, tmp_path):
     config = tmp_path / "typo.yaml"
     config.write_text("trainer:\n  max_stepz: 3\n")
     err = cli_error(capsys, "--config", str(config))
-    assert "does not accept option" in err and "max_stepz" in err
-    assert re.search(r"hint: 'max_stepz' is not an option of trainer; did you mean 'max_steps'", err)
+    assert err.startswith("error: 'max_stepz' is not an option of trainer; did you mean 'max_steps'")
 
 
 def test_unknown_baseline_mode_names_the_modes():

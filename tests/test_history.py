@@ -7,11 +7,12 @@ import pytest
 
 import lightning_dfa  # noqa: F401
 from lightning_dfa.callbacks import Alignment, FeedbackStats, History
+from lightning_dfa.callbacks.history import history_figure
 from lightning_dfa.data import DigitsDataModule
 from lightning_dfa.models import MLPClassifier
 
 
-def fit(tmp_path, callbacks, mode="dfa", steps=6):
+def fit(tmp_path, callbacks, mode="dfa", steps=6, model=None):
     trainer = pl.Trainer(
         strategy=lightning_dfa.DFAStrategy(mode=mode),
         accelerator="cpu",
@@ -25,7 +26,7 @@ def fit(tmp_path, callbacks, mode="dfa", steps=6):
         default_root_dir=tmp_path,
         callbacks=callbacks,
     )
-    trainer.fit(MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule(batch_size=16))
+    trainer.fit(model or MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule(batch_size=16))
     return trainer
 
 
@@ -37,6 +38,19 @@ def test_history_saves_curves_and_json_with_the_run(tmp_path):
     assert [row["step"] for row in saved["val"]] == [3.0, 6.0] and "val/acc" in saved["val"][0]
     assert [row["step"] for row in saved["alignment"]] == [0.0, 2.0, 4.0]
     assert (tmp_path / "curves-dfa.png").stat().st_size > 10_000
+
+
+class LogsAtEpochEnd(MLPClassifier):
+    """Logs a validation metric in its own ``on_validation_epoch_end``, as CausalLM logs its perplexity."""
+
+    def on_validation_epoch_end(self):
+        self.log("val/steps_seen", float(self.global_step))
+
+
+def test_history_holds_each_validation_check_with_the_values_logged_at_that_check(tmp_path):
+    history = History(plot=False)
+    fit(tmp_path, [history], model=LogsAtEpochEnd(hidden=16, depth=2))
+    assert [(row["step"], row["val/steps_seen"]) for row in history.val] == [(3.0, 3.0), (6.0, 6.0)]
 
 
 def test_feedback_stats_follow_the_gaussian_scale_convention(tmp_path):
@@ -60,3 +74,27 @@ def test_feedback_stats_log_nothing_without_feedback(tmp_path):
 def test_diagnostics_refuse_a_zero_interval(callback):
     with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
         callback(every_n_steps=0)
+
+
+def recorded(alignment):
+    history = History()
+    history.train = [(1, 2.0), (2, 1.5)]
+    history.val = [{"step": 2.0, "val/loss": 1.4}]
+    history.alignment = [{"step": 2.0, "alignment/mean": 0.3}] if alignment else []
+    return history
+
+
+def test_each_run_keeps_one_colour_in_every_panel_of_the_comparison():
+    import matplotlib.pyplot as plt
+
+    runs = {"dfa": recorded(True), "frozen": recorded(False), "backprop": recorded(True)}
+    figure = history_figure(runs)  # the frozen control has no alignment panel curve: backprop must not take its colour
+    colours = {}
+    for ax in figure.axes:
+        for line in ax.get_lines():
+            mode = line.get_label().split()[0]
+            if mode in runs:  # not the zero line
+                colours.setdefault(mode, set()).add(line.get_color())
+    plt.close(figure)
+    assert [len(found) for found in colours.values()] == [1, 1, 1]
+    assert len({next(iter(found)) for found in colours.values()}) == 3

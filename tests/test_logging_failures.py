@@ -18,6 +18,7 @@ from lightning_dfa.callbacks import History
 from lightning_dfa.cli import run
 from lightning_dfa.loggers import FALLBACK_DIR, guard_loggers
 from lightning_dfa.models import MLPClassifier
+from lightning_dfa.runs import latest_run
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
@@ -152,7 +153,7 @@ def test_the_cli_summary_on_a_full_disk_warns_and_the_result_is_kept(tmp_path, m
     with pytest.warns(RuntimeWarning, match=r"Could not write the summary to '.*summary.json': No space left"):
         cli = run([*args, f"--trainer.default_root_dir={tmp_path}"])
     assert cli.result.steps == 2
-    assert list((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert list((latest_run(tmp_path) / "checkpoints").glob("*.ckpt"))
 
 
 # ---------------------------------------------------------------------------------------------- W&B
@@ -168,7 +169,7 @@ def test_wandb_that_cannot_start_is_replaced_by_a_csv_logger_and_training_goes_o
         cli = run([*args, f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert cli.trainer.global_step == 2
     assert list(tmp_path.rglob("*.ckpt")), "checkpoints are still written"
-    assert list((tmp_path / FALLBACK_DIR).rglob("metrics.csv")), "metrics go to the fallback CSV logger"
+    assert list((latest_run(tmp_path) / FALLBACK_DIR).rglob("metrics.csv")), "metrics go to the fallback CSV logger"
 
 
 def test_wandb_that_fails_mid_run_is_switched_off_and_training_goes_on(tmp_path):

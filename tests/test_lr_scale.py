@@ -332,7 +332,7 @@ def test_the_cli_sets_the_scale(tmp_path):
             f"--trainer.default_root_dir={tmp_path}",
         ]
     )
-    config = (tmp_path / "config.yaml").read_text()
+    config = (tmp_path / "latest" / "config.yaml").read_text()
     assert "lr_scale: 0.25" in config
 
 

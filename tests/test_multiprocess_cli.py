@@ -12,6 +12,7 @@ interpreters: the whole run takes seconds. A rank that hangs is killed at a dead
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ import pytest
 import torch
 from forking import WORLD, free_port, run_ranks, torchrun_env
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dfa.runs import latest_run
 
 DEADLINE_S = 150
 
@@ -33,6 +36,14 @@ def _cli_rank(rank: int, port: int, root: str) -> None:
     torchrun_env(rank, port)
     from lightning_dfa.cli import run
 
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _cli_run(run, root)
+    Path(root, f"rank{rank}.warnings").write_text("\n".join(str(w.message) for w in caught))
+    Path(root, f"rank{rank}.done").touch()
+
+
+def _cli_run(run: Any, root: str) -> None:
     run(
         [
             "fit",
@@ -51,7 +62,6 @@ def _cli_rank(rank: int, port: int, root: str) -> None:
             f"--trainer.default_root_dir={root}",
         ]
     )
-    Path(root, f"rank{rank}.done").touch()
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +77,23 @@ def test_every_rank_of_a_two_process_cli_run_finishes(two_process_run):
 
 
 def test_a_two_process_cli_run_writes_its_summary(two_process_run):
-    summary = json.loads((two_process_run["root"] / "summary.json").read_text())
+    summary = json.loads((latest_run(two_process_run["root"]) / "summary.json").read_text())
     assert summary["runs"][0]["mode"] == "dfa" and summary["runs"][0]["steps"] == 5
 
 
 def test_a_two_process_cli_run_writes_its_history(two_process_run):
-    history = json.loads((two_process_run["root"] / "history-dfa.json").read_text())
+    history = json.loads((latest_run(two_process_run["root"]) / "history-dfa.json").read_text())
     assert [step for step, _ in history["train"]] == [1, 2, 3, 4, 5]
-    assert (two_process_run["root"] / "curves-dfa.png").exists()
+    assert (latest_run(two_process_run["root"]) / "curves-dfa.png").exists()
+
+
+def test_a_two_process_cli_run_writes_one_run_folder(two_process_run):
+    assert sorted(p.name for p in two_process_run["root"].glob("version_*")) == ["version_0"]
+
+
+def test_a_two_process_cli_run_logs_its_metrics_over_both_ranks(two_process_run):
+    for rank in range(WORLD):  # Lightning warns on rank 0 when an epoch-level metric is logged without sync_dist
+        assert "sync_dist" not in (two_process_run["root"] / f"rank{rank}.warnings").read_text()
 
 
 def _history_rank(rank: int, port: int, root: str) -> None:

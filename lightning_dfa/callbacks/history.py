@@ -43,7 +43,9 @@ class History(Callback):
         if loss is not None:
             self.train.append((trainer.global_step, float(loss)))
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not on_validation_epoch_end: callbacks run that hook before the module's, so a metric the module logs
+        # in its own on_validation_epoch_end (CausalLM's perplexity) would still hold the previous check's value.
         if trainer.sanity_checking:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
@@ -114,21 +116,9 @@ def write_or_warn(path: Path, write: Callable[[Path], Any], what: str) -> bool:
 
 def plot_history(runs: dict[str, History], path: Path) -> Path:
     """Training loss, validation metrics and alignment of one or several runs (e.g. DFA, frozen, backprop)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    val_keys = sorted({k for h in runs.values() for row in h.val for k in row if k != "step"})
-    panels = ["train/loss", *val_keys] + (["alignment"] if any(h.alignment for h in runs.values()) else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        for label, history in runs.items():
-            _draw(ax, panel, label, history, several=len(runs) > 1)
-        ax.set_title(panel)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig = history_figure(runs)
     try:
         fig.savefig(path, dpi=110)
     finally:
@@ -136,20 +126,43 @@ def plot_history(runs: dict[str, History], path: Path) -> Path:
     return path
 
 
-def _draw(ax: Any, panel: str, label: str, history: History, several: bool) -> None:
+def history_figure(runs: dict[str, History]) -> Any:
+    """The figure :func:`plot_history` saves: a panel per curve, each run in one colour in every panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    val_keys = sorted({k for h in runs.values() for row in h.val for k in row if k != "step"})
+    panels = ["train/loss", *val_keys] + (["alignment"] if any(h.alignment for h in runs.values()) else [])
+    # A colour per run, fixed here: a panel that some runs lack (alignment without frozen) would shift the cycle.
+    colors = {label: f"C{i}" for i, label in enumerate(runs)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for label, history in runs.items():
+            _draw(ax, panel, label, history, colors[label] if len(runs) > 1 else None)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _draw(ax: Any, panel: str, label: str, history: History, color: str | None) -> None:
+    """One run's curve in one panel; ``color`` None (a single run) lets its alignment curves per block differ."""
     if panel == "train/loss" and history.train:
         steps, losses = zip(*history.train)
-        ax.plot(steps, _smooth(list(losses)), label=label)
+        ax.plot(steps, _smooth(list(losses)), label=label, color=color)
     elif panel == "alignment":
         names = sorted({k for row in history.alignment for k in row if k.startswith("alignment/")})
-        for name in names if not several else ["alignment/mean"]:
+        for name in names if color is None else ["alignment/mean"]:
             rows = [row for row in history.alignment if name in row]
             if rows:
-                ax.plot([r["step"] for r in rows], [r[name] for r in rows], label=f"{label} {name[10:]}")
+                ax.plot([r["step"] for r in rows], [r[name] for r in rows], label=f"{label} {name[10:]}", color=color)
         ax.axhline(0, color="grey", lw=0.5)
     else:
         rows = [row for row in history.val if panel in row]
-        ax.plot([r["step"] for r in rows], [r[panel] for r in rows], marker=".", label=label)
+        ax.plot([r["step"] for r in rows], [r[panel] for r in rows], marker=".", label=label, color=color)
 
 
 def _smooth(values: list[float], window: int = 20) -> list[float]:

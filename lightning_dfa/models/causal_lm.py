@@ -201,8 +201,9 @@ class CausalLM(pl.LightningModule):
     def _log_epoch(self, metric: MeanMetric, split: str) -> None:
         loss = metric.compute()  # token-weighted mean over the epoch, synced across ranks
         metric.reset()
-        self.log(f"{split}/loss", loss, prog_bar=True)
-        self.log(f"{split}/ppl", loss.exp(), prog_bar=True)
+        # sync_dist: the value is the same on every rank already (compute() synced it); without it Lightning warns.
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{split}/ppl", loss.exp(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

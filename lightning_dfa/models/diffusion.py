@@ -135,10 +135,10 @@ class Diffusion(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val/loss", self.eval_loss(batch[0], batch_idx), prog_bar=True)
+        self.log("val/loss", self.eval_loss(batch[0], batch_idx), prog_bar=True, sync_dist=True)  # every rank's
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("test/loss", self.eval_loss(batch[0], batch_idx))
+        self.log("test/loss", self.eval_loss(batch[0], batch_idx), sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams

@@ -109,9 +109,10 @@ class ImageClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        self.log(f"{split}/loss", loss, prog_bar=split != "test")
+        # Validation and test are epoch means: over every rank's batches, not rank 0's alone.
+        self.log(f"{split}/loss", loss, prog_bar=split != "test", sync_dist=split != "train")
         if split != "train":
-            self.log(f"{split}/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
+            self.log(f"{split}/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, sync_dist=True)
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

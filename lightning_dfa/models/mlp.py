@@ -60,8 +60,9 @@ class MLPClassifier(pl.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         acc = (logits.argmax(-1) == y).float().mean()
-        self.log(f"{split}/loss", loss, prog_bar=split != "test")
-        self.log(f"{split}/acc", acc, prog_bar=True)
+        # Validation and test are epoch means: over every rank's batches, not rank 0's alone.
+        self.log(f"{split}/loss", loss, prog_bar=split != "test", sync_dist=split != "train")
+        self.log(f"{split}/acc", acc, prog_bar=True, sync_dist=split != "train")
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
