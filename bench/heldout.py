@@ -30,6 +30,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 #: Text sizes shared by the two language families: BPE of 2,048 on Python's pydoc topics, 16 x 64 tokens a step.
@@ -148,11 +149,13 @@ METHODS = ("dfa", "frozen", "backprop")
 
 
 def strategy(method: str):
-    """``"dfa"``, ``"frozen"``, ``"backprop"``, or ``"lr_scale=X"``: DFA with that fixed scale (to test the default)."""
+    """``"dfa"``, ``"frozen"``, ``"backprop"``, or ``"setting=value"``: DFA with that one setting changed
+    (``lr_scale=0.03``, ``embeddings=first_block``), to compare with the defaults."""
     from lightning_dfa import DFAStrategy
 
-    if method.startswith("lr_scale="):
-        return DFAStrategy(lr_scale=float(method.split("=")[1]))
+    if "=" in method:
+        key, value = method.split("=")
+        return DFAStrategy(**{key: yaml.safe_load(value)})
     return {"dfa": "dfa", "frozen": DFAStrategy(mode="frozen"), "backprop": "auto"}[method]
 
 
@@ -225,7 +228,7 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"{METHODS} or lr_scale=X")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"{METHODS} or setting=value")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     parser.add_argument("--root", default="runs/heldout")

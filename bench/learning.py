@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lightning_dfa.callbacks.history import History
-from lightning_dfa.runs import latest_run
+from lightning_dfa.runs import LATEST, latest_run
 
 #: The quick start's GPT with separate input and output embeddings (GPT-2 ties them by default).
 UNTIED = (
@@ -69,6 +69,7 @@ STUDY: dict[str, dict] = {
             **BASELINES,
             **scales(),
             "embeddings": variant(embeddings=True),
+            "embeddings first block": variant(embeddings="first_block"),
             "untied": variant("dfa", UNTIED),
             "untied, embeddings": variant("dfa", UNTIED, embeddings=True),
             "frozen untied": variant("frozen", UNTIED),
@@ -223,7 +224,8 @@ def plot(results: list[dict], recipe: str, path: Path) -> Path:
 
 def _histories(results: list[dict], recipe: str, name: str) -> list[History]:
     mode = STUDY[recipe]["variants"][name]["mode"]
-    paths = [Path(r["dir"]) / f"history-{mode}.json" for r in results if r["recipe"] == recipe and r["variant"] == name]
+    dirs = [Path(r["dir"]) for r in results if r["recipe"] == recipe and r["variant"] == name]
+    paths = [(latest_run(d) if (d / LATEST).exists() else d) / f"history-{mode}.json" for d in dirs]
     return [History.load(p) for p in paths if p.exists()]
 
 

@@ -183,6 +183,53 @@ def test_embeddings_without_embedding_modules_is_a_clear_error(mlp):
         DFA(blocks="blocks.*", output="head", embeddings=True).attach(mlp)
 
 
+class EmbeddedMLP(nn.Module):
+    """Token embeddings, two tanh blocks and an untied head: the embeddings learn only if DFA lets them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(2))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def test_first_block_embeddings_get_the_first_blocks_feedback_carried_back_through_it():
+    torch.manual_seed(0)
+    net, ids, y = EmbeddedMLP(), torch.tensor([1, 4, 7]), torch.tensor([0, 2, 1])
+    dfa = DFA(blocks="blocks.*", output="head", embeddings="first_block").attach(net)
+    F.cross_entropy(net(ids), y).backward()
+    assert dfa.points == ["blocks.0", "blocks.1"]
+    dfa.detach()
+    with torch.no_grad():
+        hidden = net.blocks[1](net.blocks[0](net.embed(ids)))
+    logits = net.head(hidden).detach().requires_grad_()
+    F.cross_entropy(logits, y).backward()
+    feedback = (logits.grad @ dfa.projector.materialize())[:, dfa.layout["blocks.0"]]
+    embedded = net.embed(ids).detach().requires_grad_()
+    net.blocks[0](embedded).backward(feedback)  # the first block's feedback, back through that block only
+    expected = torch.zeros_like(net.embed.weight).index_add_(0, ids, embedded.grad)
+    torch.testing.assert_close(net.embed.weight.grad, expected)
+
+
+def test_embeddings_learn_nothing_without_a_setting_when_the_head_is_untied():
+    torch.manual_seed(0)
+    net = EmbeddedMLP()
+    DFA(blocks="blocks.*", output="head").attach(net)
+    F.cross_entropy(net(torch.tensor([1, 4])), torch.tensor([0, 2])).backward()
+    assert net.embed.weight.grad is None
+
+
+def test_unknown_embeddings_setting_lists_the_choices():
+    with pytest.raises(ValueError, match=r"embeddings must be one of \(False, True, 'first_block'\)"):
+        DFA(embeddings="first")
+
+
 # ---------------------------------------------------------------------- spatial feedback
 class TinyConvNet(nn.Module):
     """Two conv blocks (full and half resolution), a time-like vector input, and a conv head."""

@@ -50,6 +50,7 @@ from lightning_dfa.projectors.registry import ProjectorSpec, check_projector_siz
 
 MODES = ("dfa", "backprop", "frozen")
 CUT_INPUTS = ("all", "hidden")
+EMBEDDINGS = (False, True, "first_block")
 
 
 class FeedbackEngine:
@@ -88,8 +89,10 @@ class FeedbackEngine:
             smoothed with ``scale_momentum``).
         backprop_top: the top ``k`` blocks train with their true gradient (DFA below, backprop above);
             ``0`` is pure DFA.
-        embeddings: add the embeddings (token, position, patch; a UNet's ``conv_in`` and time embedding)
-            as feedback points of their own.
+        embeddings: ``True`` adds the embeddings (token, position, patch; a UNet's ``conv_in`` and time
+            embedding) as feedback points of their own; ``"first_block"`` lets the first block's feedback flow
+            back through that block into whatever feeds it (the embeddings), and no further; ``False`` (default):
+            the embeddings learn only through a head tied to them.
         spatial_feedback: image errors ``(B, C, H, W)`` give one row per pixel (its ``spatial_patch`` x
             ``spatial_patch`` neighbourhood), projected per position and pooled to each point's resolution.
         cut_inputs: ``"all"`` detaches every input of a point; ``"hidden"`` only the hidden state, so the
@@ -121,7 +124,7 @@ class FeedbackEngine:
         feedback_scale: str = "fan_in",
         scale_momentum: float = 0.9,
         backprop_top: int = 0,
-        embeddings: bool = False,
+        embeddings: bool | str = False,
         spatial_feedback: bool = False,
         spatial_patch: int = 1,
         cut_inputs: str = "all",
@@ -133,6 +136,7 @@ class FeedbackEngine:
             ("error_encoding", error_encoding, ERROR_ENCODINGS),
             ("feedback_scale", feedback_scale, FEEDBACK_SCALES),
             ("cut_inputs", cut_inputs, CUT_INPUTS),
+            ("embeddings", embeddings, EMBEDDINGS),
         ):
             if value not in allowed:
                 raise ValueError(f"{setting} must be one of {allowed}, got {value!r}.")
@@ -261,7 +265,7 @@ class FeedbackEngine:
             )
         top = blocks[len(blocks) - self.backprop_top :]
         points = blocks[: len(blocks) - self.backprop_top]
-        if self.embeddings:
+        if self.embeddings is True:
             inside = [p for p in blocks if p]
             extra = [
                 e
@@ -280,7 +284,10 @@ class FeedbackEngine:
     def _install_hooks(self) -> None:
         modules = dict(self.model.named_modules())
         for name in self.points:
-            self._handles.append(modules[name].register_forward_pre_hook(_Hook(self._cut_inputs), with_kwargs=True))
+            # "first_block": the first block's input keeps its gradient, so the embeddings learn from its feedback
+            through = name == self.points[0] and self.embeddings == "first_block"
+            cut = _cut_side_inputs if through else self._cut_inputs
+            self._handles.append(modules[name].register_forward_pre_hook(_Hook(cut), with_kwargs=True))
             self._handles.append(modules[name].register_forward_hook(_Hook(self._recorder(name))))
         if self.cut_inputs == "all":  # backprop blocks: their hidden state flows, side inputs from DFA blocks do not
             for name in self.backprop_points:
