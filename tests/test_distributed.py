@@ -149,6 +149,17 @@ class FSDPDump(pl.Callback):
         }
         torch.save(state, Path(self.folder) / f"rank{trainer.global_rank}.pt")
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(trainer.strategy.model):
+            weights = {
+                name.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                for name, p in pl_module.named_parameters()
+            }
+        path = Path(self.folder) / f"rank{trainer.global_rank}.pt"
+        torch.save({**torch.load(path), "weights": weights}, path)
+
 
 def _dfa_fsdp_rank(rank: int, port: int, folder: str) -> None:
     torchrun_env(rank, port)
@@ -182,6 +193,20 @@ def test_dfa_fsdp_gradients_equal_a_single_process_on_the_global_batch(dfa_fsdp_
     want = single_process_grads(classifier(), seed=3)
     for rank in dfa_fsdp_ranks:
         assert_same_grads(rank["grads"], want)
+
+
+def test_dfa_fsdp_steps_the_points_at_lr_scale_as_one_process_with_an_explicit_group(dfa_fsdp_ranks):
+    model = classifier()
+    x, y = global_batch()
+    scale = 3**-0.5  # lr_scale="auto" for three classes
+    blocks = [p for block in model.blocks for p in block.parameters()]
+    optimizer = torch.optim.Adam([{"params": blocks, "lr": 1e-3 * scale}, {"params": model.head.parameters()}], lr=1e-3)
+    with FeedbackEngine(blocks="blocks.*", output="head", seed=3).attach(model):
+        F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    for rank in dfa_fsdp_ranks:
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(rank["weights"][name], param.detach(), msg=name)
 
 
 class TinyLM(pl.LightningModule):
@@ -236,8 +261,9 @@ def test_dfa_fsdp_tests_after_fit_with_the_trained_weights(tmp_path):
     model = classifier()
     model.load_state_dict(torch.load(tmp_path / "fit.ckpt", weights_only=False)["state_dict"])
     x, y = global_batch()
+    # Test metrics are logged with sync_dist: every rank reports the mean of the ranks' losses.
+    want = torch.stack([F.cross_entropy(model(x[rank_rows(r)]), y[rank_rows(r)]) for r in range(WORLD)]).mean()
     for rank in range(WORLD):
-        want = F.cross_entropy(model(x[rank_rows(rank)]), y[rank_rows(rank)])
         torch.testing.assert_close(torch.tensor(torch.load(tmp_path / f"test{rank}.pt")["test/loss"]), want)
 
 
