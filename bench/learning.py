@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -55,15 +56,18 @@ def scales(**dfa: object) -> dict[str, dict]:
 
 BASELINES = {"backprop": variant("backprop"), "frozen": variant("frozen")}
 
-#: recipe -> the metric reported, extra arguments for every run, and the variants
+#: recipe -> the metric reported, the error's width (where lr_scale="auto" puts it), extra arguments for every
+#: run, and the variants
 STUDY: dict[str, dict] = {
     "digits-mlp": {
         "metric": "test/acc",
+        "error_width": 10,
         "args": [],
         "variants": {**BASELINES, **scales()},
     },
     "quickstart": {
         "metric": "val/ppl",
+        "error_width": 4096,
         "args": ["--trainer.strategy.init_args.projector=gaussian"],
         "variants": {
             **BASELINES,
@@ -77,11 +81,13 @@ STUDY: dict[str, dict] = {
     },
     "vit-digits": {
         "metric": "test/acc",
+        "error_width": 10,
         "args": [],
         "variants": {**BASELINES, **scales()},
     },
     "ddpm-digits": {
         "metric": "test/loss",
+        "error_width": 64,
         "args": ["--model.init_args.sample_every_n_epochs=10"],
         "variants": {
             "backprop": variant("backprop"),
@@ -191,35 +197,75 @@ def table(results: list[dict], recipe: str) -> list[str]:
     return lines
 
 
+#: One colour per run kind, in every panel.
+COLOURS = {"backprop": "tab:blue", "frozen": "tab:orange", "dfa": "tab:green"}
+
+
 def plot(results: list[dict], recipe: str, path: Path) -> Path:
-    """Validation metric and alignment per variant, mean over seeds."""
+    """Left: training loss (smoothed) and validation loss of backprop, the frozen control and DFA with the plugin's
+    defaults, mean over seeds. Right: the final metric against ``lr_scale`` (other variants in the table)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = STUDY[recipe]["metric"].replace("test/", "val/")
-    fig, (curves, align) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for index, name in enumerate(STUDY[recipe]["variants"]):
-        style = {"linestyle": ("-", "--", ":")[index // 10 % 3]}  # 10 colours, then dashed, then dotted
+    fig, (curves, sweep) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, colour in COLOURS.items():
         histories = _histories(results, recipe, name)
-        if not histories:
-            continue
-        _mean_curve(curves, [[(r["step"], r[metric]) for r in h.val if metric in r] for h in histories], name, style)
-        rows = [[(r["step"], r["alignment/mean"]) for r in h.alignment if "alignment/mean" in r] for h in histories]
-        if any(rows) and name not in ("backprop", "frozen"):
-            _mean_curve(align, rows, name, style)
-    curves.set(title=f"{recipe}: {metric} (mean over seeds)", xlabel="step")
-    if STUDY[recipe]["metric"].endswith("ppl"):
-        curves.set_yscale("log")
-    align.set(title="alignment with the true gradient (mean cosine)", xlabel="step")
-    align.axhline(0, color="grey", lw=0.5)
-    for ax in (curves, align):
-        ax.legend(fontsize=6)
+        label = "DFA (defaults)" if name == "dfa" else name
+        _mean_curve(curves, [_smoothed(h.train) for h in histories], f"{label}: train", {"color": colour, "lw": 1})
+        val = [[(r["step"], r["val/loss"]) for r in h.val if "val/loss" in r] for h in histories]
+        _mean_curve(curves, val, f"{label}: validation", {"color": colour, "marker": "o", "ls": "none"})
+    curves.set(title=f"{recipe}: loss (mean over seeds)", xlabel="step", ylabel="loss")
+    curves.legend(fontsize=7)
+    _sweep(sweep, results, recipe)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _sweep(ax, results: list[dict], recipe: str) -> None:
+    """The final metric against ``lr_scale``: each fixed scale, the default (auto) as a star, baselines as lines."""
+    metric, rows = STUDY[recipe]["metric"], {row["variant"]: row for row in aggregate(results, recipe)}
+    points = [(float(name.split()[1]), rows[name]) for name in rows if name.startswith("lr_scale ")]
+    if points:
+        points.sort()
+        xs, ys, errs = zip(*[(x, row["mean"], row["std"]) for x, row in points])
+        ax.errorbar(xs, ys, yerr=errs, color="grey", marker="o", label="DFA, fixed lr_scale")
+    if "dfa" in rows:
+        auto = 1 / math.sqrt(STUDY[recipe]["error_width"])
+        ax.errorbar(
+            [auto],
+            [rows["dfa"]["mean"]],
+            yerr=[rows["dfa"]["std"]],
+            color=COLOURS["dfa"],
+            marker="*",
+            markersize=12,
+            ls="none",
+            label=f"DFA, lr_scale='auto' = {auto:.3g}",
+        )
+    for name in ("backprop", "frozen"):
+        if name in rows:
+            ax.axhline(rows[name]["mean"], color=COLOURS[name], ls="--", label=name)
+    ax.set(
+        xscale="log",
+        xlabel="lr_scale (points' share of the learning rate)",
+        ylabel=metric,
+        title=f"{recipe}: {metric} against lr_scale",
+    )
+    if metric.endswith("ppl"):
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+
+
+def _smoothed(rows: list, window: int = 20) -> list[tuple[float, float]]:
+    """A moving average of ``(step, loss)`` rows (training losses are noisy per batch)."""
+    out = []
+    for i in range(window - 1, len(rows), max(1, window // 2)):
+        chunk = rows[i - window + 1 : i + 1]
+        out.append((chunk[-1][0], statistics.fmean(loss for _, loss in chunk)))
+    return out
 
 
 def _histories(results: list[dict], recipe: str, name: str) -> list[History]:
@@ -236,7 +282,7 @@ def _mean_curve(ax, runs: list[list[tuple[float, float]]], label: str, style: di
     length = min(len(run) for run in runs)
     steps = [runs[0][i][0] for i in range(length)]
     means = [statistics.fmean(run[i][1] for run in runs) for i in range(length)]
-    ax.plot(steps, means, marker=".", label=label, **style)
+    ax.plot(steps, means, label=label, **{"marker": ".", **style})
 
 
 def page(results: list[dict], recipes: list[str], image_dir: Path, intro: str) -> str:
@@ -255,8 +301,10 @@ INTRO = """# Learning study: all runs
 
 Generated by `python bench/learning.py` (the discussion is in [learning.md](learning.md)). Mean ± standard
 deviation over the seeds run (column "seeds"); "/ backprop" and "/ frozen" divide the mean by theirs.
-Plots: the validation metric and the mean alignment (cosine with the true gradient) per variant, mean
-over seeds."""
+Plots: left, the training loss (moving average of 20 steps) and validation loss of backprop, the
+frozen control and DFA with the plugin's defaults, mean over seeds; right, the final metric against
+`lr_scale` (mean ± sd over the seeds run), with the default (`"auto"`) as a star and the baselines as
+lines."""
 
 
 def main() -> None:
