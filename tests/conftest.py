@@ -127,3 +127,17 @@ def tiny_unet():
         layers_per_block=1,
         norm_num_groups=8,
     )
+
+
+def quiet_trainer(**kwargs):
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary (``kwargs`` override)."""
+    import lightning.pytorch as pl
+
+    options = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**options, **kwargs})

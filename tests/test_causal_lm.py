@@ -169,9 +169,7 @@ def test_the_quickstart_recipe_runs_end_to_end(tmp_path):
     )
     assert cli.trainer.global_step == 1
     assert type(cli.trainer.strategy.dfa.projector).__name__ == "Gaussian"
-    block = cli.model.model.transformer.h[0].mlp.c_fc.weight
-    block_lr = next(
-        g["initial_lr"] for g in cli.trainer.optimizers[0].param_groups if any(p is block for p in g["params"])
-    )
-    assert block_lr == pytest.approx(0.03 * cli.model.hparams.lr)  # the study's setting for DFA blocks
+    dfa = cli.trainer.strategy.dfa
+    assert dfa.lr_scale == "auto"  # the plugin's default: the recipe sets no learning rate for the blocks
+    assert dfa.points_lr_scale == pytest.approx(cli.model.hparams.vocab_size**-0.5)
     assert math.isfinite(float(cli.trainer.callback_metrics["test/ppl"]))

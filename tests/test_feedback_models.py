@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyMLP, capture_grad, tiny_gpt2, tiny_llama, tiny_unet, tiny_vit
+from conftest import TinyMLP, capture_grad, quiet_trainer, tiny_gpt2, tiny_llama, tiny_unet, tiny_vit
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -197,15 +197,7 @@ class PlainGPT(pl.LightningModule):
 def test_strategy_dfa_fits_a_plain_module_and_prints_the_chosen_points(caplog):
     module = PlainGPT()
     before = {name: p.detach().clone() for name, p in module.model.h.named_parameters()}
-    trainer = pl.Trainer(
-        strategy="dfa",
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(strategy="dfa", max_steps=2)
     with caplog.at_level(logging.INFO):
         trainer.fit(module, DataLoader(TensorDataset(IDS.repeat(2, 1)), batch_size=2))
     chosen = "DFA: 4 feedback points model.h.0 ... model.h.3 (auto), error at model.lm_head (auto), projector gaussian"

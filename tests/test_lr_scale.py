@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyMLP
+from conftest import TinyMLP, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dfa import DFA, DFADDPStrategy, DFAFSDPStrategy, DFAStrategy
@@ -261,16 +261,7 @@ class Classifier(pl.LightningModule):
 
 def fit(module, strategy, **trainer_args):
     data = TensorDataset(*map(torch.cat, zip(*batches(8))))
-    trainer = pl.Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        max_steps=4,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        **trainer_args,
-    )
+    trainer = quiet_trainer(strategy=strategy, max_steps=4, **trainer_args)
     trainer.fit(module, DataLoader(data, batch_size=8))
     return trainer
 
