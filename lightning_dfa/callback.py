@@ -263,7 +263,7 @@ def _chosen(dfa: DFA, output_auto: bool) -> str:
         line += f", {len(dfa.backprop_points)} top blocks by backprop"
     if dfa.mode != "dfa":
         return f"{line}, mode {dfa.mode}"
-    scale = "1/sqrt(error width)" if dfa.lr_scale == "auto" else dfa.lr_scale
+    scale = "auto (min(0.1, 1/sqrt(error width)))" if dfa.lr_scale == "auto" else dfa.lr_scale
     return f"{line}, points at lr_scale={scale} x lr"
 
 

@@ -328,45 +328,48 @@ def test_the_cli_sets_the_scale(tmp_path):
 
 
 # ---------------------------------------------------------------------- lr_scale="auto"
-@pytest.mark.parametrize("width, scale", [(1, 1.0), (10, 10**-0.5), (4096, 1 / 64)])
-def test_auto_is_one_over_the_square_root_of_the_error_width(width, scale):
+@pytest.mark.parametrize(
+    "error_shape, scale",
+    [((4, 16, 4096), 1 / 64), ((4, 256), 1 / 16), ((4, 10), 0.1), ((4, 1, 16, 16), 1 / 16), ((4, 3, 4, 4), 0.1)],
+    ids=["tokens-are-rows", "samples-are-rows", "capped", "a-whole-image-is-one-row", "capped-image"],
+)
+def test_auto_is_one_over_the_square_root_of_the_error_width_at_most_a_tenth(error_shape, scale):
     from lightning_dfa.feedback.update_scale import auto_lr_scale
 
-    assert auto_lr_scale(width) == pytest.approx(scale)
+    assert auto_lr_scale(error_shape) == pytest.approx(scale)
 
 
 def test_auto_is_the_default_and_is_set_by_the_first_forward():
-    model = TinyMLP()  # 3 classes: the error has 3 values per sample
+    model = TinyMLP(classes=400)  # 400 classes: 1 / sqrt(400) = 0.05
     dfa = DFA(blocks="blocks.*", output="head").attach(model)
     assert dfa.lr_scale == "auto" and dfa.points_lr_scale is None
     model(torch.randn(2, 5))
-    assert dfa.points_lr_scale == pytest.approx(3**-0.5)
+    assert dfa.points_lr_scale == pytest.approx(0.05)
 
 
-def test_auto_counts_tokens_as_rows_and_the_whole_image_as_one():
-    from conftest import tiny_gpt2, tiny_unet
+def test_auto_sees_the_whole_image_with_spatial_feedback():
+    from diffusers import UNet2DModel
 
-    gpt2 = tiny_gpt2()
-    with DFA().attach(gpt2) as dfa:
-        gpt2(torch.zeros(2, 8, dtype=torch.long))
-        assert dfa.points_lr_scale == pytest.approx(64**-0.5)  # vocabulary of 64 per token
-    unet = tiny_unet()
-    with DFA(spatial_feedback=True).attach(unet) as dfa:  # rows are pixels, the rule still sees 1 x 8 x 8
-        unet(torch.zeros(2, 1, 8, 8), torch.tensor([1, 2]))
-        assert dfa.points_lr_scale == pytest.approx(64**-0.5)
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                       layers_per_block=1, norm_num_groups=4)  # fmt: skip
+    with DFA(spatial_feedback=True).attach(unet) as dfa:  # rows are pixels for the projection, not for the rule
+        unet(torch.zeros(2, 1, 16, 16), torch.tensor([1, 2]))
+        assert dfa.points_lr_scale == pytest.approx(1 / 16)
 
 
 def test_auto_scales_the_points_as_a_group_at_the_chosen_rate():
     scaled, reference = two_copies()
     opt = torch.optim.AdamW(scaled.parameters(), lr=LR)
-    ref_opt = torch.optim.AdamW(explicit_groups(reference, scale=3**-0.5), lr=LR)
+    ref_opt = torch.optim.AdamW(explicit_groups(reference, scale=0.1), lr=LR)  # 3 classes: capped at 0.1
     train_plain(scaled, opt, None, "auto")
     train_plain(reference, ref_opt, None, 1.0)
     assert_same_weights(scaled, reference)
 
 
 def test_auto_in_a_lightning_step_scales_the_very_first_update():
-    scaled, reference = Classifier(), Classifier(explicit=True, scale=3**-0.5)  # 3 classes
+    scaled, reference = Classifier(), Classifier(explicit=True, scale=0.1)  # 3 classes: "auto" gives 0.1
     fit(scaled, DFAStrategy(lr_scale="auto"))  # the first forward runs inside step(closure)
     fit(reference, DFAStrategy(lr_scale=1.0))
     assert_same_weights(scaled.net, reference.net)

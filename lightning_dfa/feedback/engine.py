@@ -74,9 +74,9 @@ class FeedbackEngine:
         sequence_feedback: ``"broadcast"`` or ``"flatten"``, for per-sample errors with per-token points.
         check_finite: raise if the error holds NaN or inf instead of spreading it into every block.
         lr_scale: the feedback points learn at ``lr_scale`` x their optimizer's learning rate (``mode="dfa"``
-            only; baselines keep the plain rate). ``"auto"`` (default) is ``1 / sqrt(error width)``, the error's
-            values per row with the default rows (tokens for sequences, samples otherwise), set at the first
-            forward pass. Lightning runs apply it to every optimizer; in plain PyTorch call :meth:`scale_updates`
+            only; baselines keep the plain rate). ``"auto"`` (default) is ``min(0.1, 1 / sqrt(error width))``, the
+            error's values per row with the default rows (tokens for sequences, samples otherwise), set at the
+            first forward pass. Lightning runs apply it to every optimizer; in plain PyTorch call :meth:`scale_updates`
             once. See :mod:`lightning_dfa.feedback.update_scale`.
 
     Learning variants (:doc:`docs/learning.md` measures each):
@@ -521,9 +521,8 @@ class FeedbackEngine:
             error_features = math.prod(error_point.shape[rows:])
         if self.projector is None:
             self._build(shapes, error_features, error_point.device)
-            if self.lr_scale == "auto":  # the error width with default rows, whatever the rows of the projection
-                width = math.prod(error_point.shape[error_row_dims(error_point.shape, None) :])
-                self.points_lr_scale = auto_lr_scale(width)
+            if self.lr_scale == "auto":
+                self.points_lr_scale = auto_lr_scale(error_point.shape)
                 for scaled in self._scaled_updates:  # a step already under way (Lightning's closure) learns it now
                     scaled.rescale()
         for name, shape in shapes.items():

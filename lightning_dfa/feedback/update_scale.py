@@ -16,14 +16,19 @@ step), ``state_dict()`` and checkpoints see nothing of it, and a scheduled ``lr`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_dfa.feedback.rows import error_row_dims
+
 #: The default: ``"auto"``, one over the square root of the error's width (:func:`auto_lr_scale`; docs/learning.md).
 DEFAULT_LR_SCALE = "auto"
+
+#: The largest share ``"auto"`` gives (narrow errors: ten classes, a small image).
+AUTO_LR_SCALE_CAP = 0.1
 
 #: Key of the scaled copies in the optimizer's groups while a step runs (to tell them apart).
 SCALED = "lightning_dfa_lr_scale"
@@ -106,18 +111,23 @@ def check_lr_scale(scale: Any) -> None:
         )
 
 
-def auto_lr_scale(error_width: int) -> float:
-    """``1 / sqrt(error_width)``: the points' share of the learning rate for an error of that many values per row.
+def auto_lr_scale(error_shape: Sequence[int]) -> float:
+    """``min(0.1, 1 / sqrt(width))``: the points' share of the learning rate for an error of this shape, whose
+    width is its values per row with the default rows (per token for ``(B, T, V)``, per sample otherwise: a whole
+    image for ``(B, C, H, W)``, however ``spatial_feedback`` cuts it for the projection).
 
     The wider the error, the less of a block's DFA update is aligned with its true gradient (a random
-    projection mixes more independent error directions), so the slower the blocks must learn for the head
-    to keep up: a GPT's 4096-token logits give 0.016, ten classes 0.32 (docs/learning.md measures the rule).
+    projection mixes more independent error directions), so the slower the blocks must learn for the head to
+    keep up: a GPT's 4096-token logits give 0.016. Above 0.1 no recipe learned better and some grew unstable
+    (a UNet at 0.125 diverged in one seed of two), hence the cap (docs/learning.md measures the rule).
 
     Example::
 
-        auto_lr_scale(4096)   # 0.015625
+        auto_lr_scale((8, 128, 4096))   # 0.015625: a GPT's logits, per token
+        auto_lr_scale((32, 10))         # 0.1: ten classes, capped
     """
-    return min(1.0, 1.0 / math.sqrt(error_width))
+    width = math.prod(error_shape[error_row_dims(torch.Size(error_shape), None) :])
+    return min(AUTO_LR_SCALE_CAP, 1.0 / math.sqrt(width))
 
 
 def own_parameters(model: nn.Module, points: Iterable[str]) -> list[nn.Parameter]:
