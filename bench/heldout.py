@@ -224,6 +224,17 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def variants(results: list[dict]) -> str:
+    """DFA with one setting changed (``--methods lr_scale=0.03``), beside the default."""
+    lines = ["| family | DFA with | metric | mean ± sd | seeds |", "|---|---|---|---|---|"]
+    for family, (*_, metric) in FAMILIES.items():
+        methods = sorted({r["method"] for r in results if r["family"] == family and "=" in r["method"]})
+        for method in methods:
+            mean, sd, lr, n = _best(results, family, method, metric)
+            lines.append(f"| {family} | {method} (lr {lr:g}) | {metric} | {mean:.4g} ± {sd:.2g} | {n} |")
+    return "\n".join(lines)
+
+
 def _best(results: list[dict], family: str, method: str, metric: str) -> tuple[float, float, float, int] | None:
     by_lr: dict[float, list[float]] = {}
     for r in results:
@@ -258,8 +269,8 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda cell: run(*cell, root), cells))
     results = [json.loads(p.read_text()) for p in sorted(root.glob("*/*/seed*.json"))]
-    results = [r for r in results if r["method"] in args.methods]
     print(table(results))
+    print(variants(results))
 
 
 if __name__ == "__main__":
