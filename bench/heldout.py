@@ -152,13 +152,13 @@ LR = 1e-3
 
 
 def strategy(method: str):
-    """``"dfa"``, ``"frozen"``, ``"backprop"``, or ``"setting=value"``: DFA with that one setting changed
+    """``"dfa"``, ``"frozen"``, ``"backprop"``, or ``"setting=value,..."``: DFA with those settings changed
     (``lr_scale=0.03``, ``embeddings=first_block``), to compare with the defaults."""
     from lightning_dfa import DFAStrategy
 
-    if "=" in method:
-        key, value = method.split("=")
-        return DFAStrategy(**{key: yaml.safe_load(value)})
+    if "=" in method:  # "embeddings=first_block,lr_scale=0"
+        settings = dict(item.split("=") for item in method.split(","))
+        return DFAStrategy(**{key: yaml.safe_load(value) for key, value in settings.items()})
     return {"dfa": "dfa", "frozen": DFAStrategy(mode="frozen"), "backprop": "auto"}[method]
 
 

@@ -93,6 +93,7 @@ STUDY: dict[str, dict] = {
             "backprop": variant("backprop"),
             "frozen": variant("frozen", spatial_feedback=True),
             **scales(spatial_feedback=True),
+            "embeddings first block": variant(spatial_feedback=True, embeddings="first_block"),
         },
     },
 }

@@ -217,6 +217,19 @@ def test_first_block_embeddings_get_the_first_blocks_feedback_carried_back_throu
     torch.testing.assert_close(net.embed.weight.grad, expected)
 
 
+def test_first_block_frozen_control_trains_the_embeddings_as_the_dfa_run_does():
+    grads = {}
+    for mode in ("dfa", "frozen"):
+        torch.manual_seed(0)
+        net = EmbeddedMLP()
+        with DFA(blocks="blocks.*", output="head", embeddings="first_block", mode=mode).attach(net):
+            F.cross_entropy(net(torch.tensor([1, 4, 7])), torch.tensor([0, 2, 1])).backward()
+        grads[mode] = net.embed.weight.grad
+        if mode == "frozen":
+            assert all(p.grad is None for p in net.blocks.parameters())
+    torch.testing.assert_close(grads["frozen"], grads["dfa"])
+
+
 def test_embeddings_learn_nothing_without_a_setting_when_the_head_is_untied():
     torch.manual_seed(0)
     net = EmbeddedMLP()

@@ -285,8 +285,7 @@ class FeedbackEngine:
         modules = dict(self.model.named_modules())
         for name in self.points:
             # "first_block": the first block's input keeps its gradient, so the embeddings learn from its feedback
-            through = name == self.points[0] and self.embeddings == "first_block"
-            cut = _cut_side_inputs if through else self._cut_inputs
+            cut = _cut_side_inputs if self._feeds_embeddings(name) else self._cut_inputs
             self._handles.append(modules[name].register_forward_pre_hook(_Hook(cut), with_kwargs=True))
             self._handles.append(modules[name].register_forward_hook(_Hook(self._recorder(name))))
         if self.cut_inputs == "all":  # backprop blocks: their hidden state flows, side inputs from DFA blocks do not
@@ -416,13 +415,18 @@ class FeedbackEngine:
         shapes = self._point_shapes(records, error_point)
         # The frozen-blocks control feeds no block (parameters it shares with the head train with their true
         # gradient), so it pays for no projection. A frozen head with trainable blocks is routed all the same.
-        trains = self.mode != "frozen"
-        routed = [(name, shapes[name]) for name in self.points if trains and self._trains(name, records[name])]
+        # With embeddings="first_block" the control still feeds the (frozen) first block: what feeds it (the
+        # embeddings) learns as in the DFA run, so the control isolates what the blocks' own updates add.
+        fed = [name for name in self.points if self.mode != "frozen" or self._feeds_embeddings(name)]
+        routed = [(name, shapes[name]) for name in fed if self._trains(name, records[name])]
         if not routed:
             return None
         self._routers_pending += 1
         routed_outputs = (records[name] for name, _ in routed)
         return replace_first(output, FeedbackRouter.apply(self, routed, error_point, *routed_outputs))
+
+    def _feeds_embeddings(self, name: str) -> bool:
+        return self.embeddings == "first_block" and name == self.points[0]
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if sys.exc_info()[1] is not None:  # the forward pass raised: a retry must not find its records
