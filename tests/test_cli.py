@@ -124,7 +124,7 @@ def test_baselines_run_after_fit_and_print_beside_dfa(two_launches):
     assert "test/acc" in out and "alignment/mean" in out
     saved = json.loads((two_launches["root"] / "version_0" / "summary.json").read_text())
     assert [r["mode"] for r in saved["runs"]] == ["dfa", "frozen", "backprop"]
-    assert saved["runs"][0]["metrics"]["test/acc"] > 0.5
+    assert saved["runs"][0]["metrics"]["test/acc"] > 0.3  # 30 steps with the blocks at lr_scale: above chance (0.1)
     assert two_launches["first"].result.mode == "dfa"
 
 

@@ -24,7 +24,9 @@ RESULTS: dict[str, float] = {}
 def test_accuracy(projector) -> float:
     pl.seed_everything(0, workers=True)
     model = MLPClassifier(hidden=128, depth=2, lr=1e-3)
-    dfa = DFA(blocks="blocks.*", output="head", projector=projector, seed=0)
+    # The full rate: the projectors are compared where the blocks learn fastest (at lr_scale="auto", 0.1 here,
+    # 8 epochs leave the blocks mid-way and the comparison noisy; docs/emulator.md has both).
+    dfa = DFA(blocks="blocks.*", output="head", projector=projector, seed=0, lr_scale=1.0)
     trainer = pl.Trainer(
         max_epochs=EPOCHS,
         accelerator="cpu",
@@ -73,6 +75,4 @@ def test_the_physical_opu_with_an_8_bit_noisy_camera_still_learns(dense_accuracy
         f"\nOPU (ternary, 8-bit, noise): test accuracy {RESULTS['opu']:.3f}, "
         f"{100 * (dense_accuracy - RESULTS['opu']):.1f} points below the dense Gaussian ({dense_accuracy:.3f})"
     )
-    # Chance is 0.10. Measured 0.733 at the default lr_scale (0.911 dense): the ternary encoding's cost, which the
-    # slower blocks of lr_scale="auto" make larger in 8 epochs than at the full rate (docs/emulator.md).
-    assert RESULTS["opu"] > 0.6
+    assert RESULTS["opu"] > 0.75  # chance is 0.10
