@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lightning_dfa.callbacks.history import History
+from lightning_dfa.feedback.update_scale import auto_lr_scale
 from lightning_dfa.runs import LATEST, latest_run
 
 #: The quick start's GPT with separate input and output embeddings (GPT-2 ties them by default).
@@ -216,7 +216,7 @@ def plot(results: list[dict], recipe: str, path: Path) -> Path:
         label = "DFA (defaults)" if name == "dfa" else name
         _mean_curve(curves, [_smoothed(h.train) for h in histories], f"{label}: train", {"color": colour, "lw": 1})
         val = [[(r["step"], r["val/loss"]) for r in h.val if "val/loss" in r] for h in histories]
-        _mean_curve(curves, val, f"{label}: validation", {"color": colour, "marker": "o", "ls": "none"})
+        _mean_curve(curves, val, f"{label}: validation", {"color": colour, "marker": "o", "ls": "none", "ms": 4})
     curves.set(title=f"{recipe}: loss (mean over seeds)", xlabel="step", ylabel="loss")
     curves.legend(fontsize=7)
     _sweep(sweep, results, recipe)
@@ -235,7 +235,7 @@ def _sweep(ax, results: list[dict], recipe: str) -> None:
         xs, ys, errs = zip(*[(x, row["mean"], row["std"]) for x, row in points])
         ax.errorbar(xs, ys, yerr=errs, color="grey", marker="o", label="DFA, fixed lr_scale")
     if "dfa" in rows:
-        auto = 1 / math.sqrt(STUDY[recipe]["error_width"])
+        auto = auto_lr_scale((1, STUDY[recipe]["error_width"]))
         ax.errorbar(
             [auto],
             [rows["dfa"]["mean"]],
