@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import quiet_trainer
 from forking import WORLD, free_port, run_ranks, torchrun_env
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -45,14 +46,7 @@ def _rank(rank: int, worker: Any, port: int, folder: str) -> None:
 
 
 def trainer(strategy: Any, devices: int = WORLD, **kwargs: Any) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(strategy=strategy, devices=devices, **{**options, **kwargs})
+    return quiet_trainer(strategy=strategy, devices=devices, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- Alignment
