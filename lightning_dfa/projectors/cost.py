@@ -1,6 +1,6 @@
 """What a projection costs: frames, time and energy on an OPU, and time and energy on the current device.
 
-Optical model (science.md): every binary input frame is displayed twice, alone and with the anchor
+Optical model (docs/emulator.md): every binary input frame is displayed twice, alone and with the anchor
 (``x`` and ``x + r``), and each display is one camera frame of ``frame_time`` seconds whatever its
 size. A vector therefore takes ``2 * binary_frames(encoding)`` frames (4 for ternary input), times
 the number of device passes when the sizes exceed the device (input and output tiles). The anchor's

@@ -1,6 +1,6 @@
 """The optical processing unit (OPU) emulator: binary frames, a complex random medium, a camera, retrieval.
 
-Stages, each switchable (science.md has the physics):
+Stages, each switchable (docs/emulator.md has the physics and its measured errors):
 
 1. **Encoding** (:mod:`.encoding`): the real error becomes binary DMD frames, ternary (default) or
    bit planes; ``encoding=None`` feeds the real error (non-physical, for audits). The encoding error
