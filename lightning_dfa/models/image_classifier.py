@@ -4,7 +4,8 @@ DFA points (``configure_dfa``): ``blocks="auto"`` gives HF's own block classes, 
 ``ViTEmbeddings`` (patch + position embeddings and the class token) and every ``ViTLayer``; the
 error is the gradient at the logits (``model.classifier``), one row per image. Blocks output
 ``(B, tokens, hidden)``, so each point gets ``hidden`` feedback values per image, the same for
-every token (``sequence_feedback="broadcast"``; flattening tokens x hidden did far worse: docs/learning.md). The final layer norm and the classifier train with their true gradient.
+every token (``sequence_feedback="broadcast"``; flattening tokens x hidden did far worse: docs/learning.md).
+The final layer norm and the classifier train with their true gradient.
 """
 
 from __future__ import annotations
