@@ -43,9 +43,6 @@ def lr_scale(scale: float, **dfa: object) -> dict:
     return variant("dfa", f"--trainer.strategy.init_args.lr_scale={scale}", **dfa)
 
 
-#: The recipe exactly as shipped (its own ``dfa`` settings).
-RECIPE_DEFAULT = {"mode": "dfa", "dfa": {}, "args": [], "recipe_default": True}
-
 #: The update scales compared on every recipe ("dfa" is the plugin's default, "lr_scale 1" plain DFA).
 SCALES = (1, 0.3, 0.1, 0.03, 0.01)
 
@@ -117,10 +114,9 @@ def command(recipe: str, name: str, spec: dict, seed: int, run_dir: Path) -> lis
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={run_dir}",
         *STUDY[recipe]["args"],
+        "--model.init_args.dfa=null",  # the variant alone, whatever the recipe's own DFA settings are
+        *spec["args"],
     ]
-    if not spec.get("recipe_default"):  # the variant alone, whatever the recipe's own DFA defaults are
-        argv += ["--model.init_args.dfa=null"]
-    argv += spec["args"]
     if spec["dfa"]:
         argv.append(f"--model.init_args.dfa={json.dumps(spec['dfa'])}")
     return argv

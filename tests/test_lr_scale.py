@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dfa import DFA, DFADDPStrategy, DFAFSDPStrategy, DFAStrategy
 from lightning_dfa.feedback import FeedbackEngine
-from lightning_dfa.feedback.update_scale import ScaledUpdates, own_parameters
+from lightning_dfa.feedback.engine import point_parameters
+from lightning_dfa.feedback.update_scale import ScaledUpdates
 
 SCALE = 0.1
 LR = 0.05
@@ -197,7 +198,7 @@ def test_a_parameter_tied_to_a_module_outside_the_points_keeps_the_full_rate():
     from conftest import tiny_gpt2
 
     gpt2 = tiny_gpt2()
-    owned = own_parameters(gpt2, ["transformer.wte", "transformer.h.0"])
+    owned = list(point_parameters(gpt2, ["transformer.wte", "transformer.h.0"])[0])
     assert gpt2.transformer.wte.weight is gpt2.lm_head.weight
     assert not any(p is gpt2.transformer.wte.weight for p in owned)
     assert {id(p) for p in owned} == {id(p) for p in gpt2.transformer.h[0].parameters()}

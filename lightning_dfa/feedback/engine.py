@@ -42,7 +42,6 @@ from lightning_dfa.feedback.update_scale import (
     ScaledUpdates,
     auto_lr_scale,
     check_lr_scale,
-    own_parameters,
 )
 from lightning_dfa.projectors import build_projector
 from lightning_dfa.projectors.checks import check_fits_in_memory
@@ -248,7 +247,7 @@ class FeedbackEngine:
         if self.mode == "frozen":
             # Only the points' own parameters: one shared with another module (a head tied to the token
             # embedding) keeps training, so the control still trains everything DFA trains besides the blocks.
-            self._frozen = [p for p in point_parameters(model, points)[0] if p.requires_grad]
+            self._frozen = self._own_trainable()
             for param in self._frozen:
                 param.requires_grad_(False)
         if self.mode in ("dfa", "frozen"):
@@ -331,9 +330,13 @@ class FeedbackEngine:
             raise RuntimeError("scale_updates() needs the model: call attach(model) first.")
         if self.mode != "dfa" or self.lr_scale == 1.0:
             return
-        params = own_parameters(self.model, self.points)
+        params = self._own_trainable()
         scale = (lambda: self.points_lr_scale) if self.lr_scale == "auto" else self.lr_scale
         self._scaled_updates += [ScaledUpdates(optimizer, params, scale) for optimizer in optimizers]
+
+    def _own_trainable(self) -> list[nn.Parameter]:
+        """The points' own trainable parameters: what the frozen control freezes and ``lr_scale`` slows down."""
+        return [p for p in point_parameters(self.model, self.points)[0] if p.requires_grad]
 
     def detach(self) -> None:
         """Remove every hook: the model and its optimizers are exactly as before (plain backprop)."""

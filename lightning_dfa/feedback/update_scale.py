@@ -128,28 +128,3 @@ def auto_lr_scale(error_shape: Sequence[int]) -> float:
     """
     width = math.prod(error_shape[error_row_dims(torch.Size(error_shape), None) :])
     return min(AUTO_LR_SCALE_CAP, 1.0 / math.sqrt(width))
-
-
-def own_parameters(model: nn.Module, points: Iterable[str]) -> list[nn.Parameter]:
-    """The trainable parameters of the ``points`` modules that no other module uses (a tied head keeps its rate).
-
-    Example::
-
-        own_parameters(gpt2, ["transformer.wte", "transformer.h.0"])   # wte is tied to lm_head: h.0's only
-    """
-    points = list(points)
-
-    def inside(name: str) -> bool:
-        return any(name == p or name.startswith(p + ".") for p in points)
-
-    owned: dict[nn.Parameter, None] = {}
-    shared: set[nn.Parameter] = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        module = name.rpartition(".")[0]
-        if not param.requires_grad:
-            continue
-        if inside(module):
-            owned[param] = None
-        else:
-            shared.add(param)
-    return [p for p in owned if p not in shared]
