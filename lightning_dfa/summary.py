@@ -40,6 +40,10 @@ class RunResult:
             extras["optical / electronic projection time"] = (
                 f"{t['optical_time_s']:.3g} s / {t['electronic_time_s']:.3g} s"
             )
+            steps = max(ledger.steps, 1)
+            extras["... per step"] = (
+                f"{1e3 * t['optical_time_s'] / steps:.3g} ms / {1e3 * t['electronic_time_s'] / steps:.3g} ms"
+            )
             extras["optical / electronic projection energy"] = (
                 f"{t['optical_energy_j']:.3g} J / {t['electronic_energy_j']:.3g} J"
             )
