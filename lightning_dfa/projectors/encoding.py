@@ -45,10 +45,11 @@ class Frames:
     frames: Tensor
     weights: Tensor
 
-    def decode(self) -> Tensor:
-        """The error these frames represent (what the optics effectively project)."""
-        error = torch.zeros(self.frames.shape[1:], dtype=self.weights.dtype, device=self.weights.device)
-        for weight, frame in zip(self.weights, self.frames):  # frame by frame: no (F, N, d) float temporary
+    def decode(self, rows: slice = slice(None)) -> Tensor:
+        """The error these frames represent (what the optics effectively project), for the rows ``rows``."""
+        frames, weights = self.frames[:, rows], self.weights[:, rows]
+        error = torch.zeros(frames.shape[1:], dtype=weights.dtype, device=weights.device)
+        for weight, frame in zip(weights, frames):  # frame by frame: no (F, N, d) float temporary
             error += weight * frame
         return error
 
@@ -72,27 +73,47 @@ def check_encoding(encoding: str | None, bits: int = 4, threshold: float = 0.5, 
 
 
 def encode(
-    error: Tensor, encoding: str | None, *, threshold: float = 0.5, threshold_of: str = "row", bits: int = 4
+    error: Tensor,
+    encoding: str | None,
+    *,
+    threshold: float = 0.5,
+    threshold_of: str = "row",
+    bits: int = 4,
+    rows: int = 64,
 ) -> Frames:
-    """Encode the rows of a finite ``(N, d)`` error as frames (see the module doc)."""
+    """Encode the rows of a finite ``(N, d)`` error as frames (see the module doc), ``rows`` rows at a time so
+    that the float temporaries stay small beside the ``bool`` frames."""
     check_encoding(encoding, bits, threshold, threshold_of)
-    if encoding == "ternary":
-        return ternarize(error, threshold, threshold_of)
-    if encoding == "bitplanes":
-        return bitplanes(error, bits)
-    return Frames(error.unsqueeze(0), torch.ones_like(error[None, :, :1]))
+    if encoding is None:
+        return Frames(error.unsqueeze(0), torch.ones_like(error[None, :, :1]))
+    count = binary_frames(encoding, bits)
+    frames = torch.empty(count, *error.shape, dtype=torch.bool, device=error.device)
+    weights = error.new_empty(count, error.shape[0], 1)
+    for r0 in range(0, error.shape[0], rows):
+        chunk = slice(r0, r0 + rows)
+        if encoding == "ternary":
+            _ternary(error[chunk], frames[:, chunk], weights[:, chunk], threshold, threshold_of)
+        else:
+            _bitplanes(error[chunk], frames[:, chunk], weights[:, chunk], bits)
+    return Frames(frames, weights)
 
 
 def ternarize(error: Tensor, threshold: float = 0.5, threshold_of: str = "row") -> Frames:
     """Frames ``[p, n]`` with weights ``[a_p, -a_n]``: ``e ~ a_p p - a_n n`` (see the module doc)."""
-    frames = torch.empty(2, *error.shape, dtype=torch.bool, device=error.device)
-    weights = error.new_empty(2, error.shape[0], 1)
+    return encode(error, "ternary", threshold=threshold, threshold_of=threshold_of)
+
+
+def bitplanes(error: Tensor, bits: int = 4) -> Frames:
+    """``2 * bits`` frames: the bits of ``round(|e| / peak * (2^bits - 1))`` of the positive and negative parts."""
+    return encode(error, "bitplanes", bits=bits)
+
+
+def _ternary(error: Tensor, frames: Tensor, weights: Tensor, threshold: float, threshold_of: str) -> None:
     for i, part in enumerate((error.clamp_min(0), error.neg().clamp_min(0))):
         torch.gt(part, _threshold(error, part, threshold, threshold_of), out=frames[i])
         lit = frames[i].sum(1, keepdim=True)
-        weights[i] = torch.where(frames[i], part, 0).sum(1, keepdim=True) / lit.clamp_min(1)
+        weights[i] = part.mul_(frames[i]).sum(1, keepdim=True) / lit.clamp_min(1)
     weights[1].neg_()
-    return Frames(frames, weights)
 
 
 def _threshold(error: Tensor, part: Tensor, threshold: float, threshold_of: str) -> Tensor | float:
@@ -104,23 +125,24 @@ def _threshold(error: Tensor, part: Tensor, threshold: float, threshold_of: str)
     return torch.linalg.vector_norm(part, dim=1, keepdim=True).div_(count.sqrt()).mul_(threshold)
 
 
-def bitplanes(error: Tensor, bits: int = 4) -> Frames:
-    """``2 * bits`` frames: the bits of ``round(|e| / peak * (2^bits - 1))`` of the positive and negative parts."""
+def _bitplanes(error: Tensor, frames: Tensor, weights: Tensor, bits: int) -> None:
     levels = (1 << bits) - 1
-    frames = torch.empty(2 * bits, *error.shape, dtype=torch.bool, device=error.device)
-    weights = error.new_empty(2 * bits, error.shape[0], 1)
     for s, (sign, part) in enumerate(((1.0, error.clamp_min(0)), (-1.0, error.neg().clamp_min(0)))):
         peak = part.amax(1, keepdim=True)
         codes = torch.round(part / peak.clamp_min(torch.finfo(error.dtype).tiny) * levels).to(torch.int64)
         for bit in range(bits):
             torch.ne(codes & (1 << bit), 0, out=frames[s * bits + bit])
             weights[s * bits + bit] = sign * peak * (2**bit / levels)
-    return Frames(frames, weights)
 
 
-def encoding_error(error: Tensor, frames: Frames) -> float:
-    """Relative error ``|e - decode(frames)| / |e|`` over the batch (0 for an all-zero batch)."""
+def encoding_error(error: Tensor, frames: Frames, rows: int = 64, relative: bool = True) -> float:
+    """``|e - decode(frames)| / |e|`` over the batch (0 for an all-zero batch; ``|e - decode|`` if not ``relative``),
+    ``rows`` rows at a time."""
+    squared = sum(
+        float((error[r0 : r0 + rows] - frames.decode(slice(r0, r0 + rows))).pow(2).sum())
+        for r0 in range(0, error.shape[0], rows)
+    )
+    if not relative:
+        return squared**0.5
     norm = float(error.norm())
-    if norm == 0:
-        return 0.0
-    return float((error - frames.decode()).norm()) / norm
+    return squared**0.5 / norm if norm else 0.0

@@ -51,7 +51,7 @@ from lightning_dfa.projectors.base import Projector, check_saved_state
 from lightning_dfa.projectors.camera import Camera
 from lightning_dfa.projectors.checks import check_error, check_nonfinite_mode
 from lightning_dfa.projectors.cost import FRAME_TIME, MAX_INPUT, MAX_OUTPUT, OPU_POWER_W, device_tiles, optical_cost
-from lightning_dfa.projectors.encoding import binary_frames, check_encoding, encode, encoding_error
+from lightning_dfa.projectors.encoding import Frames, check_encoding, encode, encoding_error
 from lightning_dfa.projectors.seeded import round_tile
 from lightning_dfa.projectors.tiles import DEFAULT_GENERATOR, GENERATORS, gaussian_region, gaussian_rows, mix_seed
 
@@ -62,6 +62,8 @@ SATURATION_WARNING = 0.01
 SPARSE_PIXELS = 0.25
 #: Lit-pixel fraction of the frames below which the CPU adds the medium's rows instead of multiplying.
 SPARSE_FRAMES = 1 / 16
+#: Error vectors encoded and sent through the emulated optics at a time (bounds the frames' working memory).
+VECTORS_PER_PASS = 256
 
 
 class OPU(Projector):
@@ -102,7 +104,7 @@ class OPU(Projector):
         frame_time: float = FRAME_TIME,
         power_w: float = OPU_POWER_W,
         allow_tiling: bool = False,
-        tile: int = 4096,
+        tile: int = 512,
         generator: str = DEFAULT_GENERATOR,
         nonfinite: str = "raise",
     ) -> None:
@@ -301,23 +303,46 @@ class OPU(Projector):
         return torch.randperm(rows, generator=generator, device=device)[:count].sort().values
 
     def _project(self, clean: Tensor) -> Tensor:
-        """The optical projection of the finite rows ``clean``: encoding, medium, camera, retrieval."""
-        work = clean.dtype
-        frames = encode(clean, self.encoding, threshold=self.threshold, threshold_of=self.threshold_of, bits=self.bits)
+        """The optical projection of the finite rows ``clean``: encoding, medium, camera, retrieval.
+
+        ``VECTORS_PER_PASS`` vectors at a time, so that their frames, fields and camera buffers stay small.
+        """
+        generator = torch.Generator(device=clean.device).manual_seed(mix_seed(self.seed, _NOISE, self.calls))
+        out = torch.zeros(clean.shape[0], self.out_features, dtype=clean.dtype, device=clean.device)
+        saturated = read = 0
+        residual = 0.0
+        for v0 in range(0, clean.shape[0], VECTORS_PER_PASS):
+            errors = clean[v0 : v0 + VECTORS_PER_PASS]
+            frames = encode(
+                errors, self.encoding, threshold=self.threshold, threshold_of=self.threshold_of, bits=self.bits
+            )
+            sat, pixels = self._project_frames(frames, out[v0 : v0 + VECTORS_PER_PASS], generator)
+            saturated, read = saturated + sat, read + pixels
+            residual += encoding_error(errors, frames, relative=False) ** 2
+        norm = float(clean.norm())
+        self.stats = {
+            "vectors": clean.shape[0],
+            "encoding_error": residual**0.5 / norm if norm else 0.0,
+            "saturated": saturated,
+            "saturated_fraction": saturated / max(read, 1),
+            "pixels": read,
+            "anchor_saturated": self._anchor_reading["saturated"],
+            "dark_pixels": int((self._anchor_reading["intensity"] <= 0).sum()),
+        }
+        return out
+
+    def _project_frames(self, frames: Frames, out: Tensor, generator: torch.Generator) -> tuple[int, int]:
+        """Add the retrieved projection of ``frames`` to ``out``; return the saturated and read pixel counts."""
         self.calibrate(frames.frames)
-        device = clean.device
-        anchor = self._anchor_counts(device, work)
-        generator = torch.Generator(device=device).manual_seed(mix_seed(self.seed, _NOISE, self.calls))
-        count, vectors = binary_frames(self.encoding, self.bits), clean.shape[0]
+        anchor = self._anchor_counts(out.device, out.dtype)
+        count, vectors = frames.frames.shape[:2]
         flat = frames.frames.reshape(count * vectors, self.in_features)
-        out = torch.zeros(vectors, self.out_features, dtype=work, device=device)
         # Working buffers, reused for every tile: the fields [Re | Im], the intensities of the frames alone, and
         # the camera's noise and noise scale (only when it has noise).
-        width = min(self.tile, self.out_features)
-        rows = flat.shape[0]
-        field_buffer = torch.empty(rows * 2 * width, dtype=work, device=device)
+        width, rows = min(self.tile, self.out_features), flat.shape[0]
+        field_buffer = torch.empty(rows * 2 * width, dtype=out.dtype, device=out.device)
         scratch = [
-            torch.empty(rows * width, dtype=work, device=device)
+            torch.empty(rows * width, dtype=out.dtype, device=out.device)
             for _ in range(1 + self.camera.noisy + (self.camera.noisy and self.camera.shot_noise))
         ]
         saturated = read = 0
@@ -334,16 +359,7 @@ class OPU(Projector):
                 for weight, part in zip(frames.weights, y.view(count, vectors, c1 - c0)):
                     out[:, c0:c1].addcmul_(weight, part)
                 saturated, read = saturated + sat, read + 2 * rows * (c1 - c0)
-        self.stats = {
-            "vectors": vectors,
-            "encoding_error": encoding_error(clean, frames),
-            "saturated": saturated,
-            "saturated_fraction": saturated / max(read, 1),
-            "pixels": read,
-            "anchor_saturated": anchor["saturated"],
-            "dark_pixels": int((anchor["intensity"] <= 0).sum()),
-        }
-        return out
+        return saturated, read
 
     def _anchor_counts(self, device: torch.device, work: torch.dtype) -> dict[str, Any]:
         """The anchor field and reading in camera counts, and what the retrieval needs, for this call.
@@ -452,7 +468,7 @@ class OPU(Projector):
             )
 
 
-def add_frames_times(out: Tensor, frames: Tensor, medium: Tensor, rows: int = 1024) -> None:
+def add_frames_times(out: Tensor, frames: Tensor, medium: Tensor, rows: int = 256) -> None:
     """``out += frames @ medium`` for binary (``bool``) or real frames, ``rows`` frames at a time, so that the
     frames' float copy for the matmul stays small."""
     for r0 in range(0, frames.shape[0], rows):
