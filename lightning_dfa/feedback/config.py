@@ -79,9 +79,14 @@ class DFAConfig:
     nonfinite_patience: int = 10
 
     def __post_init__(self) -> None:
-        for setting, allowed in (("mode", MODES), ("embeddings", EMBEDDINGS), ("nonfinite", NONFINITE)):
+        nonfinite = ": 'stop' ends the run at the first NaN or inf, 'skip' skips such steps"
+        for setting, allowed, why in (
+            ("mode", MODES, ""),
+            ("embeddings", EMBEDDINGS, ""),
+            ("nonfinite", NONFINITE, nonfinite),
+        ):
             if getattr(self, setting) not in allowed:
-                raise ValueError(f"{setting} must be one of {allowed}, got {getattr(self, setting)!r}.")
+                raise ValueError(f"{setting} must be one of {allowed}, got {getattr(self, setting)!r}{why}.")
         _check_int("backprop_top", self.backprop_top, 0, "a non-negative integer (0 is pure DFA)")
         _check_int("seed", self.seed, 0, "a non-negative integer")
         _check_int("nonfinite_patience", self.nonfinite_patience, 1, "a positive integer")
@@ -104,7 +109,7 @@ class DFAConfig:
             return spec or cls()
         if not isinstance(spec, Mapping):
             raise TypeError(
-                f"{where} must give a DFAConfig or a dict of DFA settings, got {type(spec).__name__}: e.g. "
+                f"{where} must be a DFAConfig or a dict of DFA settings, got {type(spec).__name__}: e.g. "
                 "{'blocks': 'blocks.*', 'output': 'head'}."
             )
         check_names(spec, where)
