@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_dfa  # noqa: F401  (registers the strategies)
-from lightning_dfa import DFA, DFADDPStrategy, DFAStrategy, FeedbackEngine
+from lightning_dfa import DFA, DFADDPStrategy, DFAFSDPStrategy, DFAStrategy, FeedbackEngine
 from lightning_dfa.data import DigitsDataModule
 from lightning_dfa.models import MLPClassifier
 
@@ -215,3 +215,20 @@ def test_dfa_attaches_after_configure_model():
     trainer(strategy="dfa", callbacks=[recorder]).fit(LazyMLP(), datamodule=DigitsDataModule())
     assert recorder.dfa.points == ["blocks.0", "blocks.1"]
     assert recorder.grads["blocks.0.0.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("strategy", [DFAStrategy, DFADDPStrategy, DFAFSDPStrategy])
+def test_every_strategy_takes_every_dfa_setting_and_passes_the_rest_to_lightning(strategy):
+    lightning_only = {"DFAStrategy": {}, "DFADDPStrategy": {"find_unused_parameters": True}}
+    extra = lightning_only.get(strategy.__name__, {"sharding_strategy": "NO_SHARD"})
+    made = strategy(backprop_top=1, error_rows=1, embeddings="first_block", **extra)
+    assert made._dfa_settings == {"backprop_top": 1, "error_rows": 1, "embeddings": "first_block"}  # noqa: SLF001
+
+
+def test_dfa_ddp_strategy_trains_with_a_dfa_setting_given_as_keyword():
+    recorder = Recorder()
+    strategy = DFADDPStrategy(backprop_top=1, process_group_backend="gloo")
+    trainer(strategy=strategy, devices=1, callbacks=[recorder], max_steps=1).fit(
+        MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule()
+    )
+    assert recorder.dfa.points == ["blocks.0"] and recorder.dfa.backprop_points == ["blocks.1"]
