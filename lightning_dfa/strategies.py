@@ -278,3 +278,6 @@ def register_strategies() -> None:
     StrategyRegistry.register(
         "dfa_fsdp", DFAFSDPStrategy, description="Direct Feedback Alignment with FSDP", override=True
     )
+
+
+register_strategies()
