@@ -169,7 +169,7 @@ def test_the_quickstart_recipe_runs_end_to_end(tmp_path):
     )
     assert cli.trainer.global_step == 1
     assert type(cli.trainer.strategy.dfa.engine.projector).__name__ == "Gaussian"
-    dfa = cli.trainer.strategy.dfa
+    dfa = cli.trainer.strategy.dfa.engine
     assert dfa.lr_scale == "auto"  # the plugin's default: the recipe sets no learning rate for the blocks
     assert dfa.points_lr_scale == pytest.approx(cli.model.hparams.vocab_size**-0.5)
     assert math.isfinite(float(cli.trainer.callback_metrics["test/ppl"]))

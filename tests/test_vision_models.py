@@ -63,7 +63,7 @@ def test_vit_sizes_that_disagree_with_the_data_are_named(tmp_path, digits):
     with pytest.raises(ValueError, match="image_size=16 but the data has image_size=8"):
         trainer(tmp_path, fast_dev_run=1).fit(ImageClassifier({**VIT, "image_size": 16}), datamodule=digits)
     with pytest.raises(ValueError, match="needs num_labels: give it"):
-        ImageClassifier(VIT).configure_callbacks()
+        ImageClassifier(VIT).configure_model()
 
 
 def test_vit_from_a_local_pretrained_dir(tmp_path):
