@@ -30,7 +30,7 @@ def fit(tmp_path, projector, ledger, batches=6):
         log_every_n_steps=1,
     )
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
-    return trainer, dfa
+    return trainer, dfa.engine
 
 
 def test_ledger_logs_each_step_and_sums_them_for_an_electronic_projector(tmp_path, capsys):

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from lightning_dfa.projectors.base import Projector, check_saved_state
 from lightning_dfa.projectors.camera import Camera
-from lightning_dfa.projectors.checks import check_error, check_nonfinite_mode
+from lightning_dfa.projectors.checks import check_error
 from lightning_dfa.projectors.cost import FRAME_TIME, MAX_INPUT, MAX_OUTPUT, OPU_POWER_W, device_tiles, optical_cost
 from lightning_dfa.projectors.encoding import Frames, check_encoding, encode, encoding_error
 from lightning_dfa.projectors.seeded import round_tile
@@ -74,8 +74,7 @@ class OPU(Projector):
     (False: ideal detector), ``bit_depth`` (8; None: no quantisation; 0 is an error), ``full_well`` electrons,
     ``exposure`` (mean signal / full well), ``shot_noise``, ``read_noise`` (electrons rms); ``anchor_pixels``
     (default ``in_features // 4``); device limits ``max_input``, ``max_output``, ``frame_time``, ``power_w`` and
-    ``allow_tiling``; ``tile`` (memory of the matrix generation) and ``generator`` as in :class:`SeededGaussian`;
-    ``nonfinite`` (``"raise"``).
+    ``allow_tiling``; ``tile`` (memory of the matrix generation) and ``generator`` as in :class:`SeededGaussian`.
 
     After each call :attr:`stats` holds ``rows``, ``vectors`` (rows sent), ``frames``, ``encoding_error``,
     ``saturated``, ``saturated_fraction``, ``dark_pixels`` and ``nonfinite_rows``; :attr:`totals` accumulates counts.
@@ -106,7 +105,6 @@ class OPU(Projector):
         allow_tiling: bool = False,
         tile: int = 512,
         generator: str = DEFAULT_GENERATOR,
-        nonfinite: str = "raise",
     ) -> None:
         super().__init__(in_features, out_features, seed=seed)
         check_encoding(encoding, bits, threshold, threshold_of)
@@ -124,7 +122,6 @@ class OPU(Projector):
         self.allow_tiling = allow_tiling
         self.tiles = self._check_limits()
         self.tile, self.generator = round_tile(tile), generator
-        self.nonfinite = check_nonfinite_mode(nonfinite)
         self.std = 1.0 / math.sqrt(in_features)
         self.calls = 0
         self.stats: dict[str, Any] = {}
@@ -280,7 +277,7 @@ class OPU(Projector):
 
     # -- the projection ------------------------------------------------------------------------------
     def forward(self, error: Tensor) -> Tensor:
-        bad_rows = check_error(type(self).__name__, error, self.in_features, self.nonfinite)
+        bad_rows = check_error(type(self).__name__, error, self.in_features)
         work = torch.float64 if error.dtype == torch.float64 else torch.float32
         clean = error.to(work) if bad_rows is None else error.to(work).masked_fill(bad_rows[:, None], 0.0)
         sent = self._sampled_rows(clean.shape[0], clean.device)
