@@ -40,8 +40,9 @@ def optical_cells(spec: dict, sequence: bool) -> dict[str, dict]:
         "opu analog input": opu(spec, encoding=None),
         "opu no camera": opu(spec, camera=False),
         "opu no noise": opu(spec, shot_noise=False, read_noise=0.0),
-        **{f"opu ternary {t}": opu(spec, threshold=t) for t in (0.25, 1.0)},
-        **{f"opu ternary sign {t}": opu(spec, threshold=t, threshold_of="sign") for t in (0.5, 1.0)},
+        **{f"opu ternary {t}": opu(spec, threshold=t) for t in (0.1, 0.25, 1.0)},
+        **{f"opu ternary sign {t}": opu(spec, threshold=t, threshold_of="sign") for t in (0.25, 0.5, 1.0)},
+        **{f"opu ternary peak {t}": opu(spec, threshold=t, threshold_of="peak") for t in (0.25, 0.5)},
         **{f"opu bitplanes {k}": opu(spec, encoding="bitplanes", bits=k) for k in (1, 2, 4, 8)},
         **{f"opu camera {b} bits": opu(spec, bit_depth=b) for b in (6, 10, 12)},
     }

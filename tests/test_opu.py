@@ -255,3 +255,15 @@ def test_sampled_rows_are_the_same_for_the_same_seed_and_call_and_change_from_ca
 def test_sample_rows_outside_0_1_is_an_error(share):
     with pytest.raises(ValueError, match=r"sample_rows .* must be in \(0, 1\]"):
         OPU(D_E, D_FB, sample_rows=share)
+
+
+def test_peak_threshold_keeps_each_signs_entries_near_its_largest():
+    e = torch.tensor([[0.3, 0.1, -0.9, 0.2, 0.0, -0.3]])
+    frames = ternarize(e, 0.5, threshold_of="peak")  # positives above 0.15, negatives below -0.45
+    assert torch.equal(frames.frames[:, 0], torch.tensor([[1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool))
+    assert torch.allclose(frames.decode(), torch.tensor([[0.25, 0.0, -0.9, 0.25, 0.0, 0.0]]))
+
+
+def test_peak_threshold_of_one_or_more_is_an_error():
+    with pytest.raises(ValueError, match=r"relative to the peak must be in \[0, 1\)"):
+        OPU(8, 16, threshold=1.0, threshold_of="peak")

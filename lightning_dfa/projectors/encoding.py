@@ -12,6 +12,8 @@ softmax minus a one-hot (one large negative entry, many small positive ones) kee
   - ``"row"`` (default): the row's root-mean-square, the same for both signs;
   - ``"sign"``: the root-mean-square of the row's entries of that sign (the nonzero ones), so the small
     part of a lopsided error is thresholded on its own magnitude;
+  - ``"peak"``: the largest magnitude of that sign in the row (``threshold`` in ``[0, 1)``: the peak is always
+    lit), so each part keeps its entries within a factor ``1 / threshold`` of its largest;
   - ``"absolute"``: ``threshold`` itself.
 * ``"bitplanes"``: ``k`` bit planes of the positive and of the negative part, ``2k`` frames: each part's
   ``|e_i|`` is rounded to ``k`` bits of that part's peak, so every entry is within ``peak / (2 (2^k - 1))``.
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 
 ENCODINGS = ("ternary", "bitplanes", None)
-THRESHOLD_REFERENCES = ("row", "sign", "absolute")
+THRESHOLD_REFERENCES = ("row", "sign", "peak", "absolute")
 
 
 @dataclass
@@ -70,6 +72,8 @@ def check_encoding(encoding: str | None, bits: int = 4, threshold: float = 0.5, 
         raise ValueError(f"threshold_of must be one of {THRESHOLD_REFERENCES}, got {threshold_of!r}.")
     if not threshold >= 0:
         raise ValueError(f"threshold must be non-negative, got {threshold}.")
+    if threshold_of == "peak" and not threshold < 1:
+        raise ValueError(f"threshold relative to the peak must be in [0, 1), got {threshold}.")
 
 
 def encode(
@@ -121,6 +125,8 @@ def _threshold(error: Tensor, part: Tensor, threshold: float, threshold_of: str)
         return threshold
     if threshold_of == "row":
         return torch.linalg.vector_norm(error, dim=1, keepdim=True).mul_(threshold / error.shape[1] ** 0.5)
+    if threshold_of == "peak":
+        return part.amax(1, keepdim=True).mul_(threshold)
     count = torch.count_nonzero(part, dim=1).unsqueeze(1).clamp_min(1)
     return torch.linalg.vector_norm(part, dim=1, keepdim=True).div_(count.sqrt()).mul_(threshold)
 
