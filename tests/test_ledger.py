@@ -59,6 +59,14 @@ def test_ledger_uses_the_emulators_own_frames_and_a_timed_electronic_reference(t
     assert total["electronic_time_s"] == pytest.approx(ledger._reference_s_per_vector * 96)
 
 
+def test_ledger_prices_only_the_vectors_an_opu_sends_and_the_electronic_side_for_all_rows(tmp_path):
+    ledger = OpticalLedger(verbose=False)
+    fit(tmp_path, {"class_path": "opu", "init_args": {"sample_rows": 0.25}}, ledger, batches=3)
+    total = ledger.summary()
+    assert total["vectors"] == 3 * 8 and total["frames"] == 3 * 8 * 4  # 8 of 32 rows a step, ternary: 4 frames
+    assert total["electronic_time_s"] == pytest.approx(ledger._reference_s_per_vector * 3 * 32)
+
+
 def test_ledger_without_dfa_says_what_is_missing(tmp_path):
     trainer = pl.Trainer(
         max_steps=1,
