@@ -32,7 +32,7 @@ from torch.utils.data import TensorDataset
 
 import lightning_dfa  # noqa: F401  (registers the strategies)
 from lightning_dfa import DFAStrategy
-from lightning_dfa.data.splits import EpochSampler, ResumableLoader
+from lightning_dfa.data.splits import train_loader
 from lightning_dfa.models import MLPClassifier
 from lightning_dfa.strategies import RNG_KEY, rng_states, set_rng_states
 
@@ -81,8 +81,7 @@ def train(folder: Path, checkpoints: Path, kill_at: int | None = None, ckpt_path
         limit_val_batches=0,
     )
     data = dataset()
-    loader = ResumableLoader(data, batch_size=BATCH, sampler=EpochSampler(data, seed=0))
-    trainer.fit(DropoutMLP(), loader, ckpt_path=ckpt_path)
+    trainer.fit(DropoutMLP(), train_loader(data, batch_size=BATCH, seed=0), ckpt_path=ckpt_path)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_dfa import _compat
 from lightning_dfa.feedback.outputs import any_requires_grad, detach_inputs, first_tensor, replace_first
 from lightning_dfa.feedback.points import auto_output, embedding_points, resolve_module, resolve_points
 from lightning_dfa.feedback.router import FeedbackRouter, in_backward
@@ -455,7 +456,7 @@ class FeedbackEngine:
 
     def _other_grad(self, owner: str) -> Callable[[Tensor], None]:
         def hook(param: Tensor) -> None:
-            task = torch._C._current_graph_task_id()
+            task = _compat.current_graph_task_id()
             if not self._routers_pending or task == self._router_task:
                 return
             if not self._loss_used:  # decide at the end of this backward pass: the router may still run
@@ -592,7 +593,7 @@ class FeedbackEngine:
 
     def _router_ran(self) -> None:
         self._routers_pending = max(self._routers_pending - 1, 0)
-        self._router_task = torch._C._current_graph_task_id()
+        self._router_task = _compat.current_graph_task_id()
 
     def _nonfinite_error(self, points: int) -> list[Tensor | None]:
         """What a NaN or inf error does: raise here; the Lightning ``DFA`` records it and gives no feedback."""
@@ -691,7 +692,7 @@ def _swap_copies(value: Any, handed: dict[int, tuple[Tensor, Tensor]]) -> Any:
 def attached_engine(model: nn.Module) -> FeedbackEngine | None:
     """The engine whose hooks are on ``model``, if any."""
     for module in model.modules():
-        for hook in module._forward_hooks.values():
+        for hook in _compat.forward_hooks(module):
             if isinstance(hook, _Hook) and isinstance(hook.engine, FeedbackEngine):
                 return hook.engine
     return None
@@ -713,8 +714,7 @@ def reentrant(module: nn.Module) -> bool:
     """Whether a HuggingFace layer checkpoints its ``forward`` with reentrant checkpointing."""
     if not (getattr(module, "gradient_checkpointing", False) and module.training):
         return False
-    options = getattr(getattr(module, "_gradient_checkpointing_func", None), "keywords", {})
-    return options.get("use_reentrant", True)
+    return _compat.hf_reentrant_checkpointing(module)
 
 
 def _all_finite(rows: Tensor) -> bool:
