@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_dfa import _compat
 from lightning_dfa.optim import param_groups
 
 #: Sizes the model takes from the datamodule when they are not given: ViTConfig key -> datamodule reading.
@@ -143,7 +144,7 @@ def local_checkpoint(path: str) -> str:
 
 def data_sizes(module: pl.LightningModule) -> dict[str, int] | None:
     """The datamodule's ``{"classes", "channels", "image_size"}``, or ``None`` without one that tells them."""
-    trainer = getattr(module, "_trainer", None)
+    trainer = _compat.attached_trainer(module)
     datamodule = getattr(trainer, "datamodule", None)
     if datamodule is None or not hasattr(datamodule, "image_shape"):
         return None

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
+import pydoc
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -150,17 +150,15 @@ def _check_matrix(matrix: Tensor) -> None:
 
 
 def _factory(name: str) -> Callable[..., nn.Module]:
-    if name in PROJECTORS:
-        return PROJECTORS[name]
+    """The factory of a registered name, or the class of a dotted path (imported by ``pydoc.locate``)."""
+    factory = PROJECTORS.get(name) or ("." in name and pydoc.locate(name))
+    if callable(factory):
+        return factory
     if "." in name:
-        module_name, _, attr = name.rpartition(".")
-        try:
-            return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(
-                f"Cannot import projector class_path {name!r} ({err}): give a registered name ({sorted(PROJECTORS)}) "
-                "or the full dotted path of an importable class, e.g. 'lightning_dfa.projectors.SeededGaussian'."
-            ) from err
+        raise ValueError(
+            f"Cannot import projector class_path {name!r}: give a registered name ({sorted(PROJECTORS)}) or the "
+            "full dotted path of an importable class, e.g. 'lightning_dfa.projectors.SeededGaussian'."
+        )
     close = difflib.get_close_matches(name, list(PROJECTORS), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(
