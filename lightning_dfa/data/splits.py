@@ -15,7 +15,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from sklearn.model_selection import train_test_split
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
@@ -92,3 +94,36 @@ class SplitDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_split)
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Refuse split fractions outside (0, 1) or summing to 1 or more."""
+    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"val_fraction and test_fraction must be in (0, 1) with a sum below 1, got {val_fraction} and "
+            f"{test_fraction}."
+        )
+
+
+def tensor_splits(
+    x: Tensor, y: Tensor, val_fraction: float, test_fraction: float, seed: int, index: Tensor | None = None
+) -> dict[str, TensorDataset]:
+    """``{"train", "val", "test"}`` datasets of ``x[index], y[index]`` (default: all), split deterministically and
+    stratified by label when every class allows it.
+
+    Example::
+
+        splits = tensor_splits(x, y, val_fraction=0.1, test_fraction=0.2, seed=0)   # 70% / 10% / 20%
+    """
+    index = torch.arange(len(y)) if index is None else index
+    rest, test = _split(index, y[index], test_fraction, seed)
+    train, val = _split(rest, y[rest], val_fraction / (1 - test_fraction), seed)
+    return {name: TensorDataset(x[idx], y[idx]) for name, idx in (("train", train), ("val", val), ("test", test))}
+
+
+def _split(index: Tensor, labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    try:
+        a, b = train_test_split(index, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError:  # a class too small to appear in both parts: a plain (still seeded) split
+        a, b = train_test_split(index, test_size=fraction, random_state=seed)
+    return torch.as_tensor(a), torch.as_tensor(b)
