@@ -226,20 +226,12 @@ class MarkModelErrors(Callback):
     errors: :func:`main` prints their message alone.
     """
 
-    def __init__(self) -> None:
-        self.model_ran = False
+    model_ran = False
 
-    def on_train_batch_start(self, *args: Any) -> None:
+    def _ran(self, *args: Any) -> None:
         self.model_ran = True
 
-    def on_validation_batch_start(self, *args: Any) -> None:
-        self.model_ran = True
-
-    def on_test_batch_start(self, *args: Any) -> None:
-        self.model_ran = True
-
-    def on_predict_batch_start(self, *args: Any) -> None:
-        self.model_ran = True
+    on_train_batch_start = on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _ran
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.model_ran:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import quiet_args
 
 from lightning_dfa.cli import DEBUG_ENV, main, recipe_names, resolve_recipe, run
 from lightning_dfa.models import MLPClassifier
 from lightning_dfa.runs import latest_run, run_files
 
-QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-DIGITS = ["fit", "--config", "digits-mlp", *QUIET]
+DIGITS = ["fit", "--config", "digits-mlp", *quiet_args()]
 
 
 def test_recipes_are_listed_with_their_first_line(capsys):
@@ -59,7 +59,7 @@ def test_fit_one_batch_from_the_command_line(tmp_path):
             "digits-mlp",
             "--trainer.fast_dev_run=true",
             f"--trainer.default_root_dir={tmp_path}",
-            *QUIET,
+            *quiet_args(),
         ]
     )
     assert cli.trainer.global_step == 1
@@ -75,7 +75,7 @@ def test_one_override_switches_the_recipe_to_backprop(tmp_path):
             "--trainer.fast_dev_run=true",
             "--trainer.strategy.mode=backprop",
             f"--trainer.default_root_dir={tmp_path}",
-            *QUIET,
+            *quiet_args(),
         ]
     )
     assert cli.trainer.strategy.dfa.mode == "backprop"
@@ -89,7 +89,7 @@ def run_quick_start(mode, tmp_path):
             "digits-mlp",
             f"--trainer.strategy.mode={mode}",
             f"--trainer.default_root_dir={tmp_path}",
-            *QUIET,
+            *quiet_args(),
         ]
     )
     return float(cli.trainer.callback_metrics["test/acc"])
@@ -172,7 +172,7 @@ def test_unknown_baseline_mode_is_an_error(tmp_path):
                 "--baselines=[bp]",
                 "--trainer.fast_dev_run=true",
                 f"--trainer.default_root_dir={tmp_path}",
-                *QUIET,
+                *quiet_args(),
             ]
         )
 
@@ -252,7 +252,7 @@ def test_projector_settings_from_the_command_line_reach_the_projector(tmp_path):
             "--trainer.fast_dev_run=true",
             f"--trainer.strategy.projector={projector}",
             f"--trainer.default_root_dir={tmp_path}",
-            *QUIET,
+            *quiet_args(),
         ]
     )
     opu = cli.trainer.strategy.dfa.projector
@@ -268,7 +268,7 @@ def test_a_projector_by_name_from_the_command_line(tmp_path):
             "--trainer.fast_dev_run=true",
             "--trainer.strategy.projector=structured",
             f"--trainer.default_root_dir={tmp_path}",
-            *QUIET,
+            *quiet_args(),
         ]
     )
     assert type(cli.trainer.strategy.dfa.projector).__name__ == "Structured"

@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from resuming import KillAt, StepLog, in_child, losses
 from torch.utils.data import DistributedSampler, TensorDataset
@@ -42,15 +43,12 @@ def train(
     callbacks = [StepLog(folder), ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=EVERY, save_last=True)]
     if kill_at is not None:
         callbacks.insert(1, KillAt(kill_at))
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         strategy="dfa",
-        accelerator="cpu",
         max_epochs=EPOCHS,
         deterministic=True,
         callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         num_sanity_val_steps=0,
     )
     model = MLPClassifier(hidden=32, depth=2)

@@ -20,13 +20,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import TinyMLP, tiny_gpt2
+from conftest import TinyMLP, quiet_trainer, tiny_gpt2
 from forking import WORLD, free_port, torchrun_env
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_dfa  # noqa: F401  (registers the strategies)
-from lightning_dfa import DFADDPStrategy, DFAFSDPStrategy
+from lightning_dfa import DFA, DFADDPStrategy, DFAFSDPStrategy
 from lightning_dfa.feedback import FeedbackEngine
 from lightning_dfa.models import MLPClassifier
 from lightning_dfa.strategies import outer_points
@@ -70,16 +71,7 @@ def _one_thread(rank: int, worker: Callable[..., None], *args: Any) -> None:
 
 
 def trainer(**kwargs: Any) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=WORLD,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(**{**options, **kwargs})
+    return quiet_trainer(**{"devices": WORLD, "max_steps": 1, **kwargs})
 
 
 def loader() -> DataLoader:
@@ -98,8 +90,13 @@ def assert_same_grads(got: dict[str, Tensor | None], want: dict[str, Tensor | No
 
 
 # ---------------------------------------------------------------------------------------------- strategy "dfa_fsdp"
-def test_dfa_fsdp_is_registered_by_name():
-    assert isinstance(trainer(strategy="dfa_fsdp").strategy, DFAFSDPStrategy)
+def test_dfa_fsdp_by_name_is_lightnings_fsdp_and_puts_its_dfa_first_when_a_model_connects():
+    fit = trainer(strategy="dfa_fsdp")
+    assert isinstance(fit.strategy, DFAFSDPStrategy) and isinstance(fit.strategy, FSDPStrategy)
+    model = MLPClassifier(in_features=5, hidden=7, depth=2, num_classes=3)
+    model.trainer = fit
+    fit.strategy.connect(model)  # what fit() does first, here without a process group
+    assert isinstance(fit.callbacks[0], DFA) and fit.callbacks[0] is fit.strategy.dfa
 
 
 def test_dfa_fsdp_passes_its_fsdp_arguments_to_lightning():

@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from resuming import KillAt, StepLog, in_child, losses
 from torch import Tensor, nn
@@ -69,15 +70,12 @@ def train(folder: Path, checkpoints: Path, kill_at: int | None = None, ckpt_path
     callbacks = [StepLog(folder), ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=EVERY, save_last=True)]
     if kill_at is not None:
         callbacks.insert(1, KillAt(kill_at))
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         strategy=DFAStrategy(projector="opu", seed=0),
-        accelerator="cpu",
         max_epochs=EPOCHS,
         deterministic=True,
         callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         limit_val_batches=0,
     )
     data = dataset()

@@ -48,11 +48,9 @@ def build_projector(spec: ProjectorSpec, in_features: int, out_features: int, se
         300
     """
     spec = check_projector_spec(spec)
-    if isinstance(spec, str):
-        projector = _factory(spec)(in_features, out_features, seed=seed)
-    elif isinstance(spec, Mapping):
-        factory = _factory(spec["class_path"])
-        projector = factory(in_features, out_features, seed=seed, **_settings(spec))
+    if isinstance(spec, str | Mapping):
+        config = {"class_path": spec} if isinstance(spec, str) else spec
+        projector = _factory(config["class_path"])(in_features, out_features, seed=seed, **_settings(config))
     elif isinstance(spec, Tensor):
         projector = Matrix(spec)
     elif isinstance(spec, nn.Module):
