@@ -152,6 +152,7 @@ def test_gpu_recipes_build_at_full_size_on_the_meta_device(recipe, low, high):
     assert low < sum(p.numel() for p in params) < high
 
 
+@pytest.mark.slow
 def test_the_quickstart_recipe_runs_end_to_end(tmp_path):
     cli = run(
         [

@@ -69,6 +69,7 @@ def runs(request, tmp_path_factory) -> dict[str, Any]:
     return {"root": root, "exit": (reference, killed, resumed), "last": last}
 
 
+@pytest.mark.slow
 def test_the_recipe_run_was_killed_after_a_mid_epoch_checkpoint(runs):
     assert runs["exit"] == (0, -signal.SIGKILL, 0)
     assert runs["last"]["global_step"] == KILL_AT // EVERY * EVERY
@@ -77,12 +78,14 @@ def test_the_recipe_run_was_killed_after_a_mid_epoch_checkpoint(runs):
     assert main["_sampler_iter_state"]["sampler_state"] == {"epoch": 1, "yielded": 2 * BATCH}
 
 
+@pytest.mark.slow
 def test_the_resumed_recipe_run_reproduces_the_per_step_losses_bitwise(runs):
     reference, resumed = losses(runs["root"] / "reference"), losses(runs["root"] / "resumed")
     assert sorted(resumed) == list(range(runs["last"]["global_step"] + 1, EPOCHS * 10 + 1))
     assert resumed == {step: reference[step] for step in resumed}
 
 
+@pytest.mark.slow
 def test_the_resumed_recipe_run_ends_with_the_same_weights(runs):
     reference = torch.load(runs["root"] / "reference" / "weights.pt")
     resumed = torch.load(runs["root"] / "resumed" / "weights.pt")

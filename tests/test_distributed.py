@@ -174,6 +174,7 @@ def dfa_fsdp_ranks(tmp_path_factory) -> list[dict[str, Any]]:
     return [torch.load(folder / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
+@pytest.mark.slow
 def test_dfa_fsdp_builds_its_dfa_from_its_arguments_and_configure_dfa(dfa_fsdp_ranks):
     settings, points = dfa_fsdp_ranks[0]["settings"], dfa_fsdp_ranks[0]["points"]
     assert (settings["seed"], settings["nonfinite"], settings["check_finite"]) == (3, "skip", False)
@@ -181,17 +182,20 @@ def test_dfa_fsdp_builds_its_dfa_from_its_arguments_and_configure_dfa(dfa_fsdp_r
     assert points == ["blocks.0", "blocks.1"], "points named as in the unwrapped module"
 
 
+@pytest.mark.slow
 def test_dfa_fsdp_gives_every_rank_the_same_projection(dfa_fsdp_ranks):
     first, second = (rank["projection"] for rank in dfa_fsdp_ranks)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_dfa_fsdp_gradients_equal_a_single_process_on_the_global_batch(dfa_fsdp_ranks):
     want = single_process_grads(classifier(), seed=3)
     for rank in dfa_fsdp_ranks:
         assert_same_grads(rank["grads"], want)
 
 
+@pytest.mark.slow
 def test_dfa_fsdp_steps_the_points_at_lr_scale_as_one_process_with_an_explicit_group(dfa_fsdp_ranks):
     model = classifier()
     x, y = global_batch()
@@ -233,6 +237,7 @@ def _gpt2_fsdp_rank(rank: int, port: int, folder: str) -> None:
     trainer(strategy=strategy, callbacks=[FSDPDump(folder)]).fit(TinyLM(), loader)
 
 
+@pytest.mark.slow
 def test_dfa_fsdp_puts_auto_blocks_at_their_fsdp_units_and_gives_single_process_gradients(tmp_path):
     fork_ranks(_gpt2_fsdp_rank, str(tmp_path))
     gpt2 = tiny_gpt2()
@@ -253,6 +258,7 @@ def _fit_then_test_rank(rank: int, port: int, folder: str) -> None:
     torch.save(run.test(model, loader(), verbose=False)[0], Path(folder) / f"test{rank}.pt")
 
 
+@pytest.mark.slow
 def test_dfa_fsdp_tests_after_fit_with_the_trained_weights(tmp_path):
     fork_ranks(_fit_then_test_rank, str(tmp_path))
     model = classifier()
@@ -281,6 +287,7 @@ class DDPDump(pl.Callback):
             torch.save({name: p.grad.clone() for name, p in pl_module.named_parameters()}, self.path)
 
 
+@pytest.mark.slow
 def test_dfa_ddp_gradients_equal_a_single_process_on_the_global_batch(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     path = str(tmp_path / "rank0.pt")
@@ -308,6 +315,7 @@ def _fully_shard_rank(rank: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fully_shard_gradients_equal_a_single_process_on_the_global_batch(tmp_path):
     fork_ranks(_fully_shard_rank, str(tmp_path))
     torch.manual_seed(0)

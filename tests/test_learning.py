@@ -11,12 +11,15 @@ from __future__ import annotations
 import copy
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import fit_digits
 
 from lightning_dfa import DFA, DFAStrategy
 from lightning_dfa.models import MLPClassifier
+
+pytestmark = pytest.mark.slow  # trains or forks processes: seconds to minutes each
 
 
 def test_frozen_control_leaves_the_blocks_bit_identical_after_training():

@@ -133,6 +133,7 @@ class RankDump(pl.Callback):
                 pickle.dump(state, file)
 
 
+@pytest.mark.slow
 def test_ddp_spawn_gives_every_rank_the_same_projection_and_gradients(tmp_path):
     run = trainer(strategy="dfa_ddp_spawn", devices=2, callbacks=[RankDump(str(tmp_path))], max_steps=2)
     run.fit(MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule(batch_size=16))

@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dfa.runs import latest_run
 
+pytestmark = pytest.mark.slow  # trains or forks processes: seconds to minutes each
+
 DEADLINE_S = 150
 
 

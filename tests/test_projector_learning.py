@@ -18,6 +18,8 @@ from lightning_dfa import DFA
 from lightning_dfa.data import DigitsDataModule
 from lightning_dfa.models import MLPClassifier
 
+pytestmark = pytest.mark.slow  # trains or forks processes: seconds to minutes each
+
 EPOCHS = 8
 RESULTS: dict[str, float] = {}
 

@@ -223,6 +223,7 @@ for p in (SeededGaussian(130, 700, seed=11), Structured(130, 700, seed=11), OPU(
 """
 
 
+@pytest.mark.slow
 def test_two_processes_compute_the_same_projections():
     runs = [subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, check=True) for _ in "ab"]
     assert runs[0].stdout == runs[1].stdout and runs[0].stdout.count("\n") == 3

@@ -94,12 +94,14 @@ def runs(tmp_path_factory) -> dict[str, Any]:
     return {"root": root, "exit": (reference, killed, resumed), "last": last}
 
 
+@pytest.mark.slow
 def test_the_killed_run_died_by_sigkill_after_a_mid_epoch_checkpoint(runs):
     assert runs["exit"] == (0, -signal.SIGKILL, 0)
     assert runs["last"]["global_step"] == KILL_AT // EVERY * EVERY
     assert runs["last"]["global_step"] % (SAMPLES // BATCH) != 0, "the checkpoint is in the middle of an epoch"
 
 
+@pytest.mark.slow
 def test_resumed_run_reproduces_the_per_step_losses_bitwise(runs):
     reference, resumed = losses(runs["root"] / "reference"), losses(runs["root"] / "resumed")
     first = runs["last"]["global_step"] + 1
@@ -107,6 +109,7 @@ def test_resumed_run_reproduces_the_per_step_losses_bitwise(runs):
     assert resumed == {step: reference[step] for step in resumed}
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_same_weights(runs):
     reference = torch.load(runs["root"] / "reference" / "weights.pt")
     resumed = torch.load(runs["root"] / "resumed" / "weights.pt")
@@ -115,12 +118,14 @@ def test_resumed_run_ends_with_the_same_weights(runs):
         assert torch.equal(resumed[name], weight), name
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_the_feedback_state(runs):
     feedback = runs["last"]["callbacks"]["lightning_dfa.DFA"]
     assert feedback["seed"] == 0 and set(feedback["layout"]) == {"blocks.0", "blocks.1"}
     assert feedback["projector"]["_extra_state"]["calls"] == runs["last"]["global_step"]
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_same_feedback_state(runs):
     reference = torch.load(runs["root"] / "reference" / "feedback.pt", weights_only=False)
     resumed = torch.load(runs["root"] / "resumed" / "feedback.pt", weights_only=False)
@@ -128,6 +133,7 @@ def test_resumed_run_ends_with_the_same_feedback_state(runs):
     assert resumed["projector"]["_extra_state"] == reference["projector"]["_extra_state"]
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_the_global_random_states(runs):
     assert set(runs["last"][RNG_KEY]) == {"torch", "cuda", "numpy", "python"}
 
