@@ -2,8 +2,9 @@
 
 None of these has a public equivalent in the supported versions (torch, Lightning, jsonargparse, wandb,
 transformers); each is pinned by a test in ``tests/test_compat.py``, so an upgrade that changes one
-breaks there, visibly, rather than deep inside a run. Only torch is imported here: the feedback engine,
-which must not import Lightning, uses this module too.
+breaks there, visibly, rather than deep inside a run. ``DFAFSDPStrategy`` also overrides Lightning's
+``FSDPStrategy._setup_model`` (its only hook for wrapping the model), pinned there too. Only torch is
+imported here: the feedback engine, which must not import Lightning, uses this module too.
 
 Example::
 
@@ -27,6 +28,15 @@ from torch import nn
 def current_graph_task_id() -> int:
     """The id of the backward pass that autograd runs in this thread; -1 outside one (torch's own modules use it)."""
     return torch._C._current_graph_task_id()
+
+
+def queue_backward_callback(callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the backward pass now running ends (torch's FSDP does it the same way)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+#: Attributes under which torch's FSDP (1) and activation-checkpoint wrappers keep the module they wrap.
+WRAPPED_MODULE_ATTRIBUTES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 def forward_hooks(module: nn.Module) -> list[Callable[..., Any]]:

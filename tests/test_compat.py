@@ -26,6 +26,28 @@ def test_the_graph_task_id_is_minus_one_outside_backward_and_another_inside():
     assert _compat.current_graph_task_id() == -1 and seen and seen[0] != -1
 
 
+def test_a_queued_backward_callback_runs_once_the_backward_pass_ends():
+    order = []
+
+    def hook(grad):
+        _compat.queue_backward_callback(lambda: order.append("callback"))
+        order.append("hook")
+
+    x = torch.ones(2, requires_grad=True)
+    x.register_hook(hook)
+    (x * 2).sum().backward()
+    assert order == ["hook", "callback"]
+
+
+def test_fsdp_and_checkpoint_wrappers_keep_their_module_under_the_known_attributes():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE
+
+    layer = nn.Linear(2, 2)
+    assert getattr(checkpoint_wrapper(layer), _compat.WRAPPED_MODULE_ATTRIBUTES[1]) is layer
+    assert FSDP_WRAPPED_MODULE == _compat.WRAPPED_MODULE_ATTRIBUTES[0]
+
+
 def test_forward_hooks_lists_the_hooks_registered_on_a_module():
     def hook(*args):
         return None

@@ -461,7 +461,7 @@ class FeedbackEngine:
                 return
             if not self._loss_used:  # decide at the end of this backward pass: the router may still run
                 self._unrouted_task = task
-                torch.autograd.Variable._execution_engine.queue_callback(self._check_error_used)
+                _compat.queue_backward_callback(self._check_error_used)
             if owner not in self._loss_used:
                 self._loss_used.append(owner)
 
