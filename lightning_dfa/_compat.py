@@ -74,6 +74,11 @@ def launcher_spawns(trainer: Any) -> bool:
     return getattr(getattr(trainer.strategy, "launcher", None), "_start_method", None) in ("spawn", "forkserver")
 
 
+def subcommand_parsers(cli: Any) -> dict[str, Any]:
+    """A ``LightningCLI``'s parser of each subcommand (``{"fit": parser, ...}``; empty before they are made)."""
+    return getattr(cli, "_subcommand_parsers", {})
+
+
 @contextmanager
 def logging_muted(module: Any) -> Iterator[None]:
     """Within it, ``module.log`` and ``module.log_dict`` do nothing (Lightning has no switch for that)."""

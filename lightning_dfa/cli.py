@@ -116,7 +116,7 @@ class DFACLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse as LightningCLI does; an unknown option's error also names the closest valid ones."""
         subcommand = next((a for a in args or [] if isinstance(a, str) and not a.startswith("-")), None)
-        parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
+        parsers = [parser, *_compat.subcommand_parsers(self).values()]
         for each in parsers:
             each.exit_on_error = False
         try:
@@ -124,7 +124,7 @@ class DFACLI(LightningCLI):
             # passes its own sys.argv on purpose (recipe names resolved), and its baselines add options to it.
             self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
         except ArgumentError as err:
-            sub_parser = getattr(self, "_subcommand_parsers", {}).get(subcommand, parser)
+            sub_parser = _compat.subcommand_parsers(self).get(subcommand, parser)
             hint = option_hint(str(err), sub_parser)
             command = f"lightning-dfa {subcommand} --help" if subcommand else "lightning-dfa --help"
             # An unknown option: the hint says it in one line; jsonargparse's account of it only with DEBUG_ENV.

@@ -83,6 +83,21 @@ def test_launcher_spawns_reads_the_start_method_of_the_launcher(strategy, spawns
     assert _compat.launcher_spawns(trainer) is spawns
 
 
+def test_subcommand_parsers_are_the_lightning_cli_parser_of_each_subcommand():
+    from lightning.pytorch.cli import LightningCLI
+
+    seen = {}
+
+    class Probe(LightningCLI):
+        def parse_arguments(self, parser, args):  # the parsers exist by now; stop before anything runs
+            seen.update(_compat.subcommand_parsers(self))
+            raise SystemExit(0)
+
+    with pytest.raises(SystemExit):
+        Probe(pl.LightningModule, args=["fit"])
+    assert {"fit", "validate", "test"} <= set(seen) and all(isinstance(p, ArgumentParser) for p in seen.values())
+
+
 def test_lightnings_fsdp_setup_still_calls_the_setup_model_hook_dfa_fsdp_overrides():
     assert "self._setup_model(" in inspect.getsource(FSDPStrategy.setup)
 
