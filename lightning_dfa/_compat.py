@@ -46,10 +46,7 @@ def forward_hooks(module: nn.Module) -> list[Callable[..., Any]]:
 
 # --------------------------------------------------------------------------------------------------- transformers
 def hf_reentrant_checkpointing(module: nn.Module) -> bool:
-    """Whether a HuggingFace layer with gradient checkpointing on checkpoints reentrantly (HF's default).
-
-    HF keeps the ``use_reentrant`` it was given only in the partial it stores as ``_gradient_checkpointing_func``.
-    """
+    """Whether a HuggingFace layer with gradient checkpointing on checkpoints reentrantly (HF's default)."""
     options = getattr(getattr(module, "_gradient_checkpointing_func", None), "keywords", {})
     return options.get("use_reentrant", True)
 
@@ -90,10 +87,8 @@ def logging_muted(module: Any) -> Iterator[None]:
 
 
 def wrap_methods(obj: Any, names: Iterable[str], wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]]) -> None:
-    """Replace each method ``name`` of this one object (not its class) by ``wrap(name, method)``.
-
-    Lightning's loggers have no hook for a failing call: :mod:`lightning_dfa.loggers` guards them this way.
-    """
+    """Replace each method ``name`` of this one object (not its class) by ``wrap(name, method)``: Lightning's
+    loggers have no hook for a failing call, so :mod:`lightning_dfa.loggers` guards them this way."""
     for name in names:
         method = getattr(obj, name, None)
         if callable(method):
@@ -107,10 +102,8 @@ def wandb_started(logger: Any) -> bool:
 
 
 def drop_unset_anonymous(logger: Any) -> None:
-    """Leave ``anonymous`` out of the ``wandb.init`` arguments of a Lightning ``WandbLogger`` when it is None.
-
-    Lightning always passes it, and wandb 0.23+ warns "The anonymous setting has no effect" whenever it is given.
-    """
+    """Leave ``anonymous`` out of a Lightning ``WandbLogger``'s ``wandb.init`` arguments when it is None: Lightning
+    always passes it, and wandb 0.23+ warns "The anonymous setting has no effect" whenever it is given."""
     if logger._wandb_init.get("anonymous", "unset") is None:
         del logger._wandb_init["anonymous"]
 
@@ -122,11 +115,8 @@ def parser_dests(parser: Any) -> list[str]:
 
 
 def unknown_option(message: str) -> tuple[str | None, str] | None:
-    """The unknown option a jsonargparse error message names (jsonargparse raises it as text alone).
-
-    ``(class_path, key)`` when a class's ``init_args`` reject ``key``; ``(None, "group.key")`` for a parser
-    group; None for any other error.
-    """
+    """The unknown option a jsonargparse error names (as text alone): ``(class_path, key)`` when a class's
+    ``init_args`` reject ``key``, ``(None, "group.key")`` for a parser group, None for any other error."""
     if found := re.search(r"class_path '([\w.]+)':\s*Option '([\w.]+)' is not accepted", message):
         return found[1], found[2]
     if found := re.search(r"(?:Group '([\w.]+)' )?does not accept option '([\w.]+)'", message):
