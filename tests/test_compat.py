@@ -60,7 +60,10 @@ def test_forward_hooks_lists_the_hooks_registered_on_a_module():
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_hf_reentrant_checkpointing_reads_the_use_reentrant_hf_was_given(reentrant):
     lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers 5.24+ (the older name is deprecated)
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     assert _compat.hf_reentrant_checkpointing(lm.transformer.h[0]) is reentrant
 
 
