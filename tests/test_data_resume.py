@@ -148,3 +148,9 @@ def test_the_train_loader_gives_each_rank_the_share_of_lightnings_distributed_sa
     assert (sampler.num_replicas, sampler.rank) == (2, 0)
     lightning = DistributedSampler(dm.splits["train"], num_replicas=2, rank=0, shuffle=True, seed=sampler.seed)
     assert list(sampler) == list(lightning)
+
+
+def test_lightning_can_rebuild_the_train_loader_as_overfit_batches_does():
+    trainer = quiet_trainer(strategy="dfa", overfit_batches=2, max_epochs=2)
+    trainer.fit(MLPClassifier(hidden=8, depth=1), datamodule=DigitsDataModule())
+    assert trainer.global_step == 4 and isinstance(trainer.train_dataloader, StatefulDataLoader)

@@ -59,7 +59,9 @@ def train_loader(
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, which torch 2.10+ deprecates
         warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
         generator = torch.Generator().manual_seed(seed)
-        return StatefulDataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers, generator=generator)
+        return StatefulDataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, generator=generator
+        )
 
 
 class SplitDataModule(pl.LightningDataModule):
