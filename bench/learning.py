@@ -143,7 +143,9 @@ def run(recipe: str, name: str, seed: int, root: Path) -> dict:
     else:
         folder = latest_run(run_dir)  # the command's version_N folder under its root
         summary = json.loads((folder / "summary.json").read_text())
-        base.update(dir=str(folder), metrics=summary["runs"][0]["metrics"], references=summary["references"])
+        first = summary["runs"][0]
+        base.update(dir=str(folder), metrics=first["metrics"], references=summary["references"])
+        base["ledger"] = first.get("ledger")
         print(f"{recipe:<12} {name:<26} seed {seed}: {base['metrics']} ({base['wall_s']} s)", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(base, indent=1))

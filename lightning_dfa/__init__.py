@@ -4,13 +4,55 @@ Example::
 
     import lightning_dfa  # registers the "dfa", "dfa_ddp", "dfa_ddp_spawn" and "dfa_fsdp" strategies
     trainer = lightning.Trainer(strategy="dfa")
+
+Importing the package does not import Lightning: the names below load on first use, and the strategies
+are registered as soon as Lightning is imported (now, if it already is), so ``lightning_dfa.feedback``
+stays usable from plain PyTorch at the cost of PyTorch alone.
 """
 
-from lightning_dfa.callback import DFA
-from lightning_dfa.feedback import FeedbackEngine
-from lightning_dfa.strategies import DFADDPStrategy, DFAFSDPStrategy, DFAStrategy, register_strategies
+import importlib.abc
+import importlib.util
+import sys
+from importlib import import_module
+from typing import Any
 
-register_strategies()
-
+_EXPORTS = {
+    "DFA": "lightning_dfa.callback",
+    "DFAConfig": "lightning_dfa.feedback",
+    "FeedbackEngine": "lightning_dfa.feedback",
+    "DFAStrategy": "lightning_dfa.strategies",
+    "DFADDPStrategy": "lightning_dfa.strategies",
+    "DFAFSDPStrategy": "lightning_dfa.strategies",
+}
 __version__ = "0.1.0"
-__all__ = ["DFA", "DFADDPStrategy", "DFAFSDPStrategy", "DFAStrategy", "FeedbackEngine", "__version__"]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_dfa' has no attribute {name!r}")
+
+
+class _RegisterWithLightning(importlib.abc.MetaPathFinder):
+    """Imports :mod:`lightning_dfa.strategies` (which registers them) right after ``lightning.pytorch`` loads."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "lightning.pytorch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            load(module)
+            import_module("lightning_dfa.strategies")
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if "lightning.pytorch" in sys.modules:
+    import_module("lightning_dfa.strategies")
+else:
+    sys.meta_path.insert(0, _RegisterWithLightning())

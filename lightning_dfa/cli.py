@@ -41,16 +41,13 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_dfa import _compat
 from lightning_dfa.callbacks.history import plot_history, write_or_warn
-from lightning_dfa.feedback import MODES, FeedbackEngine
+from lightning_dfa.feedback import MODES
 from lightning_dfa.loggers import guard_loggers
 from lightning_dfa.projectors.registry import PROJECTORS
 from lightning_dfa.runs import LATEST, new_version, run_files
 from lightning_dfa.summary import RunResult, summary_table
 
 RECIPES = resources.files("lightning_dfa") / "recipes"
-
-#: The engine's settings (``error_rows``, ``feedback_scale``, ...): in a strategy's YAML they go in ``dfa_kwargs``.
-DFA_SETTINGS = tuple(FeedbackEngine().settings())
 
 #: Set (to anything) to see the traceback of a configuration error.
 DEBUG_ENV = "LIGHTNING_DFA_DEBUG"
@@ -300,11 +297,6 @@ def option_hint(message: str, parser: Any) -> str:
         where, key = _split_key(key, dests)
         options = _children(where, dests)
         where = where or "the config"
-    if "dfa_kwargs" in options and key in DFA_SETTINGS:  # a DFA setting the strategy does not name
-        return (
-            f"hint: {key!r} is a DFA setting that {where} does not name: give it under dfa_kwargs, e.g. "
-            f"init_args: {{dfa_kwargs: {{{key}: ...}}}}, or return it from the model's configure_dfa().\n"
-        )
     close = difflib.get_close_matches(key, options, n=3)
     guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     listed = f" Its options: {options}." if options and len(options) <= 40 else ""

@@ -1,11 +1,10 @@
 """``DFAStrategy`` and its DDP and FSDP siblings: thin Lightning strategies that train with a ``DFA`` callback.
 
-Where the feedback points come from, in order: the strategy's own arguments; else the
-LightningModule's ``configure_dfa()`` hook (a ``DFA`` or a dict of its arguments), with any
-argument given to the strategy overriding it; else ``blocks="auto"``. The strategies name the ``DFA``
-arguments most often set from a config (``blocks``, ``output``, ``projector``, ``seed``, ``mode``,
-``lr_scale``, ``nonfinite``, ``nonfinite_patience``); the others go in ``dfa_kwargs`` (in YAML too:
-``init_args: {dfa_kwargs: {error_rows: 2}}``; ``DFAStrategy`` also takes them as keywords).
+Each takes every DFA setting (:class:`~lightning_dfa.feedback.DFAConfig`) as a keyword argument and passes
+the rest to the Lightning strategy it extends: ``DFADDPStrategy(backprop_top=1, find_unused_parameters=True)``.
+Where the settings come from, in order: the strategy's own arguments; else the LightningModule's
+``configure_dfa()`` hook (a ``DFAConfig`` or a dict of settings), with any setting given to the strategy
+overriding it; else the defaults (``blocks="auto"``).
 
 The strategies also keep the global random states (torch, CUDA, numpy, Python) in their checkpoints
 and restore them when training resumes, so dropout and anything else drawn from them continue as if
@@ -14,8 +13,11 @@ the run had never stopped (Lightning itself does not save them).
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import random
 from collections.abc import Sequence
+from types import FunctionType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,7 +28,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from lightning_dfa import _compat
-from lightning_dfa.callback import DFA, as_dfa
+from lightning_dfa.callback import DFA
+from lightning_dfa.feedback import DFAConfig
+from lightning_dfa.feedback.config import split_settings, with_settings_signature
 from lightning_dfa.feedback.points import resolve_points
 
 #: Checkpoint key of the global random states saved by the DFA strategies.
@@ -61,14 +65,17 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 class _DFAStrategyMixin:
-    """Shared machinery: resolve the ``DFA`` at connect time and run it as the first callback; keep the global
-    random states in checkpoints and restore them when training resumes."""
+    """Shared machinery: take the DFA settings out of the keyword arguments, resolve the ``DFA`` at connect time
+    and run it as the first callback; keep the global random states in checkpoints and restore them on resume."""
 
     dfa: DFA | None
 
-    def _store_dfa_args(self, **args: Any) -> None:
-        extra = args.pop("dfa_kwargs")
-        self._dfa_args = {k: v for k, v in {**args, **extra}.items() if v is not None}
+    def __init__(self, **kwargs: Any) -> None:
+        settings, rest = split_settings(kwargs)
+        _check_typos(type(self), rest)
+        self._dfa_settings = {k: v for k, v in settings.items() if v is not None}
+        DFAConfig(**self._dfa_settings)  # a bad value fails here, not when fit starts
+        super().__init__(**rest)
         self.dfa = None
         self._rng_to_restore: dict[str, Any] | None = None
 
@@ -92,7 +99,7 @@ class _DFAStrategyMixin:
     def connect(self, model: pl.LightningModule) -> None:
         super().connect(model)
         if self.dfa is None:
-            self.dfa = self._resolve_dfa(model)
+            self.dfa = DFA(self._config(model))
         callbacks = model.trainer.callbacks
         others = [c for c in callbacks if isinstance(c, DFA) and c is not self.dfa]
         if others:
@@ -103,14 +110,21 @@ class _DFAStrategyMixin:
         if self.dfa not in callbacks:
             callbacks.insert(0, self.dfa)
 
-    def _resolve_dfa(self, model: pl.LightningModule) -> DFA:
+    def _config(self, model: pl.LightningModule) -> DFAConfig:
         hook = getattr(model, "configure_dfa", None)
-        if "blocks" in self._dfa_args or hook is None:
-            return DFA(**self._dfa_args)
-        configured = as_dfa(hook(), f"{type(model).__name__}.configure_dfa()")
-        if not self._dfa_args:
-            return configured
-        return DFA(**{**configured.settings(), **self._dfa_args})
+        if "blocks" in self._dfa_settings or hook is None:
+            return DFAConfig(**self._dfa_settings)
+        return DFAConfig.of(hook(), f"{type(model).__name__}.configure_dfa()").replace(**self._dfa_settings)
+
+
+def _check_typos(strategy: type, rest: dict[str, Any]) -> None:
+    """Raise for an argument that is neither the Lightning strategy's nor a DFA setting, but close to one."""
+    parents = [c for c in strategy.__mro__ if c.__module__.startswith("lightning.")]
+    named = set(inspect.signature(parents[0].__init__).parameters)
+    for key in rest.keys() - named:
+        close = difflib.get_close_matches(key, DFAConfig.names(), n=1, cutoff=0.8)
+        if close:
+            raise TypeError(f"{strategy.__name__} got {key!r}, which is not a DFA setting: did you mean {close[0]!r}?")
 
 
 class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
@@ -124,40 +138,8 @@ class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
 
     strategy_name = "dfa"
 
-    def __init__(
-        self,
-        blocks: str | Sequence[str] | None = None,
-        output: str | None = None,
-        projector: str | dict[str, Any] | None = None,
-        seed: int | None = None,
-        mode: str | None = None,
-        device: str | torch.device | None = None,
-        accelerator: Any = None,
-        checkpoint_io: Any = None,
-        precision_plugin: Any = None,
-        nonfinite: str | None = None,
-        nonfinite_patience: int | None = None,
-        lr_scale: float | None = None,
-        dfa_kwargs: dict[str, Any] | None = None,
-        **more_dfa_kwargs: Any,
-    ) -> None:
-        super().__init__(
-            device=device or "cpu",
-            accelerator=accelerator,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-        )
-        self._store_dfa_args(
-            blocks=blocks,
-            output=output,
-            projector=projector,
-            seed=seed,
-            mode=mode,
-            nonfinite=nonfinite,
-            nonfinite_patience=nonfinite_patience,
-            lr_scale=lr_scale,
-            dfa_kwargs={**(dfa_kwargs or {}), **more_dfa_kwargs},
-        )
+    def __init__(self, device: str | torch.device | None = None, **kwargs: Any) -> None:
+        super().__init__(device=device or "cpu", **kwargs)
         self._device_given = device is not None
         # Filled by the Trainer from accelerator/devices, so "dfa" follows accelerator="cuda".
         self.parallel_devices: list[torch.device] | None = None
@@ -183,32 +165,6 @@ class DFADDPStrategy(_DFAStrategyMixin, DDPStrategy):
 
     strategy_name = "dfa_ddp"
 
-    def __init__(
-        self,
-        blocks: str | Sequence[str] | None = None,
-        output: str | None = None,
-        projector: str | dict[str, Any] | None = None,
-        seed: int | None = None,
-        mode: str | None = None,
-        dfa_kwargs: dict[str, Any] | None = None,
-        nonfinite: str | None = None,
-        nonfinite_patience: int | None = None,
-        lr_scale: float | None = None,
-        **ddp_kwargs: Any,
-    ) -> None:
-        super().__init__(**ddp_kwargs)
-        self._store_dfa_args(
-            blocks=blocks,
-            output=output,
-            projector=projector,
-            seed=seed,
-            mode=mode,
-            nonfinite=nonfinite,
-            nonfinite_patience=nonfinite_patience,
-            lr_scale=lr_scale,
-            dfa_kwargs=dfa_kwargs or {},
-        )
-
 
 class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
     """Fully sharded data parallel training with DFA: ``Trainer(strategy="dfa_fsdp", devices=8)``.
@@ -232,31 +188,8 @@ class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
 
     strategy_name = "dfa_fsdp"
 
-    def __init__(
-        self,
-        blocks: str | Sequence[str] | None = None,
-        output: str | None = None,
-        projector: str | dict[str, Any] | None = None,
-        seed: int | None = None,
-        mode: str | None = None,
-        dfa_kwargs: dict[str, Any] | None = None,
-        nonfinite: str | None = None,
-        nonfinite_patience: int | None = None,
-        lr_scale: float | None = None,
-        **fsdp_kwargs: Any,
-    ) -> None:
-        super().__init__(**fsdp_kwargs)
-        self._store_dfa_args(
-            blocks=blocks,
-            output=output,
-            projector=projector,
-            seed=seed,
-            mode=mode,
-            nonfinite=nonfinite,
-            nonfinite_patience=nonfinite_patience,
-            lr_scale=lr_scale,
-            dfa_kwargs=dfa_kwargs or {},
-        )
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._wrapper: nn.Module | None = None
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
@@ -280,8 +213,21 @@ class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
         model = super()._setup_model(model)
         self._wrapper = model if isinstance(model, FullyShardedDataParallel) else None
         if self.dfa is not None:
-            self.dfa.blocks = outer_points(self.lightning_module, self.dfa.blocks)
+            engine = self.dfa.engine
+            engine.config = engine.config.replace(blocks=outer_points(self.lightning_module, engine.config.blocks))
         return model
+
+
+# Command lines (jsonargparse) and help() read the DFA settings and the Lightning strategy's arguments.
+for _strategy, _lightning in (
+    (DFAStrategy, SingleDeviceStrategy),
+    (DFADDPStrategy, DDPStrategy),
+    (DFAFSDPStrategy, FSDPStrategy),
+):
+    if "__init__" not in vars(_strategy):  # a copy of the mixin's __init__, to carry this strategy's signature
+        _init = _strategy.__init__
+        _strategy.__init__ = FunctionType(_init.__code__, _init.__globals__, "__init__", None, _init.__closure__)
+    with_settings_signature(_strategy.__init__, _lightning.__init__, unset=True)
 
 
 #: Attribute names under which torch's FSDP (1) and activation checkpointing keep the module they wrap.
@@ -333,3 +279,6 @@ def register_strategies() -> None:
     StrategyRegistry.register(
         "dfa_fsdp", DFAFSDPStrategy, description="Direct Feedback Alignment with FSDP", override=True
     )
+
+
+register_strategies()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,31 +25,37 @@ class RunResult:
     seconds: float
     metrics: dict[str, float]
     history: History | None = None
-    extras: dict[str, str] = field(default_factory=dict)
     peak_memory_mb: float | None = None
+    #: The ``OpticalLedger``'s :meth:`summary` (totals over the run), when the run had one.
+    ledger: dict[str, float] | None = None
 
     @classmethod
     def of(cls, trainer: pl.Trainer, seconds: float, metrics: dict[str, Any]) -> RunResult:
         dfa = find_dfa(trainer)
         shown = {k: float(v) for k, v in metrics.items() if k.startswith(SHOWN) and not k.endswith("_step")}
         history = next((c for c in trainer.callbacks if isinstance(c, History)), None)
-        extras = {}
         ledger = next((c for c in trainer.callbacks if type(c).__name__ == "OpticalLedger"), None)
-        if ledger is not None and getattr(ledger, "totals", None):
-            t = ledger.totals
-            extras["optical / electronic projection time"] = (
-                f"{t['optical_time_s']:.3g} s / {t['electronic_time_s']:.3g} s"
-            )
-            extras["optical / electronic projection energy"] = (
-                f"{t['optical_energy_j']:.3g} J / {t['electronic_energy_j']:.3g} J"
-            )
+        costs = ledger.summary() if ledger is not None and ledger.steps else None
         mode = dfa.mode if dfa is not None else "backprop (no DFA)"
         device = trainer.strategy.root_device
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        return cls(mode, trainer.global_step, seconds, shown, history, extras, peak)
+        return cls(mode, trainer.global_step, seconds, shown, history, peak, costs)
+
+    @property
+    def extras(self) -> dict[str, str]:
+        """The optical ledger's totals and per-step times as text, when the run had an ``OpticalLedger``."""
+        if not self.ledger:
+            return {}
+        t, steps = self.ledger, max(self.ledger["steps"], 1)
+        per_step = 1e3 / steps
+        return {
+            "optical / electronic projection time": f"{t['optical_time_s']:.3g} s / {t['electronic_time_s']:.3g} s",
+            "... per step": f"{per_step * t['optical_time_s']:.3g} ms / {per_step * t['electronic_time_s']:.3g} ms",
+            "optical / electronic energy": f"{t['optical_energy_j']:.3g} J / {t['electronic_energy_j']:.3g} J",
+        }
 
     def as_dict(self) -> dict[str, Any]:
-        fields = ("mode", "steps", "seconds", "metrics", "extras", "peak_memory_mb")
+        fields = ("mode", "steps", "seconds", "metrics", "extras", "peak_memory_mb", "ledger")
         return {name: getattr(self, name) for name in fields} | {"ms_per_step": self.ms_per_step}
 
     @property

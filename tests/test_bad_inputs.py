@@ -15,7 +15,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 import lightning_dfa  # noqa: F401  (registers the strategies)
-from lightning_dfa import DFA, DFAStrategy
+from lightning_dfa import DFA, DFAStrategy, FeedbackEngine
 from lightning_dfa.cli import _check_baselines, resolve_recipe, run
 from lightning_dfa.data import DigitsDataModule
 from lightning_dfa.models import MLPClassifier
@@ -46,27 +46,27 @@ def cli_error(capsys, *args):
 # ---------------------------------------------------------------------------------------------- arguments
 def test_unknown_mode_names_the_valid_modes():
     with pytest.raises(ValueError, match=r"mode must be one of \('dfa', 'backprop', 'frozen'\), got 'bp'"):
-        DFA(mode="bp")
+        FeedbackEngine(mode="bp")
 
 
 def test_negative_seed_asks_for_a_non_negative_integer():
     with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
-        DFA(seed=-1)
+        FeedbackEngine(seed=-1)
 
 
 def test_float_seed_asks_for_an_integer():
     with pytest.raises(ValueError, match="seed must be a non-negative integer, got 1.5"):
-        DFA(seed=1.5)
+        FeedbackEngine(seed=1.5)
 
 
 def test_unknown_nonfinite_setting_names_both_choices():
     with pytest.raises(ValueError, match=r"nonfinite must be one of \('stop', 'skip'\), got 'ignore'.*'skip' skips"):
-        DFA(nonfinite="ignore")
+        FeedbackEngine(nonfinite="ignore")
 
 
-def test_unknown_sequence_feedback_names_the_choices():
-    with pytest.raises(ValueError, match=r"sequence_feedback must be one of \('broadcast', 'flatten'\), got 'mean'"):
-        DFA(sequence_feedback="mean")
+def test_unknown_setting_names_the_closest_valid_one():
+    with pytest.raises(TypeError, match=r"unknown DFA settings \['backprop_tpo'\] \(did you mean 'backprop_tpo' -> "):
+        FeedbackEngine(backprop_tpo=1)
 
 
 # ---------------------------------------------------------------------------------------------- projectors
@@ -93,7 +93,7 @@ def test_projector_class_path_that_cannot_be_imported_asks_for_a_dotted_path():
 
 
 def test_projector_matrix_of_the_wrong_shape_names_the_needed_shape(mlp, batch):
-    DFA(blocks="blocks.*", output="head", projector=torch.zeros(3, 10)).attach(mlp)
+    FeedbackEngine(blocks="blocks.*", output="head", projector=torch.zeros(3, 10)).attach(mlp)
     with pytest.raises(ValueError, match=r"maps 3 -> 10 features, .*needs 3 -> 14.*of shape \(3, 14\)"):
         step(mlp, batch)
 
@@ -118,12 +118,12 @@ def test_projector_matrix_with_nan_asks_for_finite_values():
 # ---------------------------------------------------------------------------------------------- module paths
 def test_unknown_block_path_lists_the_closest_paths(mlp):
     with pytest.raises(ValueError, match=r"'block\.0' matches no module.*Closest paths: \['blocks\.0'.*patterns"):
-        DFA(blocks="block.0", output="head").attach(mlp)
+        FeedbackEngine(blocks="block.0", output="head").attach(mlp)
 
 
 def test_unknown_output_path_lists_the_closest_paths(mlp):
     with pytest.raises(ValueError, match=r"output: 'heads' matches no module.*Closest paths: \['head'\]"):
-        DFA(blocks="blocks.*", output="heads").attach(mlp)
+        FeedbackEngine(blocks="blocks.*", output="heads").attach(mlp)
 
 
 def test_dfa_on_a_model_without_known_blocks_says_how_to_name_them():
@@ -142,7 +142,7 @@ def test_auto_on_a_stack_of_layers_names_the_blocks_to_set():
     with pytest.raises(
         ValueError, match=r"or repeated blocks.*in Sequential.*blocks=\['0'\].*Set them with DFA\(blocks="
     ):
-        DFA().attach(nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)))
+        FeedbackEngine().attach(nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)))
 
 
 def test_output_none_with_no_module_after_the_blocks_asks_to_name_the_output():
@@ -157,7 +157,7 @@ def test_output_none_with_no_module_after_the_blocks_asks_to_name_the_output():
         match=r"no module with trainable parameters is registered after the last block "
         r"'blocks\.1'.*the module whose output the loss uses.*DFA\(output=\.\.\.\)",
     ):
-        DFA().attach(HeadFirst())
+        FeedbackEngine().attach(HeadFirst())
 
 
 def test_dfa_on_a_model_without_submodules_says_it_needs_blocks():
@@ -167,22 +167,22 @@ def test_dfa_on_a_model_without_submodules_says_it_needs_blocks():
             self.weight = nn.Parameter(torch.zeros(3, 5))
 
     with pytest.raises(ValueError, match=r"Bare has no submodules.*Build it from submodules, or train it without DFA"):
-        DFA().attach(Bare())
+        FeedbackEngine().attach(Bare())
 
 
 def test_nested_points_ask_for_blocks_that_do_not_contain_each_other(mlp):
     with pytest.raises(ValueError, match="'blocks.0' and 'blocks.0.0' are nested; select blocks that do not contain"):
-        DFA(blocks=["blocks.0", "blocks.0.0"], output="head").attach(mlp)
+        FeedbackEngine(blocks=["blocks.0", "blocks.0.0"], output="head").attach(mlp)
 
 
 def test_output_inside_a_block_names_an_output_outside_the_blocks(mlp):
     with pytest.raises(ValueError, match=r"lies inside the feedback point 'blocks\.0'.*Choose an output outside"):
-        DFA(blocks="blocks.*", output="blocks.0.0").attach(mlp)
+        FeedbackEngine(blocks="blocks.*", output="blocks.0.0").attach(mlp)
 
 
 def test_output_that_never_runs_asks_for_one_that_runs_last(mlp, batch):
     mlp.unused = nn.Linear(7, 3)
-    dfa = DFA(blocks="blocks.*", output="unused").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="unused").attach(mlp)
     step(mlp, batch)
     with pytest.raises(RuntimeError, match="'unused' did not run.*Choose an output module that runs after every block"):
         dfa.check_routed()
@@ -190,7 +190,7 @@ def test_output_that_never_runs_asks_for_one_that_runs_last(mlp, batch):
 
 def test_empty_blocks_list_names_the_accepted_forms(mlp):
     with pytest.raises(ValueError, match="blocks is empty: give module paths, glob patterns or 'auto'"):
-        DFA(blocks=[], output="head").attach(mlp)
+        FeedbackEngine(blocks=[], output="head").attach(mlp)
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -200,20 +200,20 @@ def test_point_output_without_the_error_rows_suggests_error_rows(batch):
             return super().forward(x)[:2]
 
     model = nn.Sequential(nn.Linear(5, 6), FirstTwoRows(6, 3))
-    DFA(blocks=["0"], output="1").attach(model)
+    FeedbackEngine(blocks=["0"], output="1").attach(model)
     with pytest.raises(ValueError, match=r"does not start with the error's row dimensions.*or set error_rows"):
         model(batch[0]).sum().backward()
 
 
 def test_error_without_a_batch_dimension_asks_for_batched_outputs(batch):
     model = nn.Sequential(nn.Linear(5, 6), nn.Flatten(0), nn.Linear(24, 3))
-    DFA(blocks=["0"], output="2").attach(model)
+    FeedbackEngine(blocks=["0"], output="2").attach(model)
     with pytest.raises(ValueError, match=r"shape \(3,\): the output point must return a batch of vectors.*Choose"):
         model(batch[0]).sum().backward()
 
 
 def test_error_rows_leaving_no_features_names_the_valid_range(mlp, batch):
-    DFA(blocks="blocks.*", output="head", error_rows=2).attach(mlp)
+    FeedbackEngine(blocks="blocks.*", output="head", error_rows=2).attach(mlp)
     with pytest.raises(ValueError, match=r"error_rows must leave at least one feature dimension \(1 to 1\), got 2"):
         step(mlp, batch)
 
@@ -226,7 +226,7 @@ def test_error_size_that_changes_between_steps_says_to_keep_it_fixed(batch):
             return super().forward(x)[:, : self.width]
 
     model = nn.Sequential(nn.Linear(5, 6), Narrowing(6, 3))
-    DFA(blocks=["0"], output="1").attach(model)
+    FeedbackEngine(blocks=["0"], output="1").attach(model)
     model(batch[0]).sum().backward()
     model[1].width = 2
     with pytest.raises(
@@ -264,7 +264,7 @@ def test_configure_dfa_returning_a_list_shows_the_expected_dict():
         def configure_dfa(self):
             return ["blocks.*"]
 
-    with pytest.raises(TypeError, match=r"configure_dfa\(\) must return a DFA or a dict.*got list: e\.g\. return \{"):
+    with pytest.raises(TypeError, match=r"configure_dfa\(\) must be a DFAConfig or a dict.*got list: e\.g\. \{"):
         trainer(strategy="dfa").fit(Listed(hidden=8, depth=2), datamodule=DigitsDataModule())
 
 
@@ -273,17 +273,17 @@ def test_configure_dfa_with_an_unknown_argument_suggests_the_closest():
         def configure_dfa(self):
             return {"block": "blocks.*", "output": "head"}
 
-    with pytest.raises(TypeError, match=r"unknown DFA arguments \['block'\] \(did you mean 'block' -> 'blocks'\?\)"):
+    with pytest.raises(TypeError, match=r"unknown DFA settings \['block'\] \(did you mean 'block' -> 'blocks'\?\)"):
         trainer(strategy="dfa").fit(Misspelt(hidden=8, depth=2), datamodule=DigitsDataModule())
 
 
 def test_resuming_with_another_seed_names_the_checkpoint_seed():
     with pytest.raises(ValueError, match=r"checkpoint's feedback seed is 0, this DFA's is 1: resume with seed=0"):
-        DFA(seed=1).load_state_dict({"seed": 0})
+        FeedbackEngine(seed=1).load_state_dict({"seed": 0})
 
 
 def test_attaching_twice_asks_to_detach_first(mlp):
-    dfa = DFA(blocks="blocks.*", output="head").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     with pytest.raises(RuntimeError, match="already attached to a model; call detach"):
         dfa.attach(mlp)
 
@@ -363,7 +363,7 @@ def test_loss_that_does_not_use_the_error_point_names_the_modules_it_used():
     from conftest import tiny_gpt2
 
     model = tiny_gpt2()
-    DFA().attach(model)  # the error point is lm_head, whose logits this loss ignores
+    FeedbackEngine().attach(model)  # the error point is lm_head, whose logits this loss ignores
     ids = torch.randint(0, 64, (2, 8))
     hidden = model(ids, output_hidden_states=True).hidden_states[-1]
     loss = F.cross_entropy(nn.Linear(32, 2)(hidden[:, -1]), torch.tensor([0, 1]))
@@ -395,7 +395,7 @@ def test_lightning_loss_that_does_not_use_the_error_point_stops_the_run():
 def test_model_compiled_before_attach_is_refused_at_the_first_backward(mlp, batch):
     compiled = torch.compile(mlp, backend="eager")
     step(compiled, batch)  # compiled without the hooks
-    DFA(blocks="blocks.*", output="head").attach(mlp)
+    FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     with pytest.raises(
         RuntimeError,
         match=r"no forward pass since dfa.attach\(\) ran the DFA hooks.*Attach first, "
@@ -405,9 +405,9 @@ def test_model_compiled_before_attach_is_refused_at_the_first_backward(mlp, batc
 
 
 def test_second_dfa_on_an_attached_model_asks_to_detach_the_first(mlp):
-    DFA(blocks="blocks.*", output="head").attach(mlp)
+    FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     with pytest.raises(RuntimeError, match=r"already attached to another DFA.*Detach that one first"):
-        DFA(blocks="blocks.0", output="head").attach(mlp)
+        FeedbackEngine(blocks="blocks.0", output="head").attach(mlp)
 
 
 def test_block_returning_an_integer_tensor_names_its_dtype(batch):
@@ -420,7 +420,7 @@ def test_block_returning_an_integer_tensor_names_its_dtype(batch):
             return super().forward(x.float())
 
     model = nn.Sequential(Rounding(5, 6), FloatHead(6, 3))
-    DFA(blocks=["0"], output="1").attach(model)
+    FeedbackEngine(blocks=["0"], output="1").attach(model)
     with pytest.raises(
         TypeError,
         match=r"'0' has trainable parameters but returns a torch.int64 tensor, which cannot "
@@ -441,7 +441,7 @@ def test_output_point_called_twice_says_so(mlp, batch):
             return self.mlp.head(x) + self.mlp.head(x * 0.5)
 
     model = TwoHeads(mlp)
-    DFA(blocks="mlp.blocks.*", output="mlp.head").attach(model)
+    FeedbackEngine(blocks="mlp.blocks.*", output="mlp.head").attach(model)
     with pytest.raises(RuntimeError, match=r"'mlp.head' ran twice in one forward pass.*Call it once per forward pass"):
         model(batch[0])
 
@@ -455,10 +455,9 @@ def test_dense_projector_larger_than_memory_names_the_memory_free_projectors():
         build_projector("gaussian", 10**6, 10**6, seed=0)
 
 
-def test_dfa_setting_in_a_strategys_yaml_says_to_put_it_in_dfa_kwargs(capsys):
-    err = cli_error(capsys, "--trainer.strategy.error_rows=1")
-    assert "hint: 'error_rows' is a DFA setting that lightning_dfa.DFAStrategy does not name: give it under " in err
-    assert "init_args: {dfa_kwargs: {error_rows: ...}}" in err
+def test_misspelt_dfa_setting_of_a_strategy_suggests_the_setting(capsys):
+    err = cli_error(capsys, "--trainer.strategy.backprop_tpo=1")
+    assert "'backprop_tpo' is not an option of lightning_dfa.DFAStrategy; did you mean 'backprop_top'?" in err
 
 
 def test_projector_short_name_as_class_path_in_yaml_builds_that_projector():
@@ -466,7 +465,7 @@ def test_projector_short_name_as_class_path_in_yaml_builds_that_projector():
 
     projector = "--trainer.strategy.projector={class_path: seeded, init_args: {tile: 1024}}"
     cli = DFACLI(cli_args=["--config", resolve_recipe("digits-mlp"), projector], run=False, **_CLI_OPTIONS)
-    built = build_projector(cli.trainer.strategy._dfa_args["projector"], 3, 14, seed=0)
+    built = build_projector(cli.trainer.strategy._dfa_settings["projector"], 3, 14, seed=0)
     assert type(built).__name__ == "SeededGaussian" and built.tile == 1024
 
 

@@ -11,7 +11,7 @@ from conftest import quiet_trainer, tiny_gpt2
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_dfa  # noqa: F401  (registers strategy="dfa")
-from lightning_dfa import DFA
+from lightning_dfa import FeedbackEngine
 from lightning_dfa.cli import RECIPES, run
 from lightning_dfa.data.text import TextDataModule
 from lightning_dfa.models.causal_lm import CausalLM
@@ -51,7 +51,7 @@ class FirstBlockSnapshot(pl.Callback):
     """Copies the first feedback point's first parameter when training starts."""
 
     def on_train_start(self, trainer, pl_module):
-        block = pl_module.get_submodule(trainer.strategy.dfa.points[0])
+        block = pl_module.get_submodule(trainer.strategy.dfa.engine.points[0])
         self.before = next(block.parameters()).detach().clone()
         self.param = next(block.parameters())
 
@@ -72,7 +72,7 @@ def test_a_config_trains_with_dfa_with_the_vocabulary_of_the_data(config, data, 
     trainer.fit(lm, datamodule=data)
     assert trainer.global_step == 2
     assert lm.model.get_input_embeddings().num_embeddings == data.vocab_size == lm.hparams.vocab_size
-    assert trainer.strategy.dfa.points == BLOCKS[config["model_type"]]
+    assert trainer.strategy.dfa.engine.points == BLOCKS[config["model_type"]]
     assert not torch.equal(snapshot.before, snapshot.param.detach()), "the first block got no update"
     metrics = trainer.callback_metrics
     assert math.isfinite(float(metrics["train/loss"]))
@@ -98,7 +98,7 @@ def test_configure_dfa_selects_every_block_and_the_lm_head(config):
     lm = CausalLM(config=config, vocab_size=64)
     spec = lm.configure_dfa()
     assert spec == {"blocks": "auto", "output": "model.lm_head"}
-    with DFA(**spec).attach(lm) as dfa:
+    with FeedbackEngine(**spec).attach(lm) as dfa:
         assert dfa.points == BLOCKS[config["model_type"]]
         assert dfa.output == "model.lm_head"
         loss, _ = lm._loss(torch.randint(0, 64, (2, 9)))
@@ -167,8 +167,8 @@ def test_the_quickstart_recipe_runs_end_to_end(tmp_path):
         ]
     )
     assert cli.trainer.global_step == 1
-    assert type(cli.trainer.strategy.dfa.projector).__name__ == "Gaussian"
-    dfa = cli.trainer.strategy.dfa
+    assert type(cli.trainer.strategy.dfa.engine.projector).__name__ == "Gaussian"
+    dfa = cli.trainer.strategy.dfa.engine
     assert dfa.lr_scale == "auto"  # the plugin's default: the recipe sets no learning rate for the blocks
     assert dfa.points_lr_scale == pytest.approx(cli.model.hparams.vocab_size**-0.5)
     assert math.isfinite(float(cli.trainer.callback_metrics["test/ppl"]))

@@ -61,7 +61,7 @@ def test_fit_one_batch_from_the_command_line(tmp_path):
         ]
     )
     assert cli.trainer.global_step == 1
-    assert cli.trainer.strategy.dfa.mode == "dfa"
+    assert cli.trainer.strategy.dfa.engine.mode == "dfa"
 
 
 def test_one_override_switches_the_recipe_to_backprop(tmp_path):
@@ -76,7 +76,7 @@ def test_one_override_switches_the_recipe_to_backprop(tmp_path):
             *quiet_args(),
         ]
     )
-    assert cli.trainer.strategy.dfa.mode == "backprop"
+    assert cli.trainer.strategy.dfa.engine.mode == "backprop"
 
 
 def run_quick_start(mode, tmp_path):
@@ -262,7 +262,7 @@ def test_projector_settings_from_the_command_line_reach_the_projector(tmp_path):
             *quiet_args(),
         ]
     )
-    opu = cli.trainer.strategy.dfa.projector
+    opu = cli.trainer.strategy.dfa.engine.projector
     assert type(opu).__name__ == "OPU" and opu.settings()["bit_depth"] == 6
 
 
@@ -278,7 +278,7 @@ def test_a_projector_by_name_from_the_command_line(tmp_path):
             *quiet_args(),
         ]
     )
-    assert type(cli.trainer.strategy.dfa.projector).__name__ == "Structured"
+    assert type(cli.trainer.strategy.dfa.engine.projector).__name__ == "Structured"
 
 
 def test_a_run_bounded_by_max_steps_counts_the_epochs_those_steps_span(tmp_path):

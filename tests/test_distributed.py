@@ -135,7 +135,7 @@ class FSDPDump(pl.Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        dfa = trainer.strategy.dfa
+        dfa = trainer.strategy.dfa.engine
         with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, with_grads=True):
             grads = {name: p.grad.clone() for name, p in pl_module.named_parameters()}
         state = {
@@ -160,9 +160,7 @@ class FSDPDump(pl.Callback):
 
 def _dfa_fsdp_rank(rank: int, port: int, folder: str) -> None:
     torchrun_env(rank, port)
-    strategy = DFAFSDPStrategy(
-        seed=3, nonfinite="skip", dfa_kwargs={"check_finite": False}, auto_wrap_policy={nn.Sequential}
-    )
+    strategy = DFAFSDPStrategy(seed=3, nonfinite="skip", spatial_patch=3, auto_wrap_policy={nn.Sequential})
     trainer(strategy=strategy, callbacks=[FSDPDump(folder)]).fit(classifier(), loader())
 
 
@@ -177,7 +175,7 @@ def dfa_fsdp_ranks(tmp_path_factory) -> list[dict[str, Any]]:
 @pytest.mark.slow
 def test_dfa_fsdp_builds_its_dfa_from_its_arguments_and_configure_dfa(dfa_fsdp_ranks):
     settings, points = dfa_fsdp_ranks[0]["settings"], dfa_fsdp_ranks[0]["points"]
-    assert (settings["seed"], settings["nonfinite"], settings["check_finite"]) == (3, "skip", False)
+    assert (settings["seed"], settings["nonfinite"], settings["spatial_patch"]) == (3, "skip", 3)
     assert settings["output"] == "head", "from configure_dfa()"
     assert points == ["blocks.0", "blocks.1"], "points named as in the unwrapped module"
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_dfa import DFA
+from lightning_dfa import FeedbackEngine
 
 
 def step(model, batch):
@@ -14,17 +14,17 @@ def step(model, batch):
 
 def test_unknown_module_path_lists_close_candidates(mlp):
     with pytest.raises(ValueError, match=r"'block\.0' matches no module.*Closest paths: \['blocks\.0'"):
-        DFA(blocks="block.0", output="head").attach(mlp)
+        FeedbackEngine(blocks="block.0", output="head").attach(mlp)
 
 
 def test_pattern_that_matches_nothing_names_the_containers(mlp):
     with pytest.raises(ValueError, match=r"'layers\.\*' matches no module.*Containers of blocks: \['blocks'\]"):
-        DFA(blocks="layers.*", output="head").attach(mlp)
+        FeedbackEngine(blocks="layers.*", output="head").attach(mlp)
 
 
 def test_unknown_output_path_is_an_error(mlp):
     with pytest.raises(ValueError, match=r"output: 'heads' matches no module.*Closest paths: \['head'\]"):
-        DFA(blocks="blocks.*", output="heads").attach(mlp)
+        FeedbackEngine(blocks="blocks.*", output="heads").attach(mlp)
 
 
 def test_auto_on_a_model_without_known_or_repeated_blocks_suggests_patterns(mlp):
@@ -32,12 +32,12 @@ def test_auto_on_a_model_without_known_or_repeated_blocks_suggests_patterns(mlp)
     with pytest.raises(
         ValueError, match=r"found no HuggingFace model.*or repeated blocks.*blocks=\['blocks\.\*'\]; module containers"
     ):
-        DFA(output="head").attach(mlp)
+        FeedbackEngine(output="head").attach(mlp)
 
 
 def test_output_module_that_never_runs_is_an_error(mlp, batch):
     mlp.unused = nn.Linear(7, 3)
-    dfa = DFA(blocks="blocks.*", output="unused").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="unused").attach(mlp)
     step(mlp, batch)
     with pytest.raises(RuntimeError, match="output point 'unused' did not run"):
         dfa.check_routed()
@@ -47,20 +47,20 @@ def test_output_module_that_never_runs_is_an_error(mlp, batch):
 
 def test_output_that_runs_before_a_block_is_an_error(mlp, batch):
     with pytest.raises(ValueError, match="lies inside the feedback point 'blocks.0'"):
-        DFA(blocks="blocks.*", output="blocks.0.0").attach(mlp)
-    DFA(blocks=["blocks.1"], output="blocks.0").attach(mlp)
+        FeedbackEngine(blocks="blocks.*", output="blocks.0.0").attach(mlp)
+    FeedbackEngine(blocks=["blocks.1"], output="blocks.0").attach(mlp)
     with pytest.raises(RuntimeError, match=r"\['blocks.1'\] did not run before the output point 'blocks.0'"):
         step(mlp, batch)
 
 
 def test_projector_with_wrong_sizes_names_both_shapes(mlp, batch):
-    DFA(blocks="blocks.*", output="head", projector=torch.zeros(3, 10)).attach(mlp)
+    FeedbackEngine(blocks="blocks.*", output="head", projector=torch.zeros(3, 10)).attach(mlp)
     with pytest.raises(ValueError, match=r"maps 3 -> 10 features, but this model needs 3 -> 14"):
         step(mlp, batch)
 
 
 def test_unknown_projector_name_lists_the_known_ones(mlp, batch):
-    DFA(blocks="blocks.*", output="head", projector="gausian").attach(mlp)
+    FeedbackEngine(blocks="blocks.*", output="head", projector="gausian").attach(mlp)
     with pytest.raises(ValueError, match=r"Unknown projector 'gausian'; known names: \[.*'gaussian'"):
         step(mlp, batch)
 
@@ -75,7 +75,7 @@ def test_block_output_that_is_not_a_tensor_is_an_error(batch):
             return {"hidden": self.linear(x)}
 
     model = nn.ModuleDict({"block": DictBlock(), "head": nn.Linear(3, 3)})
-    DFA(blocks="block", output="head").attach(model)
+    FeedbackEngine(blocks="block", output="head").attach(model)
     with pytest.raises(TypeError, match="Feedback point 'block' returned a dict"):
         model["block"](batch[0])
 
@@ -86,36 +86,36 @@ def test_point_output_without_the_error_rows_names_both_shapes(batch):
             return super().forward(x)[:2]
 
     model = nn.Sequential(nn.Linear(5, 6), FirstTwoRows(6, 3))
-    DFA(blocks=["0"], output="1").attach(model)
+    FeedbackEngine(blocks=["0"], output="1").attach(model)
     with pytest.raises(ValueError, match=r"outputs shape \(4, 6\).*row dimensions \(2,\) \(error shape \(2, 3\)\)"):
         model(batch[0]).sum().backward()
 
 
 def test_error_without_a_batch_dimension_is_an_error(batch):
     model = nn.Sequential(nn.Linear(5, 6), nn.Flatten(0), nn.Linear(24, 3))
-    DFA(blocks=["0"], output="2").attach(model)
+    FeedbackEngine(blocks=["0"], output="2").attach(model)
     with pytest.raises(ValueError, match=r"The error has shape \(3,\).*batch"):
         model(batch[0]).sum().backward()
 
 
 def test_nested_points_are_an_error(mlp):
     with pytest.raises(ValueError, match="'blocks.0' and 'blocks.0.0' are nested"):
-        DFA(blocks=["blocks.0", "blocks.0.0"], output="head").attach(mlp)
+        FeedbackEngine(blocks=["blocks.0", "blocks.0.0"], output="head").attach(mlp)
 
 
 def test_unknown_mode_is_an_error():
     with pytest.raises(ValueError, match=r"mode must be one of \('dfa', 'backprop', 'frozen'\), got 'bp'"):
-        DFA(mode="bp")
+        FeedbackEngine(mode="bp")
 
 
 def test_attaching_twice_is_an_error(mlp):
-    dfa = DFA(blocks="blocks.*", output="head").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     with pytest.raises(RuntimeError, match="already attached"):
         dfa.attach(mlp)
 
 
 def test_non_finite_error_stops_before_touching_the_blocks(mlp, batch):
-    DFA(blocks="blocks.*", output="head").attach(mlp)
+    FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     logits = mlp(batch[0])
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         (logits * float("nan")).sum().backward()

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from conftest import TinyMLP, capture_grad
 
-from lightning_dfa import DFA
 from lightning_dfa.feedback import FeedbackEngine
 
 
@@ -23,7 +22,7 @@ def backprop_grads(model, x, y):
 
 def test_gradients_equal_hand_computed_dfa_for_the_projector_matrix(mlp, batch):
     x, y = batch
-    dfa = DFA(blocks="blocks.*", output="head").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     F.cross_entropy(mlp(x), y).backward()
 
     B = dfa.projector.materialize()
@@ -43,7 +42,7 @@ def test_gradients_equal_hand_computed_dfa_for_the_projector_matrix(mlp, batch):
 
 
 def test_layout_gives_every_point_its_own_slice_in_block_order(mlp, batch):
-    dfa = DFA(blocks=["blocks.1", "blocks.0"], output="head").attach(mlp)
+    dfa = FeedbackEngine(blocks=["blocks.1", "blocks.0"], output="head").attach(mlp)
     F.cross_entropy(mlp(batch[0]), batch[1]).backward()
     assert list(dfa.layout) == ["blocks.0", "blocks.1"]
     assert dfa.layout["blocks.0"] == slice(0, 7) and dfa.layout["blocks.1"] == slice(7, 14)
@@ -54,7 +53,7 @@ def test_two_blocks_of_equal_width_receive_different_feedback(mlp, batch):
     seen = {}
     for i, block in enumerate(mlp.blocks):
         capture_grad(block, seen, i)
-    DFA(blocks="blocks.*", output="head").attach(mlp)
+    FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     F.cross_entropy(mlp(batch[0]), batch[1]).backward()
     assert seen[0].shape == seen[1].shape
     assert not torch.allclose(seen[0], seen[1])
@@ -63,7 +62,7 @@ def test_two_blocks_of_equal_width_receive_different_feedback(mlp, batch):
 def test_feedback_reaching_a_point_is_its_slice_of_the_projection(mlp, batch):
     seen = {}
     capture_grad(mlp.blocks[1], seen, "h")
-    dfa = DFA(blocks="blocks.*", output="head").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     capture_grad(mlp.head, seen, "e")
     F.cross_entropy(mlp(batch[0]), batch[1]).backward()
     torch.testing.assert_close(seen["h"], dfa.projector(seen["e"])[:, dfa.layout["blocks.1"]])
@@ -71,7 +70,7 @@ def test_feedback_reaching_a_point_is_its_slice_of_the_projection(mlp, batch):
 
 def test_detach_restores_plain_backprop(mlp, batch):
     expected = backprop_grads(mlp, *batch)
-    dfa = DFA(blocks="blocks.*", output="head").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     mlp.zero_grad()
     F.cross_entropy(mlp(batch[0]), batch[1]).backward()
     assert not torch.allclose(mlp.blocks[0][0].weight.grad, expected["blocks.0.0.weight"])
@@ -82,7 +81,7 @@ def test_detach_restores_plain_backprop(mlp, batch):
 
 
 def test_two_attach_detach_cycles_leave_no_hooks(mlp):
-    dfa = DFA(blocks="blocks.*", output="head")
+    dfa = FeedbackEngine(blocks="blocks.*", output="head")
     for _ in range(2):
         with dfa.attach(mlp):
             assert mlp.blocks[0]._forward_hooks and mlp.head._forward_hooks
@@ -92,7 +91,7 @@ def test_two_attach_detach_cycles_leave_no_hooks(mlp):
 
 def test_backprop_mode_gives_the_true_gradients(mlp, batch):
     expected = backprop_grads(mlp, *batch)
-    dfa = DFA(blocks="blocks.*", output="head", mode="backprop").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head", mode="backprop").attach(mlp)
     assert dfa.points == ["blocks.0", "blocks.1"]
     got = backprop_grads(mlp, *batch)
     for name in expected:
@@ -101,7 +100,7 @@ def test_backprop_mode_gives_the_true_gradients(mlp, batch):
 
 def test_user_matrix_is_used_as_is(mlp, batch):
     matrix = torch.arange(3 * 14, dtype=torch.float32).reshape(3, 14) / 40
-    dfa = DFA(blocks="blocks.*", output="head", projector=matrix).attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head", projector=matrix).attach(mlp)
     F.cross_entropy(mlp(batch[0]), batch[1]).backward()
     torch.testing.assert_close(dfa.projector.materialize(), matrix)
 
@@ -119,7 +118,7 @@ def test_same_seed_gives_the_same_projection_and_other_seeds_differ(mlp, batch):
 
 def test_gradient_accumulation_sums_the_dfa_gradients_of_each_micro_batch(mlp, batch):
     x, y = batch
-    dfa = DFA(blocks="blocks.*", output="head").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     separate = []
     for part in (slice(0, 2), slice(2, 4)):
         mlp.zero_grad()
@@ -134,7 +133,7 @@ def test_gradient_accumulation_sums_the_dfa_gradients_of_each_micro_batch(mlp, b
 
 
 def test_bf16_autocast_runs_and_follows_the_float32_gradients(mlp, batch):
-    DFA(blocks="blocks.*", output="head").attach(mlp)
+    FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     F.cross_entropy(mlp(batch[0]), batch[1]).backward()
     reference = grads(mlp)
     mlp.zero_grad()
@@ -151,7 +150,7 @@ def test_embedding_can_be_a_feedback_point():
     model = torch.nn.Sequential(
         torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 10)
     )
-    dfa = DFA(blocks=["0", "1"], output="3").attach(model)
+    dfa = FeedbackEngine(blocks=["0", "1"], output="3").attach(model)
     ids = torch.tensor([[1, 2, 3]])
     F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
     assert list(dfa.layout) == ["0", "1"]
@@ -161,7 +160,7 @@ def test_embedding_can_be_a_feedback_point():
 
 def test_frozen_control_trains_only_the_head_and_restores_on_detach(mlp, batch):
     blocks_before = {k: v.clone() for k, v in mlp.blocks.state_dict().items()}
-    dfa = DFA(blocks="blocks.*", output="head", mode="frozen").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head", mode="frozen").attach(mlp)
     optimizer = torch.optim.SGD([p for p in mlp.parameters() if p.requires_grad], lr=0.5)
     for _ in range(3):
         optimizer.zero_grad()
@@ -175,7 +174,7 @@ def test_frozen_control_trains_only_the_head_and_restores_on_detach(mlp, batch):
 
 
 def test_a_forward_whose_error_needs_no_grad_routes_nothing_and_leaves_no_state(mlp, batch):
-    dfa = DFA(blocks="blocks.*", output="head").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     mlp.head.requires_grad_(False)
     for block in mlp.blocks:
         block.requires_grad_(False)
@@ -187,7 +186,7 @@ def test_a_forward_whose_error_needs_no_grad_routes_nothing_and_leaves_no_state(
 
 
 def test_frozen_control_computes_no_projection(mlp, batch):
-    dfa = DFA(blocks="blocks.*", output="head", mode="frozen").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head", mode="frozen").attach(mlp)
     calls = []
     F.cross_entropy(mlp(batch[0]), batch[1]).backward()
     dfa.projector.register_forward_hook(lambda *args: calls.append(1))
@@ -208,7 +207,7 @@ def test_loss_term_on_a_returned_block_output_is_added_to_the_blocks_feedback(ba
     torch.manual_seed(0)
     model, seen = ReturnsHidden(), {}
     capture_grad(model.blocks[1], seen, "h")
-    dfa = DFA(blocks="blocks.*", output="head").attach(model)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(model)
     capture_grad(model.head, seen, "e")
     logits, hidden = model(batch[0])
     (F.cross_entropy(logits, batch[1]) + 10 * hidden[1].pow(2).mean()).backward()
@@ -220,7 +219,7 @@ def test_loss_term_on_a_returned_block_output_is_added_to_the_blocks_feedback(ba
 def test_frozen_head_with_trainable_blocks_trains_the_blocks(mlp, batch):
     seen = {}
     capture_grad(mlp.blocks[0], seen, "h")
-    dfa = DFA(blocks="blocks.*", output="head").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     mlp.head.requires_grad_(False)
     logits = mlp(batch[0])
     logits.retain_grad()
@@ -233,7 +232,7 @@ def test_frozen_control_keeps_a_head_tied_to_an_embedding_point_trainable():
     from conftest import tiny_gpt2
 
     model = tiny_gpt2()
-    DFA(embeddings=True, mode="frozen").attach(model)
+    FeedbackEngine(embeddings=True, mode="frozen").attach(model)
     assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.requires_grad
     assert not model.transformer.wpe.weight.requires_grad
     assert not any(p.requires_grad for p in model.transformer.h.parameters())
@@ -243,7 +242,7 @@ def test_frozen_control_keeps_a_head_tied_to_an_embedding_point_trainable():
 
 
 def test_dfa_reused_for_a_deeper_model_builds_its_layout_again(mlp, batch):
-    dfa = DFA(blocks="blocks.*", output="head")
+    dfa = FeedbackEngine(blocks="blocks.*", output="head")
     with dfa.attach(mlp):
         F.cross_entropy(mlp(batch[0]), batch[1]).backward()
     deeper = TinyMLP(widths=(5, 7, 6, 4))
@@ -268,7 +267,7 @@ def test_forward_abandoned_between_the_blocks_and_the_head_leaves_no_records(mlp
             return self.mlp.head(x)
 
     model = FailsOnce(mlp)
-    DFA(blocks="mlp.blocks.*", output="mlp.head").attach(model)
+    FeedbackEngine(blocks="mlp.blocks.*", output="mlp.head").attach(model)
     with pytest.raises(torch.OutOfMemoryError):
         model(batch[0])
     F.cross_entropy(model(batch[0][:2]), batch[1][:2]).backward()
@@ -276,7 +275,7 @@ def test_forward_abandoned_between_the_blocks_and_the_head_leaves_no_records(mlp
 
 
 def test_deep_copy_of_an_attached_model_is_an_unattached_copy(mlp, batch):
-    dfa = DFA(blocks="blocks.*", output="head").attach(mlp)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     copy = copy_module.deepcopy(mlp)
     expected = backprop_grads(copy_module.deepcopy(copy), *batch)
     F.cross_entropy(copy(batch[0]), batch[1]).backward()  # plain backprop: it writes nothing into dfa
@@ -289,6 +288,6 @@ def test_deep_copy_of_an_attached_model_is_an_unattached_copy(mlp, batch):
 def test_model_on_the_meta_device_runs_without_the_finiteness_check(batch):
     with torch.device("meta"):
         model = TinyMLP()
-    DFA(blocks="blocks.*", output="head").attach(model)
+    FeedbackEngine(blocks="blocks.*", output="head").attach(model)
     model(batch[0].to("meta")).sum().backward()
     assert model.blocks[0][0].weight.grad.is_meta

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_dfa  # noqa: F401  (registers strategy="dfa")
-from lightning_dfa import DFA
+from lightning_dfa import FeedbackEngine
 
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
 PIXELS = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -144,7 +144,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_auto_finds_the_blocks_and_the_error_point(case):
     build, _, points, output = CASES[case]
-    dfa = DFA().attach(build())
+    dfa = FeedbackEngine().attach(build())
     assert dfa.points == points and dfa.output == output
 
 
@@ -152,7 +152,7 @@ def test_auto_finds_the_blocks_and_the_error_point(case):
 def test_one_dfa_step_gives_every_block_parameter_a_gradient(case):
     build, loss_fn, points, _ = CASES[case]
     model = build()
-    DFA().attach(model)
+    FeedbackEngine().attach(model)
     loss_fn(model).backward()
     for point in points:
         for name, param in model.get_submodule(point).named_parameters():
@@ -164,7 +164,7 @@ def test_no_gradient_crosses_a_block_boundary(case):
     """Zeroing one block's slice of the projection leaves exactly that block without gradient."""
     build, loss_fn, points, _ = CASES[case]
     model = build()
-    dfa = DFA().attach(model)
+    dfa = FeedbackEngine().attach(model)
     loss_fn(model).backward()  # builds the projector
     silenced = points[len(points) // 2]
     dfa.projector.weight[:, dfa.layout[silenced]] = 0
@@ -176,8 +176,8 @@ def test_no_gradient_crosses_a_block_boundary(case):
 
 
 def test_named_blocks_without_output_take_the_last_module_with_parameters_after_them():
-    assert DFA(blocks="h.*").attach(NanoGPT()).output == "lm_head"
-    assert DFA(blocks=["layer1", "layer2"]).attach(resnet18()).output == "fc"
+    assert FeedbackEngine(blocks="h.*").attach(NanoGPT()).output == "lm_head"
+    assert FeedbackEngine(blocks=["layer1", "layer2"]).attach(resnet18()).output == "fc"
 
 
 class PlainGPT(pl.LightningModule):
@@ -209,7 +209,7 @@ def test_strategy_dfa_fits_a_plain_module_and_prints_the_chosen_points(caplog):
 def test_per_token_errors_give_per_token_feedback_rows():
     model, seen = tiny_gpt2(), {}
     capture_grad(model.transformer.h[1], seen, "h")
-    dfa = DFA().attach(model)
+    dfa = FeedbackEngine().attach(model)
     capture_grad(model.lm_head, seen, "e")
     lm_loss(model).backward()
     e = seen["e"].reshape(-1, 64)
@@ -220,7 +220,7 @@ def test_per_token_errors_give_per_token_feedback_rows():
 def test_per_sample_errors_are_broadcast_over_tokens_by_default():
     model, seen = tiny_vit(), {}
     capture_grad(model.vit.layers[0], seen, "h")
-    dfa = DFA().attach(model)
+    dfa = FeedbackEngine().attach(model)
     capture_grad(model.classifier, seen, "e")
     vit_loss(model).backward()
     assert dfa.layout["vit.layers.0"].stop - dfa.layout["vit.layers.0"].start == 32
@@ -228,16 +228,9 @@ def test_per_sample_errors_are_broadcast_over_tokens_by_default():
     torch.testing.assert_close(seen["h"], per_sample[:, None, :].expand(2, 17, 32))
 
 
-def test_per_sample_errors_can_flatten_token_outputs():
-    model = tiny_vit()
-    dfa = DFA(sequence_feedback="flatten").attach(model)
-    vit_loss(model).backward()
-    assert dfa.layout["vit.layers.0"].stop - dfa.layout["vit.layers.0"].start == 17 * 32
-
-
 def test_unet_skips_and_time_embedding_are_cut():
     model = tiny_unet()
-    DFA().attach(model)
+    FeedbackEngine().attach(model)
     unet_loss(model).backward()
     for name, param in model.time_embedding.named_parameters():
         assert param.grad is None, f"time_embedding.{name} got a gradient through a block input"
@@ -259,7 +252,7 @@ def test_hf_activation_checkpointing_gives_the_same_gradients(use_reentrant):
     enable_checkpointing(checkpointed, use_reentrant=use_reentrant)
     for model in (plain, checkpointed):
         model.train()
-        DFA().attach(model)
+        FeedbackEngine().attach(model)
         lm_loss(model).backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
         if a.grad is not None or b.grad is not None:
@@ -269,7 +262,7 @@ def test_hf_activation_checkpointing_gives_the_same_gradients(use_reentrant):
 def test_reentrant_checkpointing_inside_a_block_call_is_a_clear_error(mlp, batch):
     from torch.utils.checkpoint import checkpoint
 
-    DFA(blocks="blocks.*", output="head").attach(mlp)
+    FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
     x = batch[0].requires_grad_()
     with pytest.raises(RuntimeError, match="use_reentrant=False"):
         checkpoint(mlp.blocks[0], x, use_reentrant=True)
@@ -282,8 +275,8 @@ def test_torch_compile_gives_the_eager_gradients(mlp, batch):
     import torch.nn.functional as F
 
     compiled_model = copy.deepcopy(mlp)
-    DFA(blocks="blocks.*", output="head").attach(mlp)
-    DFA(blocks="blocks.*", output="head").attach(compiled_model)
+    FeedbackEngine(blocks="blocks.*", output="head").attach(mlp)
+    FeedbackEngine(blocks="blocks.*", output="head").attach(compiled_model)
     F.cross_entropy(mlp(batch[0]), batch[1]).backward()
     F.cross_entropy(torch.compile(compiled_model)(batch[0]), batch[1]).backward()
     for (name, a), (_, b) in zip(mlp.named_parameters(), compiled_model.named_parameters()):

@@ -50,7 +50,7 @@ def test_feedback_stats_follow_the_gaussian_scale_convention(tmp_path):
         # entries of e @ B with B ~ N(0, 1/d_e) have the error's RMS on average (16 rows: loose bounds)
         assert 0.3 < stats.latest[f"feedback_ratio/{name}"] < 3
     assert "feedback_rms/blocks.0" in trainer.callback_metrics
-    assert not trainer.strategy.dfa.observers, "the observer is removed at the end of fit"
+    assert not trainer.strategy.dfa.engine.observers, "the observer is removed at the end of fit"
 
 
 def test_feedback_stats_log_nothing_without_feedback(tmp_path):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import fit_digits
 
-from lightning_dfa import DFA, DFAStrategy
+from lightning_dfa import DFAStrategy, FeedbackEngine
 from lightning_dfa.models import MLPClassifier
 
 pytestmark = pytest.mark.slow  # trains or forks processes: seconds to minutes each
@@ -37,7 +37,7 @@ def test_frozen_control_leaves_the_blocks_bit_identical_after_training():
 def train(model, loss_fn, batches, steps, lr, **dfa):
     """``steps`` AdamW steps of ``loss_fn(model, batch)`` with a DFA engine of settings ``dfa`` attached."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    with DFA(**dfa).attach(model) as engine:
+    with FeedbackEngine(**dfa).attach(model) as engine:
         engine.scale_updates(optimizer)
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ def fit(tmp_path, projector, ledger, batches=6):
     trainer = fit_digits(
         steps=batches, batch_size=32, logger=CSVLogger(tmp_path), log_every_n_steps=1, callbacks=[dfa, ledger]
     )
-    return trainer, dfa
+    return trainer, dfa.engine
 
 
 def test_ledger_logs_each_step_and_sums_them_for_an_electronic_projector(tmp_path, capsys):

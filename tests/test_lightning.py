@@ -10,7 +10,7 @@ from conftest import quiet_trainer
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_dfa  # noqa: F401  (registers the strategies)
-from lightning_dfa import DFA, DFADDPStrategy, DFAStrategy
+from lightning_dfa import DFA, DFADDPStrategy, DFAFSDPStrategy, DFAStrategy, FeedbackEngine
 from lightning_dfa.data import DigitsDataModule
 from lightning_dfa.models import MLPClassifier
 
@@ -23,7 +23,7 @@ class Recorder(pl.Callback):
     """Keeps the DFA engine and the gradients of the last training step."""
 
     def on_after_backward(self, trainer, pl_module):
-        self.dfa = trainer.strategy.dfa if hasattr(trainer.strategy, "dfa") else None
+        self.dfa = trainer.strategy.dfa.engine if hasattr(trainer.strategy, "dfa") else None
         self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
 
 
@@ -49,7 +49,11 @@ def test_strategy_arguments_override_configure_dfa():
     recorder = Recorder()
     strategy = DFAStrategy(mode="backprop", seed=7)
     trainer(strategy=strategy, callbacks=[recorder]).fit(MLPClassifier(hidden=16, depth=2), DigitsDataModule())
-    assert (recorder.dfa.mode, recorder.dfa.seed, recorder.dfa.points) == ("backprop", 7, ["blocks.0", "blocks.1"])
+    assert (recorder.dfa.mode, recorder.dfa.config.seed, recorder.dfa.points) == (
+        "backprop",
+        7,
+        ["blocks.0", "blocks.1"],
+    )
 
 
 def test_strategy_blocks_replace_configure_dfa():
@@ -65,8 +69,8 @@ def test_dfa_callback_works_under_another_strategy():
     dfa = DFA(blocks="blocks.*", output="head")
     model = MLPClassifier(hidden=16, depth=2)
     trainer(strategy="auto", callbacks=[dfa]).fit(model, datamodule=DigitsDataModule())
-    assert list(dfa.layout) == ["blocks.0", "blocks.1"]
-    assert dfa.model is None, "detached at the end of fit"
+    assert list(dfa.engine.layout) == ["blocks.0", "blocks.1"]
+    assert dfa.engine.model is None, "detached at the end of fit"
 
 
 def test_dfa_strategy_with_a_dfa_callback_is_an_error():
@@ -81,7 +85,7 @@ def test_configure_dfa_with_a_bad_return_is_an_error():
         def configure_dfa(self):
             return ["blocks.*"]
 
-    with pytest.raises(TypeError, match=r"Bad.configure_dfa\(\) must return a DFA or a dict"):
+    with pytest.raises(TypeError, match=r"Bad.configure_dfa\(\) must be a DFAConfig or a dict"):
         trainer(strategy="dfa").fit(Bad(hidden=16, depth=2), datamodule=DigitsDataModule())
 
 
@@ -126,7 +130,7 @@ class RankDump(pl.Callback):
     def on_after_backward(self, trainer, pl_module):
         if trainer.global_step == 0:
             state = {
-                "projection": trainer.strategy.dfa.projector.materialize(),
+                "projection": trainer.strategy.dfa.engine.projector.materialize(),
                 "grads": {n: p.grad.clone() for n, p in pl_module.named_parameters()},
             }
             with open(Path(self.folder) / f"rank{trainer.global_rank}.pkl", "wb") as file:
@@ -178,7 +182,7 @@ def test_manual_optimisation_gets_the_engine_gradients():
 
     reference = MLPClassifier(hidden=16, depth=2)
     reference.load_state_dict(model.initial)
-    DFA(blocks="blocks.*", output="head").attach(reference)
+    FeedbackEngine(blocks="blocks.*", output="head").attach(reference)
     torch.nn.functional.cross_entropy(reference(x), y).backward()
     for name, param in reference.named_parameters():
         torch.testing.assert_close(lightning_grads[name], param.grad, msg=name)
@@ -203,3 +207,20 @@ def test_dfa_attaches_after_configure_model():
     trainer(strategy="dfa", callbacks=[recorder]).fit(LazyMLP(), datamodule=DigitsDataModule())
     assert recorder.dfa.points == ["blocks.0", "blocks.1"]
     assert recorder.grads["blocks.0.0.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("strategy", [DFAStrategy, DFADDPStrategy, DFAFSDPStrategy])
+def test_every_strategy_takes_every_dfa_setting_and_passes_the_rest_to_lightning(strategy):
+    lightning_only = {"DFAStrategy": {}, "DFADDPStrategy": {"find_unused_parameters": True}}
+    extra = lightning_only.get(strategy.__name__, {"sharding_strategy": "NO_SHARD"})
+    made = strategy(backprop_top=1, error_rows=1, embeddings="first_block", **extra)
+    assert made._dfa_settings == {"backprop_top": 1, "error_rows": 1, "embeddings": "first_block"}  # noqa: SLF001
+
+
+def test_dfa_ddp_strategy_trains_with_a_dfa_setting_given_as_keyword():
+    recorder = Recorder()
+    strategy = DFADDPStrategy(backprop_top=1, process_group_backend="gloo")
+    trainer(strategy=strategy, devices=1, callbacks=[recorder], max_steps=1).fit(
+        MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule()
+    )
+    assert recorder.dfa.points == ["blocks.0"] and recorder.dfa.backprop_points == ["blocks.1"]

@@ -66,7 +66,7 @@ def batches(steps=6):
 
 
 def train_plain(model, optimizer, scheduler, scale):
-    with DFA(blocks="blocks.*", output="head", lr_scale=scale).attach(model) as dfa:
+    with FeedbackEngine(blocks="blocks.*", output="head", lr_scale=scale).attach(model) as dfa:
         dfa.scale_updates(optimizer)
         for x, y in batches():
             optimizer.zero_grad()
@@ -121,7 +121,7 @@ def test_each_of_two_optimizers_scales_its_own_points():
     )
     ref_second = torch.optim.SGD(reference.blocks[1].parameters(), lr=LR * SCALE, momentum=0.9)
     for model, optimizers, scale in ((scaled, (first, second), SCALE), (reference, (ref_first, ref_second), 1.0)):
-        with DFA(blocks="blocks.*", output="head", lr_scale=scale).attach(model) as dfa:
+        with FeedbackEngine(blocks="blocks.*", output="head", lr_scale=scale).attach(model) as dfa:
             dfa.scale_updates(*optimizers)
             for x, y in batches():
                 F.cross_entropy(model(x), y).backward()
@@ -135,7 +135,7 @@ def test_outside_the_step_the_optimizer_keeps_the_users_groups():
     model = TinyMLP()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     scheduler = cosine(optimizer)
-    with DFA(blocks="blocks.*", output="head", lr_scale=SCALE).attach(model) as dfa:
+    with FeedbackEngine(blocks="blocks.*", output="head", lr_scale=SCALE).attach(model) as dfa:
         dfa.scale_updates(optimizer)
         x, y = batches()[0]
         F.cross_entropy(model(x), y).backward()
@@ -168,7 +168,7 @@ def test_a_step_that_raised_leaves_no_split_groups_behind():
 def test_detach_restores_plain_optimizer_steps():
     scaled, reference = two_copies()
     optimizer = torch.optim.SGD(scaled.parameters(), lr=LR)
-    dfa = DFA(blocks="blocks.*", output="head", lr_scale=SCALE).attach(scaled)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head", lr_scale=SCALE).attach(scaled)
     dfa.scale_updates(optimizer)
     dfa.detach()
     ref_optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
@@ -183,12 +183,12 @@ def test_detach_restores_plain_optimizer_steps():
 def test_the_baselines_keep_the_plain_rate(mode):
     baseline, reference = two_copies()
     optimizer = torch.optim.SGD(baseline.parameters(), lr=LR)
-    with DFA(blocks="blocks.*", output="head", mode=mode, lr_scale=SCALE).attach(baseline) as dfa:
+    with FeedbackEngine(blocks="blocks.*", output="head", mode=mode, lr_scale=SCALE).attach(baseline) as dfa:
         dfa.scale_updates(optimizer)
         x, y = batches()[0]
         F.cross_entropy(baseline(x), y).backward()
         optimizer.step()
-    with DFA(blocks="blocks.*", output="head", mode=mode, lr_scale=1.0).attach(reference):
+    with FeedbackEngine(blocks="blocks.*", output="head", mode=mode, lr_scale=1.0).attach(reference):
         F.cross_entropy(reference(x), y).backward()
         torch.optim.SGD(reference.parameters(), lr=LR).step()
     assert_same_weights(baseline, reference)
@@ -212,22 +212,22 @@ def test_a_scale_outside_0_to_1_is_refused_with_its_meaning(bad):
 
 def test_scale_updates_before_attach_says_to_attach():
     with pytest.raises(RuntimeError, match=r"call attach\(model\) first"):
-        DFA(lr_scale=SCALE).scale_updates(torch.optim.SGD(TinyMLP().parameters(), lr=LR))
+        FeedbackEngine(lr_scale=SCALE).scale_updates(torch.optim.SGD(TinyMLP().parameters(), lr=LR))
 
 
 def test_resuming_with_another_scale_warns():
     model = TinyMLP()
-    dfa = DFA(blocks="blocks.*", output="head", lr_scale=SCALE).attach(model)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head", lr_scale=SCALE).attach(model)
     x, y = batches()[0]
     F.cross_entropy(model(x), y).backward()
     state = dfa.state_dict()
     assert state["lr_scale"] == SCALE
-    other = DFA(blocks="blocks.*", output="head", lr_scale=0.5)
+    other = FeedbackEngine(blocks="blocks.*", output="head", lr_scale=0.5)
     with pytest.warns(UserWarning, match=r"lr_scale=0.1, this run uses lr_scale=0.5"):
         other.load_state_dict(state)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        DFA(blocks="blocks.*", output="head", lr_scale=SCALE).load_state_dict(state)
+        FeedbackEngine(blocks="blocks.*", output="head", lr_scale=SCALE).load_state_dict(state)
 
 
 # ---------------------------------------------------------------------- Lightning
@@ -289,12 +289,12 @@ def test_the_callback_applies_the_scale_under_another_strategy():
 
 @pytest.mark.parametrize("strategy", [DFAStrategy, DFADDPStrategy, DFAFSDPStrategy])
 def test_every_strategy_takes_the_scale(strategy):
-    assert strategy(lr_scale=0.2)._dfa_args["lr_scale"] == 0.2  # noqa: SLF001
+    assert strategy(lr_scale=0.2)._dfa_settings["lr_scale"] == 0.2  # noqa: SLF001
 
 
 def test_the_default_scale_is_used_without_settings():
-    assert DFAStrategy()._dfa_args.get("lr_scale") is None  # noqa: SLF001 (the engine's default applies)
-    assert DFA().lr_scale == FeedbackEngine().lr_scale == "auto"
+    assert DFAStrategy()._dfa_settings.get("lr_scale") is None  # noqa: SLF001 (the engine's default applies)
+    assert FeedbackEngine().lr_scale == FeedbackEngine().lr_scale == "auto"
 
 
 def test_dfa_ddp_with_a_scale_trains_like_one_process(monkeypatch):
@@ -342,7 +342,7 @@ def test_auto_is_one_over_the_square_root_of_the_error_width_at_most_a_tenth(err
 
 def test_auto_is_the_default_and_is_set_by_the_first_forward():
     model = TinyMLP(classes=400)  # 400 classes: 1 / sqrt(400) = 0.05
-    dfa = DFA(blocks="blocks.*", output="head").attach(model)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(model)
     assert dfa.lr_scale == "auto" and dfa.points_lr_scale is None
     model(torch.randn(2, 5))
     assert dfa.points_lr_scale == pytest.approx(0.05)
@@ -355,7 +355,9 @@ def test_auto_sees_the_whole_image_with_spatial_feedback():
     unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 8),
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
                        layers_per_block=1, norm_num_groups=4)  # fmt: skip
-    with DFA(spatial_feedback=True).attach(unet) as dfa:  # rows are pixels for the projection, not for the rule
+    with FeedbackEngine(spatial_feedback=True).attach(
+        unet
+    ) as dfa:  # rows are pixels for the projection, not for the rule
         unet(torch.zeros(2, 1, 16, 16), torch.tensor([1, 2]))
         assert dfa.points_lr_scale == pytest.approx(1 / 16)
 

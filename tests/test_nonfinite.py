@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_dfa  # noqa: F401  (registers the strategies)
-from lightning_dfa import DFA, DFAStrategy
+from lightning_dfa import DFA, DFAStrategy, FeedbackEngine
 from lightning_dfa.callback import SKIPPED_METRIC
 from lightning_dfa.models import MLPClassifier
 
@@ -187,10 +187,11 @@ def test_skip_leaves_weights_bit_identical_after_nan_feedback():
 
 def test_skip_keeps_a_raising_projector_from_seeing_the_bad_error():
     snapshots = Snapshots()
-    strategy = DFAStrategy(projector={"class_path": "seeded", "init_args": {"nonfinite": "raise"}}, nonfinite="skip")
-    with pytest.warns(RuntimeWarning, match="Skipped"):
+    strategy = DFAStrategy(projector="seeded", nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match="Skipped") as warned:
         trainer = fit(Poisoned("error"), [snapshots], strategy=strategy)
     assert snapshots.unchanged(BAD_STEP) and trainer.global_step == 5
+    assert not any("rows are not finite" in str(w.message) for w in warned), "the projector saw the bad error"
 
 
 def test_skip_drops_the_whole_accumulated_step_when_one_micro_batch_is_bad():
@@ -252,7 +253,7 @@ def test_dfa_callback_under_another_strategy_is_guarded_too():
 
 
 def test_plain_attach_without_lightning_still_raises_on_a_non_finite_error(mlp, batch):
-    DFA(blocks="blocks.*", output="head", nonfinite="skip").attach(mlp)
+    FeedbackEngine(blocks="blocks.*", output="head", nonfinite="skip").attach(mlp)
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         (mlp(batch[0]) * float("nan")).sum().backward()
 
@@ -260,8 +261,8 @@ def test_plain_attach_without_lightning_still_raises_on_a_non_finite_error(mlp, 
 # ---------------------------------------------------------------------------------------------- settings
 def test_nonfinite_is_one_of_the_dfa_settings():
     dfa = DFA(blocks="blocks.*", nonfinite="skip", nonfinite_patience=4)
-    assert (dfa.settings()["nonfinite"], dfa.settings()["nonfinite_patience"]) == ("skip", 4)
-    assert DFA(**dfa.settings()).nonfinite == "skip"
+    assert (dfa.config.nonfinite, dfa.config.nonfinite_patience) == ("skip", 4)
+    assert DFA(**dfa.config.settings()).config.nonfinite == "skip"
 
 
 def test_the_strategy_passes_nonfinite_to_its_dfa():
@@ -271,7 +272,7 @@ def test_the_strategy_passes_nonfinite_to_its_dfa():
 
     with pytest.warns(RuntimeWarning):
         trainer = fit(Configured("loss"), strategy="dfa")
-    assert trainer.strategy.dfa.nonfinite == "skip"
+    assert trainer.strategy.dfa.config.nonfinite == "skip"
 
 
 def test_the_skipped_count_is_kept_in_checkpoints():
@@ -297,4 +298,4 @@ def test_nonfinite_can_be_set_from_the_command_line(tmp_path):
             f"--trainer.default_root_dir={tmp_path}",
         ]
     )
-    assert cli.trainer.strategy.dfa.nonfinite == "skip"
+    assert cli.trainer.strategy.dfa.config.nonfinite == "skip"

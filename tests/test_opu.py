@@ -56,16 +56,47 @@ def test_ternarisation_is_the_least_squares_ternary_code_with_the_stated_error()
 
 def test_absolute_threshold_ternarises_against_the_given_value():
     e = torch.tensor([[0.2, -0.35, 0.5, -2.0]])
-    assert torch.equal(ternarize(e, 0.3, relative=False).frames[:, 0], torch.tensor([[0, 0, 1, 0], [0, 1, 0, 1.0]]))
+    frames = ternarize(e, 0.3, threshold_of="absolute").frames[:, 0]
+    assert torch.equal(frames, torch.tensor([[0, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.bool))
+
+
+def test_ternary_weights_each_sign_by_the_mean_magnitude_of_its_lit_entries():
+    e = torch.tensor([[0.3, 0.1, -0.9, 0.2, 0.0]])  # a softmax-minus-one-hot-like row: rms 0.43
+    frames = ternarize(e, 0.5)  # threshold 0.5 x rms = 0.21: p = {0.3}, n = {-0.9}
+    assert torch.allclose(frames.decode(), torch.tensor([[0.3, 0.0, -0.9, 0.0, 0.0]]))
+
+
+def test_sign_threshold_thresholds_each_sign_on_its_own_magnitude():
+    e = torch.tensor([[0.3, 0.1, -0.9, 0.2, 0.0]])
+    # Positive entries' rms = sqrt((0.09 + 0.01 + 0.04) / 3) = 0.216: threshold 0.108 keeps 0.3 and 0.2.
+    frames = ternarize(e, 0.5, threshold_of="sign")
+    assert torch.equal(frames.frames[0, 0], torch.tensor([True, False, False, True, False]))
+    assert torch.allclose(frames.decode(), torch.tensor([[0.25, 0.0, -0.9, 0.25, 0.0]]))
+
+
+def test_bad_threshold_reference_names_the_choices():
+    with pytest.raises(ValueError, match="threshold_of must be one of"):
+        OPU(8, 16, threshold_of="max")
+
+
+def test_binary_frames_are_bool():
+    e = torch.randn(4, 16)
+    assert encode(e, "ternary").frames.dtype == torch.bool and encode(e, "bitplanes", bits=3).frames.dtype == torch.bool
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_bit_planes_reconstruct_every_entry_within_half_a_level(bits):
     e = torch.randn(50, 300, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
     frames = bitplanes(e, bits)
-    assert frames.frames.shape == (2 * bits, 50, 300) and set(frames.frames.unique().tolist()) <= {0.0, 1.0}
-    bound = e.abs().amax(1, keepdim=True) / (2 * (2**bits - 1))
+    assert frames.frames.shape == (2 * bits, 50, 300) and frames.frames.dtype == torch.bool
+    peaks = torch.where(e > 0, e.clamp_min(0).amax(1, keepdim=True), e.neg().clamp_min(0).amax(1, keepdim=True))
+    bound = peaks / (2 * (2**bits - 1))  # each sign's own peak
     assert bool(((frames.decode() - e).abs() <= bound * (1 + 1e-9)).all())
+
+
+def test_bit_planes_code_each_sign_on_its_own_peak():
+    e = torch.tensor([[0.01, 0.02, -1.0, 0.03]])  # one bit plane per sign: small positives survive
+    assert torch.allclose(bitplanes(e, 2).decode(), torch.tensor([[0.01, 0.02, -1.0, 0.03]]))
 
 
 def test_more_bit_planes_give_a_smaller_encoding_error():
@@ -191,3 +222,48 @@ def test_float64_errors_are_projected_in_float64(errors):
     y = opu(errors.double())
     assert y.dtype == torch.float64
     assert torch.allclose(y, errors.double() @ opu.ideal_matrix(torch.float64), atol=1e-6)
+
+
+def test_sampled_rows_give_the_full_feedback_on_average():
+    errors = torch.randn(16, D_E, generator=torch.Generator().manual_seed(2))
+    full = OPU(D_E, D_FB, seed=1, camera=False, encoding=None)(errors)
+    sampled = OPU(D_E, D_FB, seed=1, camera=False, encoding=None, sample_rows=0.25)
+    mean = sum(sampled(errors) for _ in range(2000)) / 2000  # a new subset per call
+    assert float((mean - full).norm() / full.norm()) < 0.06  # sd of the mean: sqrt(3 / 2000) = 0.039 per row
+
+
+def test_sampled_rows_send_a_share_of_the_vectors_and_the_others_get_no_feedback():
+    errors = torch.randn(40, D_E)
+    opu = OPU(D_E, D_FB, seed=1, camera=False, encoding=None, sample_rows=0.25)
+    out = opu(errors)
+    sent = out.abs().sum(1) > 0
+    assert int(sent.sum()) == 10 and opu.stats["vectors"] == 10 and opu.stats["rows"] == 40
+    assert opu.stats["frames"] == 10 * opu.frames_per_vector()
+    exact = OPU(D_E, D_FB, seed=1, camera=False, encoding=None)(errors)
+    assert torch.allclose(out[sent], 4 * exact[sent], atol=1e-4)  # scaled by rows / sent
+
+
+def test_sampled_rows_are_the_same_for_the_same_seed_and_call_and_change_from_call_to_call():
+    errors = torch.randn(40, D_E)
+    a, b = (OPU(D_E, D_FB, seed=1, camera=False, sample_rows=0.1) for _ in range(2))
+    first = a(errors)
+    assert torch.equal(first, b(errors))
+    assert not torch.equal(first.abs().sum(1) > 0, a(errors).abs().sum(1) > 0)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.5, -0.1])
+def test_sample_rows_outside_0_1_is_an_error(share):
+    with pytest.raises(ValueError, match=r"sample_rows .* must be in \(0, 1\]"):
+        OPU(D_E, D_FB, sample_rows=share)
+
+
+def test_peak_threshold_keeps_each_signs_entries_near_its_largest():
+    e = torch.tensor([[0.3, 0.1, -0.9, 0.2, 0.0, -0.3]])
+    frames = ternarize(e, 0.5, threshold_of="peak")  # positives above 0.15, negatives below -0.45
+    assert torch.equal(frames.frames[:, 0], torch.tensor([[1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool))
+    assert torch.allclose(frames.decode(), torch.tensor([[0.25, 0.0, -0.9, 0.25, 0.0, 0.0]]))
+
+
+def test_peak_threshold_of_one_or_more_is_an_error():
+    with pytest.raises(ValueError, match=r"relative to the peak must be in \[0, 1\)"):
+        OPU(8, 16, threshold=1.0, threshold_of="peak")

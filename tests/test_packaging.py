@@ -1,5 +1,6 @@
 """The installed package: recipes ship inside the wheel, the console script is declared."""
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -38,3 +39,25 @@ def test_wheel_ships_every_recipe_and_the_console_script(tmp_path):
 def test_top_level_recipes_folder_is_the_packaged_one():
     assert (ROOT / "recipes").resolve() == (ROOT / "lightning_dfa" / "recipes").resolve()
     assert 'lightning_dfa = ["recipes/*.yaml"]' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_feedback_engine_imports_no_lightning():
+    code = (
+        "import sys, lightning_dfa.feedback\n"
+        "print([m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')])"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_importing_lightning_after_the_package_registers_the_strategies():
+    code = (
+        "import lightning_dfa\n"
+        "from lightning.pytorch.strategies import StrategyRegistry\n"
+        "print('dfa_fsdp' in StrategyRegistry)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stdout.strip() == "True", result.stderr[-2000:]

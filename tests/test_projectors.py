@@ -247,20 +247,8 @@ def test_registry_accepts_names_configs_and_dotted_class_paths():
 
 
 @pytest.mark.parametrize("kind", ["seeded", "structured", "opu"])
-def test_non_finite_errors_raise_a_clear_error(kind):
+def test_non_finite_rows_give_nan_feedback_with_a_warning(kind):
     p = build_projector(kind, 16, 40, seed=0)
-    x = torch.randn(4, 16)
-    x[2, 3] = float("nan")
-    with pytest.raises(ValueError, match="1 of 4 error rows contain NaN or infinite"):
-        p(x)
-    x[2, 3] = float("inf")
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        p(x)
-
-
-@pytest.mark.parametrize("kind", ["seeded", "structured", "opu"])
-def test_non_finite_rows_propagate_as_nan_only_when_asked(kind):
-    p = build_projector({"class_path": kind, "init_args": {"nonfinite": "propagate"}}, 16, 40, seed=0)
     x = torch.randn(4, 16)
     x[1, 0] = float("inf")
     with pytest.warns(RuntimeWarning, match="1 error rows are not finite"):

@@ -40,8 +40,8 @@ def test_vit_takes_its_sizes_from_the_data_and_trains_with_dfa(tmp_path, digits)
     fit = trainer(tmp_path, fast_dev_run=2)
     fit.fit(model, datamodule=digits)
     assert (model.hparams.num_labels, model.hparams.image_size, model.hparams.num_channels) == (10, 8, 1)
-    assert fit.strategy.dfa.points == ["model.vit.embeddings", "model.vit.layers.0", "model.vit.layers.1"]
-    assert fit.strategy.dfa.output == "model.classifier" and fit.global_step == 2
+    assert fit.strategy.dfa.engine.points == ["model.vit.embeddings", "model.vit.layers.0", "model.vit.layers.1"]
+    assert fit.strategy.dfa.engine.output == "model.classifier" and fit.global_step == 2
     assert {"train/loss", "val/loss", "val/acc"} <= set(fit.callback_metrics)
     fit.save_checkpoint(tmp_path / "vit.ckpt")  # the resolved sizes are saved: the same network comes back
     loaded, x = ImageClassifier.load_from_checkpoint(tmp_path / "vit.ckpt"), torch.rand(2, 1, 8, 8)
@@ -61,7 +61,7 @@ def test_vit_sizes_that_disagree_with_the_data_are_named(tmp_path, digits):
     with pytest.raises(ValueError, match="image_size=16 but the data has image_size=8"):
         trainer(tmp_path, fast_dev_run=1).fit(ImageClassifier({**VIT, "image_size": 16}), datamodule=digits)
     with pytest.raises(ValueError, match="needs num_labels: give it"):
-        ImageClassifier(VIT).configure_callbacks()
+        ImageClassifier(VIT).configure_model()
 
 
 def test_vit_from_a_local_pretrained_dir(tmp_path):
@@ -77,14 +77,14 @@ def test_diffusion_trains_with_dfa_and_writes_samples(tmp_path, symmetric_digits
     model = Diffusion(UNET, num_train_timesteps=100, inference_steps=4, num_samples=4)
     fit = trainer(tmp_path, fast_dev_run=2)
     fit.fit(model, datamodule=symmetric_digits)
-    assert fit.strategy.dfa.points == [
+    assert fit.strategy.dfa.engine.points == [
         "unet.down_blocks.0",
         "unet.down_blocks.1",
         "unet.mid_block",
         "unet.up_blocks.0",
         "unet.up_blocks.1",
     ]
-    assert fit.strategy.dfa.output == "unet.conv_out"
+    assert fit.strategy.dfa.engine.output == "unet.conv_out"
     assert (tmp_path / "samples" / "epoch_000.png").is_file()
     assert {"train/loss", "val/loss"} <= set(fit.callback_metrics)
     assert model.unet.time_embedding.linear_1.weight.grad is None  # cut by the engine (documented)
@@ -129,5 +129,5 @@ def test_digits_recipes_run_end_to_end(recipe, tmp_path):
             f"--trainer.default_root_dir={tmp_path}",
         ]
     )
-    assert cli.trainer.global_step == 1 and cli.trainer.strategy.dfa.mode == "dfa"
+    assert cli.trainer.global_step == 1 and cli.trainer.strategy.dfa.engine.mode == "dfa"
     assert "test/loss" in cli.trainer.callback_metrics

@@ -70,7 +70,7 @@ class OpticalLedger(Callback):
         self._engine: Any = None
         self._hooked: nn.Module | None = None
         self._handles: list = []
-        self._pending = {"vectors": 0, "seconds": 0.0, "frames": 0}
+        self._pending = self._nothing_pending()
         self._started = 0.0
         self._reference_s_per_vector: float | None = None
 
@@ -101,9 +101,12 @@ class OpticalLedger(Callback):
     def _stop(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._sync(output)
         self._pending["seconds"] += time.perf_counter() - self._started
-        self._pending["vectors"] += args[0].shape[0]
-        if isinstance(module, OPU):
+        self._pending["rows"] += args[0].shape[0]
+        if isinstance(module, OPU):  # it may send only some rows (sample_rows)
+            self._pending["vectors"] += module.stats["vectors"]
             self._pending["frames"] += module.stats["frames"]
+        else:
+            self._pending["vectors"] += args[0].shape[0]
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -111,15 +114,28 @@ class OpticalLedger(Callback):
         self._handles, self._hooked = [], None
 
     # -- accounting ------------------------------------------------------------------------------
-    def step_cost(self, projector: nn.Module, vectors: int, seconds: float, frames: int, device: torch.device) -> dict:
-        """The ledger entry of one step that projected ``vectors`` errors in ``seconds`` (``frames`` if an OPU)."""
+    def step_cost(
+        self,
+        projector: nn.Module,
+        vectors: int,
+        seconds: float,
+        frames: int,
+        device: torch.device,
+        rows: int | None = None,
+    ) -> dict:
+        """The ledger entry of one step that projected ``vectors`` errors in ``seconds`` (``frames`` if an OPU).
+
+        ``rows``: the error rows of the step (default ``vectors``); an OPU with ``sample_rows < 1`` sends only
+        ``vectors`` of them, while the electronic reference projects them all.
+        """
+        rows = vectors if rows is None else rows
         power = default_power_w(device) if self.electronic_power_w is None else self.electronic_power_w
         d_e, d_fb = projector.in_features, projector.out_features
         if isinstance(projector, OPU):
             if self._reference_s_per_vector is None:
-                reference = electronic_cost(vectors, d_e, d_fb, device=device, repeats=3, power_w=power)
-                self._reference_s_per_vector = reference.time_s / vectors
-            seconds = self._reference_s_per_vector * vectors
+                reference = electronic_cost(rows, d_e, d_fb, device=device, repeats=3, power_w=power)
+                self._reference_s_per_vector = reference.time_s / rows
+            seconds = self._reference_s_per_vector * rows
             optical_s = frames * projector.frame_time
             optical_j = optical_s * projector.power_w
         else:
@@ -142,12 +158,16 @@ class OpticalLedger(Callback):
             "electronic_energy_j": seconds * power,
         }
 
+    @staticmethod
+    def _nothing_pending() -> dict[str, Any]:
+        return {"rows": 0, "vectors": 0, "seconds": 0.0, "frames": 0}
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        pending, self._pending = self._pending, {"vectors": 0, "seconds": 0.0, "frames": 0}
-        if self._hooked is None or pending["vectors"] == 0:
+        pending, self._pending = self._pending, self._nothing_pending()
+        if self._hooked is None or pending["rows"] == 0:
             return
         entry = self.step_cost(
-            self._hooked, pending["vectors"], pending["seconds"], pending["frames"], pl_module.device
+            self._hooked, pending["vectors"], pending["seconds"], pending["frames"], pl_module.device, pending["rows"]
         )
         self.steps += 1
         for key in KEYS:
@@ -170,9 +190,15 @@ class OpticalLedger(Callback):
     def table(self) -> str:
         """The summary as a small text table."""
         s = self.summary()
+        per_step = max(s["steps"], 1)
         rows = [
             ("steps / error vectors", f"{s['steps']:.0f} / {s['vectors']:.0f}", ""),
             ("projection time (s)", f"{s['optical_time_s']:.4g}", f"{s['electronic_time_s']:.4g}"),
+            (
+                "  per step (ms)",
+                f"{1e3 * s['optical_time_s'] / per_step:.4g}",
+                f"{1e3 * s['electronic_time_s'] / per_step:.4g}",
+            ),
             ("projection energy (J)", f"{s['optical_energy_j']:.4g}", f"{s['electronic_energy_j']:.4g}"),
             ("frames", f"{s['frames']:.0f}", ""),
         ]

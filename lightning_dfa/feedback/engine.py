@@ -27,77 +27,28 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dfa import _compat
+from lightning_dfa.feedback.config import DFAConfig
 from lightning_dfa.feedback.outputs import any_requires_grad, detach_inputs, first_tensor, replace_first
 from lightning_dfa.feedback.points import auto_output, embedding_points, resolve_module, resolve_points
 from lightning_dfa.feedback.router import FeedbackRouter, in_backward
-from lightning_dfa.feedback.rows import (
-    SEQUENCE_FEEDBACK,
-    PointShape,
-    SpatialShape,
-    error_row_dims,
-    spatial_error_rows,
-)
-from lightning_dfa.feedback.scaling import ERROR_ENCODINGS, FEEDBACK_SCALES, AdaptiveScale, encode_error, fixed_scales
-from lightning_dfa.feedback.update_scale import (
-    DEFAULT_LR_SCALE,
-    ScaledUpdates,
-    auto_lr_scale,
-    check_lr_scale,
-)
+from lightning_dfa.feedback.rows import PointShape, SpatialShape, error_row_dims, spatial_error_rows
+from lightning_dfa.feedback.update_scale import ScaledUpdates, auto_lr_scale
 from lightning_dfa.projectors import build_projector
 from lightning_dfa.projectors.checks import check_fits_in_memory
-from lightning_dfa.projectors.registry import ProjectorSpec, check_projector_sizes
-
-MODES = ("dfa", "backprop", "frozen")
-CUT_INPUTS = ("all", "hidden")
-EMBEDDINGS = (False, True, "first_block")
+from lightning_dfa.projectors.registry import check_projector_sizes
 
 
 class FeedbackEngine:
     """Direct Feedback Alignment for a model's blocks, usable from plain PyTorch.
 
     Args:
-        blocks: module paths or glob patterns (``"transformer.h.*"``, ``["0", "1"]``), or ``"auto"``
-            for the blocks of HuggingFace models (``_no_split_modules``) and diffusers UNets, else the
-            largest group of repeated sibling blocks (:func:`~lightning_dfa.feedback.points.repeated_blocks`).
-        output: module path whose output's gradient is the error ``e`` (logits, or the last hidden
-            state before the head). ``None`` picks it for known families (LM head, classifier, UNet
-            ``conv_out``), else the last module with parameters registered after the blocks.
-        projector: ``"gaussian"`` (default), a projector module, a ``(d_e, sum d_i)`` matrix, a class,
-            or a config ``{"class_path": ..., "init_args": {...}}``. Built at the first forward pass.
-        seed: seed of the projection; the same seed gives the same feedback on every device and rank.
-        mode: ``"dfa"``; ``"backprop"`` runs the identical pipeline with true gradients; ``"frozen"`` is the
-            frozen-blocks control: the DFA pipeline with the points' parameters frozen at init, so only
-            what DFA trains besides the blocks (the head) learns. DFA only learns if it beats it.
-        error_rows: leading dimensions of the error that are rows (default: 2 for ``(B, T, V)``
-            errors, else 1). See :mod:`lightning_dfa.feedback.rows`.
-        sequence_feedback: ``"broadcast"`` or ``"flatten"``, for per-sample errors with per-token points.
-        check_finite: raise if the error holds NaN or inf instead of spreading it into every block.
-        lr_scale: the feedback points learn at ``lr_scale`` x their optimizer's learning rate (``mode="dfa"``
-            only; baselines keep the plain rate). ``"auto"`` (default) is ``min(0.1, 1 / sqrt(error width))``, the
-            error's values per row with the default rows (tokens for sequences, samples otherwise), set at the
-            first forward pass. Lightning runs apply it to every optimizer; in plain PyTorch call :meth:`scale_updates`
-            once. See :mod:`lightning_dfa.feedback.update_scale`.
+        config: a :class:`~lightning_dfa.feedback.config.DFAConfig`, or none;
+        **settings: its settings (``blocks``, ``output``, ``projector``, ``seed``, ``mode``, ...), over ``config``.
 
-    Learning variants (:doc:`docs/learning.md` measures each):
-
-    Args:
-        error_encoding: ``"none"``, ``"row"`` (unit RMS per row), ``"sign"`` or ``"ternary"`` (what optics
-            can display; threshold ``ternary_threshold`` x the row's RMS). See :mod:`.scaling`.
-        feedback_scale: per-point factor: ``"fan_in"`` (the projector's own ``1/sqrt(d_e)``), ``"layer"``
-            (``sqrt(d_max/d_i)``), ``"xavier"``, or ``"adaptive"`` (feedback RMS follows the error's RMS,
-            smoothed with ``scale_momentum``).
-        backprop_top: the top ``k`` blocks train with their true gradient (DFA below, backprop above);
-            ``0`` is pure DFA.
-        embeddings: ``True`` adds the embeddings (token, position, patch; a UNet's ``conv_in`` and time
-            embedding) as feedback points of their own; ``"first_block"`` lets the first block's feedback flow
-            back through that block into whatever feeds it (the embeddings), and no further; ``False`` (default):
-            the embeddings learn only through a head tied to them.
-        spatial_feedback: image errors ``(B, C, H, W)`` give one row per pixel (its ``spatial_patch`` x
-            ``spatial_patch`` neighbourhood), projected per position and pooled to each point's resolution.
-        cut_inputs: ``"all"`` detaches every input of a point; ``"hidden"`` only the hidden state, so the
-            side inputs (time embedding, skip connections) carry the blocks' gradients back.
-        shared_feedback: points of equal width share one feedback matrix (one residual stream, one B).
+    The engine reads ``blocks``, ``output``, ``projector``, ``seed``, ``mode``, ``error_rows``, ``lr_scale``,
+    ``backprop_top``, ``embeddings`` and ``spatial_feedback``/``spatial_patch``. A NaN or infinite error raises
+    ``FloatingPointError`` in backward (no feedback reaches the blocks); the Lightning ``DFA`` callback sets
+    :attr:`defer_nonfinite` and stops or skips the step instead (``nonfinite=``).
 
     Example::
 
@@ -108,64 +59,16 @@ class FeedbackEngine:
         dfa.detach()                         # plain backprop (and plain optimizer steps) again
     """
 
-    def __init__(
-        self,
-        blocks: str | Sequence[str] = "auto",
-        output: str | None = None,
-        projector: ProjectorSpec = "gaussian",
-        seed: int = 0,
-        mode: str = "dfa",
-        error_rows: int | None = None,
-        sequence_feedback: str = "broadcast",
-        check_finite: bool = True,
-        lr_scale: float | str = DEFAULT_LR_SCALE,
-        error_encoding: str = "none",
-        ternary_threshold: float = 1.0,
-        feedback_scale: str = "fan_in",
-        scale_momentum: float = 0.9,
-        backprop_top: int = 0,
-        embeddings: bool | str = False,
-        spatial_feedback: bool = False,
-        spatial_patch: int = 1,
-        cut_inputs: str = "all",
-        shared_feedback: bool = False,
-    ) -> None:
-        for setting, value, allowed in (
-            ("mode", mode, MODES),
-            ("sequence_feedback", sequence_feedback, SEQUENCE_FEEDBACK),
-            ("error_encoding", error_encoding, ERROR_ENCODINGS),
-            ("feedback_scale", feedback_scale, FEEDBACK_SCALES),
-            ("cut_inputs", cut_inputs, CUT_INPUTS),
-            ("embeddings", embeddings, EMBEDDINGS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{setting} must be one of {allowed}, got {value!r}.")
-        if not isinstance(backprop_top, int) or backprop_top < 0:
-            raise ValueError(f"backprop_top must be a non-negative integer (0 is pure DFA), got {backprop_top!r}.")
-        if not isinstance(spatial_patch, int) or spatial_patch < 1 or spatial_patch % 2 == 0:
-            raise ValueError(f"spatial_patch must be an odd positive integer (1, 3, 5, ...), got {spatial_patch!r}.")
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-        check_lr_scale(lr_scale)
-        self.blocks = blocks
-        self.output = output
-        self.projector_spec = projector
-        self.seed = seed
-        self.mode = mode
-        self.error_rows = error_rows
-        self.sequence_feedback = sequence_feedback
-        self.check_finite = check_finite
-        self.lr_scale = lr_scale
+    def __init__(self, config: DFAConfig | None = None, /, **settings: Any) -> None:
+        self.config = DFAConfig.of(config).replace(**settings) if settings else DFAConfig.of(config)
+        #: The error point: ``config.output``, or the module chosen for it at :meth:`attach`.
+        self.output = self.config.output
         #: The points' share of the learning rate in use: ``lr_scale``, or what ``"auto"`` chose at the first forward.
-        self.points_lr_scale: float | None = None if lr_scale == "auto" else float(lr_scale)
+        self.points_lr_scale: float | None = None if self.lr_scale == "auto" else float(self.lr_scale)
+        #: Set by the Lightning callback: a non-finite error gives no feedback and sets :attr:`nonfinite_error`.
+        self.defer_nonfinite = False
+        self.nonfinite_error = False
         self._scaled_updates: list[ScaledUpdates] = []
-        self.error_encoding, self.ternary_threshold = error_encoding, ternary_threshold
-        self.feedback_scale, self.scale_momentum = feedback_scale, scale_momentum
-        self.backprop_top, self.embeddings, self.cut_inputs = backprop_top, embeddings, cut_inputs
-        self.spatial_feedback, self.spatial_patch = spatial_feedback, spatial_patch
-        self.shared_feedback = shared_feedback
-        self._adaptive = AdaptiveScale(scale_momentum)
-        self._scales: dict[str, float] = {}
         #: Blocks that train with their true gradient (``backprop_top``), above the DFA points.
         self.backprop_points: list[str] = []
         self.projector: nn.Module | None = None
@@ -186,29 +89,17 @@ class FeedbackEngine:
         self.observers: list[Callable[[Tensor, dict[str, Tensor]], None]] = []
         self._saved_state: dict[str, Any] | None = None
 
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def lr_scale(self) -> float | str:
+        return self.config.lr_scale
+
     def settings(self) -> dict[str, Any]:
-        """The constructor arguments of this engine (to rebuild it with some of them changed)."""
-        return {
-            "blocks": self.blocks,
-            "output": self.output,
-            "projector": self.projector_spec,
-            "seed": self.seed,
-            "mode": self.mode,
-            "error_rows": self.error_rows,
-            "sequence_feedback": self.sequence_feedback,
-            "check_finite": self.check_finite,
-            "lr_scale": self.lr_scale,
-            "error_encoding": self.error_encoding,
-            "ternary_threshold": self.ternary_threshold,
-            "feedback_scale": self.feedback_scale,
-            "scale_momentum": self.scale_momentum,
-            "backprop_top": self.backprop_top,
-            "embeddings": self.embeddings,
-            "spatial_feedback": self.spatial_feedback,
-            "spatial_patch": self.spatial_patch,
-            "cut_inputs": self.cut_inputs,
-            "shared_feedback": self.shared_feedback,
-        }
+        """The settings of this engine (to rebuild it with some of them changed)."""
+        return self.config.settings()
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, model: nn.Module) -> FeedbackEngine:
@@ -224,7 +115,7 @@ class FeedbackEngine:
             )
         points, top = self._select_points(model)
         blocks = points + top
-        output = self.output if self.output is not None else auto_output(model, blocks)
+        output = self.config.output if self.config.output is not None else auto_output(model, blocks)
         if output is None:
             raise ValueError(
                 f"output=None and no error point found in {type(model).__name__}: it holds no HuggingFace model or "
@@ -241,8 +132,7 @@ class FeedbackEngine:
                     "after every block. Choose an output outside the blocks that runs after them, e.g. the head."
                 )
         if self._built_for is not None and self._built_for() is not model:  # a sweep reusing the DFA: new layout
-            self.projector, self.layout, self._scales, self._built_for = None, {}, {}, None
-            self._adaptive = AdaptiveScale(self.scale_momentum)
+            self.projector, self.layout, self._built_for = None, {}, None
         self.model, self.points, self.backprop_points, self.output = model, points, top, output
         self._forwards, self._routers_pending, self._output_ran = 0, 0, False
         if self.mode == "frozen":
@@ -257,15 +147,15 @@ class FeedbackEngine:
 
     def _select_points(self, model: nn.Module) -> tuple[list[str], list[str]]:
         """The DFA points (embeddings included if asked) and the top blocks that keep backprop."""
-        blocks = resolve_points(model, self.blocks)
-        if self.backprop_top >= len(blocks):
+        blocks, backprop_top = resolve_points(model, self.config.blocks), self.config.backprop_top
+        if backprop_top >= len(blocks):
             raise ValueError(
-                f"backprop_top={self.backprop_top} leaves no block to train with DFA among the {len(blocks)} "
+                f"backprop_top={backprop_top} leaves no block to train with DFA among the {len(blocks)} "
                 f"blocks {blocks}; use at most {len(blocks) - 1}, or mode='backprop' for plain backprop."
             )
-        top = blocks[len(blocks) - self.backprop_top :]
-        points = blocks[: len(blocks) - self.backprop_top]
-        if self.embeddings is True:
+        top = blocks[len(blocks) - backprop_top :]
+        points = blocks[: len(blocks) - backprop_top]
+        if self.config.embeddings is True:
             inside = [p for p in blocks if p]
             extra = [
                 e
@@ -288,9 +178,8 @@ class FeedbackEngine:
             cut = _cut_side_inputs if self._feeds_embeddings(name) else self._cut_inputs
             self._handles.append(modules[name].register_forward_pre_hook(_Hook(cut), with_kwargs=True))
             self._handles.append(modules[name].register_forward_hook(_Hook(self._recorder(name))))
-        if self.cut_inputs == "all":  # backprop blocks: their hidden state flows, side inputs from DFA blocks do not
-            for name in self.backprop_points:
-                self._handles.append(modules[name].register_forward_pre_hook(_Hook(_cut_side_inputs), with_kwargs=True))
+        for name in self.backprop_points:  # their hidden state flows, side inputs from DFA blocks do not
+            self._handles.append(modules[name].register_forward_pre_hook(_Hook(_cut_side_inputs), with_kwargs=True))
         self._handles.append(modules[self.output].register_forward_hook(_Hook(self._route)))
         # Called even when the forward raises (an out-of-memory retry): the records of that pass are stale.
         self._handles.append(self.model.register_forward_hook(_Hook(self._after_forward), always_call=True))
@@ -359,7 +248,7 @@ class FeedbackEngine:
     # ------------------------------------------------------------------ hooks
     def _cut_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if torch.is_grad_enabled():
-            args, kwargs = detach_inputs(args, kwargs, "all" if self.cut_inputs == "all" else "main")
+            args, kwargs = detach_inputs(args, kwargs, "all")
             if args and isinstance(args[0], Tensor) and torch.is_floating_point(args[0]) and reentrant(module):
                 # Reentrant checkpointing only runs backward through positional inputs that require grad:
                 # here (and only here) the block input must require grad, at the cost of its unused gradient.
@@ -430,7 +319,7 @@ class FeedbackEngine:
         return replace_first(output, FeedbackRouter.apply(self, routed, error_point, *routed_outputs))
 
     def _feeds_embeddings(self, name: str) -> bool:
-        return self.embeddings == "first_block" and name == self.points[0]
+        return self.config.embeddings == "first_block" and name == self.points[0]
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if sys.exc_info()[1] is not None:  # the forward pass raised: a retry must not find its records
@@ -517,15 +406,12 @@ class FeedbackEngine:
     # ------------------------------------------------------------------ layout and projection
     def _point_shapes(self, records: dict[str, Tensor], error_point: Tensor) -> dict[str, PointShape]:
         """Each point's rows and feature size; builds the layout and projector at the first call."""
-        if self.spatial_feedback:
+        if self.config.spatial_feedback:
             shapes = {name: SpatialShape.of(name, records[name].shape, error_point.shape) for name in self.points}
-            error_features = error_point.shape[1] * self.spatial_patch**2
+            error_features = error_point.shape[1] * self.config.spatial_patch**2
         else:
-            rows = error_row_dims(error_point.shape, self.error_rows)
-            shapes = {
-                name: PointShape.of(name, records[name].shape, error_point.shape, rows, self.sequence_feedback)
-                for name in self.points
-            }
+            rows = error_row_dims(error_point.shape, self.config.error_rows)
+            shapes = {name: PointShape.of(name, records[name].shape, error_point.shape, rows) for name in self.points}
             error_features = math.prod(error_point.shape[rows:])
         if self.projector is None:
             self._build(shapes, error_features, error_point.device)
@@ -538,8 +424,7 @@ class FeedbackEngine:
             if shape.features != have:
                 raise ValueError(
                     f"Feedback point {name!r} now needs {shape.features} features per row, but the layout gave it "
-                    f"{have} (output shape {tuple(shape.shape)}). Keep feature sizes fixed, or use "
-                    "sequence_feedback='broadcast' for per-sample errors with varying sequence lengths."
+                    f"{have} (output shape {tuple(shape.shape)}). Keep feature sizes fixed between steps."
                 )
         if error_features != self.projector.in_features:
             raise ValueError(
@@ -551,18 +436,13 @@ class FeedbackEngine:
         return shapes
 
     def _build(self, shapes: dict[str, PointShape], error_features: int, device: torch.device) -> None:
-        layout, start, by_width = {}, 0, {}
+        layout, start = {}, 0
         for name, shape in shapes.items():
-            if self.shared_feedback and shape.features in by_width:
-                layout[name] = by_width[shape.features]
-                continue
-            layout[name] = by_width[shape.features] = slice(start, start + shape.features)
+            layout[name] = slice(start, start + shape.features)
             start += shape.features
-        widths = {name: shape.features for name, shape in shapes.items()}
-        self._scales = fixed_scales(self.feedback_scale, error_features, widths)
         if self._saved_state is not None:
             _check_saved_layout(self._saved_state, layout, error_features)
-        projector = build_projector(self.projector_spec, error_features, start, self.seed)
+        projector = build_projector(self.config.projector, error_features, start, self.config.seed)
         if device.type != "cpu":  # built on the CPU: check the device can hold it before moving it there
             tensors = [*projector.parameters(), *projector.buffers()]
             check_fits_in_memory(f"Projector {type(projector).__name__}", sum(t.nbytes for t in tensors), device)
@@ -574,16 +454,15 @@ class FeedbackEngine:
 
     def _feedback(self, error: Tensor, routed: list[tuple[str, PointShape]], needed: Sequence[bool]) -> list:
         """The gradients of the routed points' outputs: slices of one projection of the error."""
-        if self.spatial_feedback:
-            flat = spatial_error_rows(error, self.spatial_patch)
+        if self.config.spatial_feedback:
+            flat = spatial_error_rows(error, self.config.spatial_patch)
         else:
             flat = error.reshape(-1, self.projector.in_features)
         # A meta tensor has no values to check (a model traced on the meta device, e.g. to count memory).
-        if self.check_finite and not flat.is_meta and not _all_finite(flat):
-            return self._nonfinite_error(len(routed))
-        encoded = encode_error(flat.float(), self.error_encoding, self.ternary_threshold)
-        feedback = self.projector(encoded)
-        slices = {name: self._scaled(name, encoded, feedback[:, self.layout[name]]) for name, _ in routed}
+        if not flat.is_meta and not _all_finite(flat):
+            return self._nonfinite(len(routed))
+        feedback = self.projector(flat.float())
+        slices = {name: feedback[:, self.layout[name]] for name, _ in routed}
         for observe in self.observers:
             observe(flat, slices)
         grads: list[Tensor | None] = []
@@ -595,38 +474,35 @@ class FeedbackEngine:
         self._routers_pending = max(self._routers_pending - 1, 0)
         self._router_task = _compat.current_graph_task_id()
 
-    def _nonfinite_error(self, points: int) -> list[Tensor | None]:
-        """What a NaN or inf error does: raise here; the Lightning ``DFA`` records it and gives no feedback."""
-        raise FloatingPointError(
-            f"The error at {self.output!r} holds NaN or inf values; no feedback was applied. Check the loss "
-            "and learning rate, or use bf16/fp32 instead of fp16."
-        )
-
-    def _scaled(self, name: str, error: Tensor, feedback: Tensor) -> Tensor:
-        if self.feedback_scale == "adaptive":
-            return feedback * self._adaptive.update(name, error, feedback)
-        scale = self._scales.get(name, 1.0)
-        return feedback if scale == 1.0 else feedback * scale
+    def _nonfinite(self, points: int) -> list[Tensor | None]:
+        """A NaN or inf error raises, or with :attr:`defer_nonfinite` (Lightning runs) gives no feedback and is
+        recorded in :attr:`nonfinite_error`: the projector never sees it."""
+        if not self.defer_nonfinite:
+            raise FloatingPointError(
+                f"The error at {self.output!r} holds NaN or inf values; no feedback was applied. Check the loss "
+                "and learning rate, or use bf16/fp32 instead of fp16."
+            )
+        self.nonfinite_error = True
+        return [None] * points
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Seed, layout and projector state: enough to prove a resumed run uses the same projection."""
         if self.projector is None:
-            return dict(self._saved_state) if self._saved_state else {"seed": self.seed}
+            return dict(self._saved_state) if self._saved_state else {"seed": self.config.seed}
         return {
-            "seed": self.seed,
+            "seed": self.config.seed,
             "error_features": self.projector.in_features,
             "layout": {name: (s.start, s.stop) for name, s in self.layout.items()},
             "projector": self.projector.state_dict(),
-            "adaptive_scales": dict(self._adaptive.factors),
             "lr_scale": self.lr_scale,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the feedback state; the projector is rebuilt (and checked) at the next forward pass."""
-        if state.get("seed", self.seed) != self.seed:
+        if state.get("seed", self.config.seed) != self.config.seed:
             raise ValueError(
-                f"The checkpoint's feedback seed is {state['seed']}, this DFA's is {self.seed}: resume with "
+                f"The checkpoint's feedback seed is {state['seed']}, this DFA's is {self.config.seed}: resume with "
                 f"seed={state['seed']} so the run keeps its projection."
             )
         if "layout" not in state:
@@ -639,7 +515,6 @@ class FeedbackEngine:
                 "the same trajectory).",
                 stacklevel=2,
             )
-        self._adaptive.factors = dict(state.get("adaptive_scales", {}))
         if self.projector is None:
             self._saved_state = dict(state)
             return
@@ -648,9 +523,10 @@ class FeedbackEngine:
         self.projector.load_state_dict(state["projector"])
 
     def __repr__(self) -> str:
+        c = self.config
         return (
-            f"{type(self).__name__}(blocks={self.blocks!r}, output={self.output!r}, projector={self.projector_spec!r}, "
-            f"seed={self.seed}, mode={self.mode!r})"
+            f"{type(self).__name__}(blocks={c.blocks!r}, output={self.output!r}, projector={c.projector!r}, "
+            f"seed={c.seed}, mode={c.mode!r})"
         )
 
 

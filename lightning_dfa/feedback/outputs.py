@@ -54,15 +54,11 @@ def any_requires_grad(value: Any) -> bool:
 
 
 def detach_inputs(args: tuple, kwargs: dict, which: str) -> tuple[tuple, dict]:
-    """Detach a call's inputs: ``"all"``, only the ``"main"`` one (the hidden state: first positional
-    argument, else first keyword argument), or every ``"side"`` one (time embeddings, skips, masks)."""
+    """Detach a call's inputs: ``"all"``, or every ``"side"`` one (time embeddings, skips, masks), keeping the
+    hidden state (the first positional argument, else the first keyword argument)."""
     if which == "all":
         return detach_all(args), detach_all(kwargs)
-    main = 0 if args else next(iter(kwargs), None)
-    if which == "main":
-        if args:
-            return (detach_all(args[0]), *args[1:]), kwargs
-        return args, {k: detach_all(v) if k == main else v for k, v in kwargs.items()}
     if args:
         return (args[0], *detach_all(args[1:])), detach_all(kwargs)
+    main = next(iter(kwargs), None)
     return args, {k: v if k == main else detach_all(v) for k, v in kwargs.items()}

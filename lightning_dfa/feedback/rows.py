@@ -6,8 +6,8 @@ sequence are (per-token errors give per-token feedback). A point's output must s
 leading dimensions; the rest of it is flattened into the point's feedback size ``d_i``.
 
 One special case, per-sample errors with per-token outputs (a ViT's logits ``(B, C)`` against
-its blocks' ``(B, T, D)``): with ``sequence_feedback="broadcast"`` (default) the point gets
-``d_i = D`` and the same feedback for every token; with ``"flatten"`` it gets ``d_i = T * D``.
+its blocks' ``(B, T, D)``): the point gets ``d_i = D`` and the same feedback for every token
+(flattening tokens x hidden, ``d_i = T * D``, learned far worse: docs/learning.md).
 
 Spatial feedback (``spatial_feedback=True``, for images): the error ``(B, C, H, W)`` has one row
 per pixel, holding the ``C x p x p`` errors of its ``p x p`` neighbourhood; each point gets ``C_i``
@@ -23,8 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-SEQUENCE_FEEDBACK = ("broadcast", "flatten")
 
 
 def error_row_dims(error_shape: torch.Size, error_rows: int | None) -> int:
@@ -55,7 +53,7 @@ class PointShape:
     batch_shared: bool = False  # one output for the whole batch: its gradient sums the samples' feedback
 
     @classmethod
-    def of(cls, name: str, output: torch.Size, error: torch.Size, rows: int, sequence_feedback: str) -> PointShape:
+    def of(cls, name: str, output: torch.Size, error: torch.Size, rows: int) -> PointShape:
         if rows == 2 and len(output) == 3 and output[0] == 1 < error[0] and output[1] == error[1]:
             return cls(output, rows, output[-1], broadcast=False, batch_shared=True)  # e.g. position embeddings
         if tuple(output[:rows]) != tuple(error[:rows]) or len(output) <= rows:
@@ -64,7 +62,7 @@ class PointShape:
                 f"row dimensions {tuple(error[:rows])} (error shape {tuple(error)}). Choose points whose outputs "
                 "share the error's batch (and sequence) dimensions, or set error_rows."
             )
-        broadcast = rows == 1 and len(output) == 3 and sequence_feedback == "broadcast"
+        broadcast = rows == 1 and len(output) == 3
         features = output[-1] if broadcast else math.prod(output[rows:])
         return cls(output, rows, features, broadcast)
 

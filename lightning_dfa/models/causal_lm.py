@@ -27,13 +27,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from lightning_dfa import _compat
-from lightning_dfa.callback import DFA
+from lightning_dfa.callback import find_dfa
+from lightning_dfa.models.base import DFAModule
 from lightning_dfa.optim import param_groups
 
 SCHEDULES = ("cosine", "constant")
 
 
-class CausalLM(pl.LightningModule):
+class CausalLM(DFAModule):
     """Next-token prediction with ``self.model``, a HuggingFace causal LM built from a config or a local folder.
 
     Args:
@@ -131,15 +132,10 @@ class CausalLM(pl.LightningModule):
             self.build(getattr(datamodule, "vocab_size", None), tokenizer)
         check_vocabulary(tokenizer, self.hparams.vocab_size)
 
-    def configure_callbacks(self) -> list:
-        # Called when the Trainer connects the module, before any callback's setup: DFA attaches there.
-        self._build_from_trainer()
-        return []
-
-    def setup(self, stage: str) -> None:
+    def configure_model(self) -> None:
         self._build_from_trainer()
 
-    def configure_dfa(self) -> dict[str, Any]:
+    def dfa_defaults(self) -> dict[str, Any]:
         """Feedback at every transformer block, error at the logits.
 
         - ``blocks="auto"``: the HF model's ``_no_split_modules`` classes (``GPT2Block``,
@@ -153,7 +149,7 @@ class CausalLM(pl.LightningModule):
         """
         if self.model is None and self._trainer is not None:
             self._build_from_trainer()
-        return {"blocks": "auto", "output": self.head_path(), **(self.hparams.dfa or {})}
+        return {"blocks": "auto", "output": self.head_path()}
 
     def head_path(self) -> str:
         """Path of the LM head inside this module (``model.lm_head`` for GPT-2 and Llama)."""
@@ -251,7 +247,7 @@ class CausalLM(pl.LightningModule):
         if not self.trainer.is_global_zero:
             return
         epoch, step = self.current_epoch, self.global_step
-        dfa = next((c for c in self.trainer.callbacks if isinstance(c, DFA)), None)
+        dfa = find_dfa(self.trainer)
         mode = f" ({dfa.mode})" if dfa is not None else ""  # baselines share the run directory
         path = Path(log_dir) / "samples.txt"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,19 +13,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_dfa.models.base import DFAModule
 from lightning_dfa.models.image_classifier import check_data_sizes, local_checkpoint, sizes_from_data
-from lightning_dfa.optim import param_groups
 
 #: UNet2DModel config keys taken from the datamodule when not given -> datamodule reading.
 DATA_SIZES = {"sample_size": "image_size", "in_channels": "channels", "out_channels": "channels"}
 
 
-class Diffusion(pl.LightningModule):
+class Diffusion(DFAModule):
     """DDPM on images: ``self.unet`` (``UNet2DModel``) predicts the noise added by ``self.scheduler``.
 
         Logs ``train/loss``; ``val/loss`` and ``test/loss`` on FIXED noise and timesteps (drawn from
@@ -92,18 +91,16 @@ class Diffusion(pl.LightningModule):
         size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
         return {"sample_size": size, "in_channels": config.in_channels, "out_channels": config.out_channels}
 
-    def configure_callbacks(self) -> list:
-        # The earliest hook that sees the trainer's datamodule, on every rank, before callbacks' setup (where
-        # DFA attaches to the built UNet) and before the optimizer.
+    def configure_model(self) -> None:
+        # Sees the trainer's datamodule, on every rank, before the optimizer and before DFA attaches (on_fit_start).
         if self.unet is None:
             self._build(sizes_from_data(self, self._given_sizes(), DATA_SIZES))
             self.hparams["config"] = {**(self.hparams.config or {}), **self._sizes()}  # for load_from_checkpoint
         else:
             check_data_sizes(self, self._sizes(), DATA_SIZES)
-        return []
 
-    def configure_dfa(self) -> dict[str, Any]:
-        return {"blocks": "auto", "output": "unet.conv_out", **(self.hparams.dfa or {})}
+    def dfa_defaults(self) -> dict[str, Any]:
+        return {"blocks": "auto", "output": "unet.conv_out"}
 
     # ------------------------------------------------------------------ loss
     def forward(self, noisy: Tensor, timesteps: Tensor) -> Tensor:
@@ -139,11 +136,6 @@ class Diffusion(pl.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.log("test/loss", self.eval_loss(batch[0], batch_idx), sync_dist=True)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        groups = param_groups(self, hp.lr, hp.weight_decay, decay_vectors=True)
-        return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
 
     # ------------------------------------------------------------------ samples
     @torch.no_grad()

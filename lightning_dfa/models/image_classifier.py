@@ -4,7 +4,7 @@ DFA points (``configure_dfa``): ``blocks="auto"`` gives HF's own block classes, 
 ``ViTEmbeddings`` (patch + position embeddings and the class token) and every ``ViTLayer``; the
 error is the gradient at the logits (``model.classifier``), one row per image. Blocks output
 ``(B, tokens, hidden)``, so each point gets ``hidden`` feedback values per image, the same for
-every token (``sequence_feedback="broadcast"``; flattening tokens x hidden did far worse: docs/learning.md).
+every token (flattening tokens x hidden did far worse: docs/learning.md).
 The final layer norm and the classifier train with their true gradient.
 """
 
@@ -14,18 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_dfa import _compat
-from lightning_dfa.optim import param_groups
+from lightning_dfa.models.base import Classification, DFAModule
 
 #: Sizes the model takes from the datamodule when they are not given: ViTConfig key -> datamodule reading.
 DATA_SIZES = {"num_labels": "classes", "image_size": "image_size", "num_channels": "channels"}
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(DFAModule, Classification):
     """A ``ViTForImageClassification`` (``self.model``) trained with cross-entropy; logs loss and accuracy.
 
     Args:
@@ -85,17 +83,15 @@ class ImageClassifier(pl.LightningModule):
         for key in DATA_SIZES:  # resolved sizes go into the checkpoint, so load_from_checkpoint rebuilds the same
             self.hparams[key] = getattr(self.model.config, key)
 
-    def configure_callbacks(self) -> list:
-        # The earliest hook that sees the trainer's datamodule, on every rank, before callbacks' setup (where
-        # DFA attaches to the built model) and before the optimizer.
+    def configure_model(self) -> None:
+        # Sees the trainer's datamodule, on every rank, before the optimizer and before DFA attaches (on_fit_start).
         if self.model is None:
             self._build(sizes_from_data(self, self._given_sizes(), DATA_SIZES))
         else:
             check_data_sizes(self, {k: getattr(self.model.config, k) for k in DATA_SIZES}, DATA_SIZES)
-        return []
 
-    def configure_dfa(self) -> dict[str, Any]:
-        return {"blocks": "auto", "output": "model.classifier", **(self.hparams.dfa or {})}
+    def dfa_defaults(self) -> dict[str, Any]:
+        return {"blocks": "auto", "output": "model.classifier"}
 
     # ------------------------------------------------------------------ steps
     def forward(self, pixel_values: Tensor) -> Tensor:
@@ -105,30 +101,6 @@ class ImageClassifier(pl.LightningModule):
                 "datamodule that has num_classes and image_shape (ImageDataModule)."
             )
         return self.model(pixel_values=pixel_values).logits
-
-    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        # Validation and test are epoch means: over every rank's batches, not rank 0's alone.
-        self.log(f"{split}/loss", loss, prog_bar=split != "test", sync_dist=split != "train")
-        if split != "train":
-            self.log(f"{split}/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, sync_dist=True)
-        return loss
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        groups = param_groups(self, hp.lr, hp.weight_decay, decay_vectors=True)
-        return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
 
 
 # ---------------------------------------------------------------------- shared with Diffusion

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dfa.optim import param_groups
+from lightning_dfa.models.base import Classification, DFAModule
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
-class MLPClassifier(pl.LightningModule):
+class MLPClassifier(DFAModule, Classification):
     """``depth`` blocks of Linear + activation, then a linear head; cross-entropy, accuracy.
 
     Each block is a feedback point; the head is the error point, so its output's gradient
@@ -47,34 +45,12 @@ class MLPClassifier(pl.LightningModule):
         )
         self.head = nn.Linear(widths[-1], num_classes)
 
-    def configure_dfa(self) -> dict[str, Any]:
-        return {"blocks": "blocks.*", "output": "head", **(self.hparams.dfa or {})}
+    optimizer = torch.optim.Adam
+
+    def dfa_defaults(self) -> dict[str, Any]:
+        return {"blocks": "blocks.*", "output": "head"}
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:
             x = block(x)
         return self.head(x)
-
-    def _step(self, batch: tuple[Tensor, Tensor], split: str) -> Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(-1) == y).float().mean()
-        # Validation and test are epoch means: over every rank's batches, not rank 0's alone.
-        self.log(f"{split}/loss", loss, prog_bar=split != "test", sync_dist=split != "train")
-        self.log(f"{split}/acc", acc, prog_bar=True, sync_dist=split != "train")
-        return loss
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        groups = param_groups(self, hp.lr, hp.weight_decay, decay_vectors=True)
-        return torch.optim.Adam(groups, lr=hp.lr)

@@ -1,4 +1,4 @@
-"""Input checks shared by the projector kinds: shape, and what to do with NaN or infinite errors."""
+"""Input checks shared by the projector kinds: shape, NaN or infinite rows, and memory."""
 
 from __future__ import annotations
 
@@ -8,23 +8,12 @@ import warnings
 import torch
 from torch import Tensor
 
-#: Accepted values of the ``nonfinite=`` setting.
-NONFINITE_MODES = ("raise", "propagate")
 
-
-def check_nonfinite_mode(mode: str) -> str:
-    """Validate a ``nonfinite=`` setting (``"raise"`` or ``"propagate"``)."""
-    if mode not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {mode!r}.")
-    return mode
-
-
-def check_error(name: str, error: Tensor, in_features: int, nonfinite: str = "raise") -> Tensor | None:
+def check_error(name: str, error: Tensor, in_features: int) -> Tensor | None:
     """Check an error batch ``(N, in_features)``; return the mask of non-finite rows, or None if all are finite.
 
-    With ``nonfinite="raise"`` a NaN or infinite entry raises a ``ValueError`` that says how many rows are
-    affected. With ``"propagate"`` the caller sets those rows of the feedback to NaN (so that, for instance,
-    an fp16 ``GradScaler`` sees the overflow and skips the step) and a warning is issued.
+    Projectors give NaN feedback for such rows, with a warning; a DFA run never sends them one (the feedback
+    engine stops or skips the step first: ``nonfinite=`` in :class:`~lightning_dfa.feedback.DFAConfig`).
 
     Example::
 
@@ -46,12 +35,6 @@ def check_error(name: str, error: Tensor, in_features: int, nonfinite: str = "ra
     if bool(finite.all()):
         return None
     count = int((~finite).sum())
-    if nonfinite == "raise":
-        raise ValueError(
-            f"{name}: {count} of {error.shape[0]} error rows contain NaN or infinite values. The loss or the "
-            "model diverged (or fp16 overflowed): lower the learning rate, clip gradients, or build the projector "
-            "with nonfinite='propagate' to pass NaN feedback through (an fp16 GradScaler then skips the step)."
-        )
     warnings.warn(f"{name}: {count} error rows are not finite; their feedback is NaN.", RuntimeWarning, stacklevel=3)
     return ~finite
 

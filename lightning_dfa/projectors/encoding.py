@@ -1,21 +1,31 @@
 """Input encoding for the OPU: a real error becomes binary frames for the micromirror device (DMD).
 
 The DMD displays 0/1 patterns only, so an error row ``e`` is written as ``e ~ sum_f w_f x_f`` with
-binary frames ``x_f`` and per-row real weights ``w_f`` (applied electronically after the optics):
+binary frames ``x_f`` and per-row real weights ``w_f`` (applied electronically after the optics).
+The positive and the negative part of ``e`` get frames and weights of their own: an error such as a
+softmax minus a one-hot (one large negative entry, many small positive ones) keeps both parts.
 
-* ``"ternary"``: ``e ~ a (p - n)``, ``p = [e > t]``, ``n = [e < -t]``, two frames. The threshold ``t``
-  is absolute, or relative to the row's root-mean-square (``t = threshold * rms(e)``, the default).
-  ``a`` is the least-squares scale ``<e, p - n> / |p - n|^2``: the best ternary approximation with
-  that support. For Gaussian-like errors and ``threshold=0.5`` the relative error is about 0.44.
-* ``"bitplanes"``: ``k`` bit planes of the positive and of the negative part, ``2k`` frames:
-  ``|e_i|`` is rounded to ``k`` bits of ``max|e|``, so every entry is within ``max|e| / (2 (2^k - 1))``.
+* ``"ternary"``: ``e ~ a_p p - a_n n``, ``p = [e > t_p]``, ``n = [e < -t_n]``, two frames. ``a_p`` and
+  ``a_n`` are least-squares weights (the mean of ``|e|`` over each frame's pixels: the best fit with that
+  support). The thresholds are ``threshold`` times a reference chosen by ``threshold_of``:
+
+  - ``"row"`` (default): the row's root-mean-square, the same for both signs;
+  - ``"sign"``: the root-mean-square of the row's entries of that sign (the nonzero ones), so the small
+    part of a lopsided error is thresholded on its own magnitude;
+  - ``"peak"``: the largest magnitude of that sign in the row (``threshold`` in ``[0, 1)``: the peak is always
+    lit), so each part keeps its entries within a factor ``1 / threshold`` of its largest;
+  - ``"absolute"``: ``threshold`` itself.
+* ``"bitplanes"``: ``k`` bit planes of the positive and of the negative part, ``2k`` frames: each part's
+  ``|e_i|`` is rounded to ``k`` bits of that part's peak, so every entry is within ``peak / (2 (2^k - 1))``.
 * ``None``: the real error itself, one "frame" (not realisable on a binary DMD; for audits).
+
+Binary frames are ``bool`` tensors: a quarter of the memory of float frames.
 
 Example::
 
     >>> frames = encode(torch.tensor([[0.9, -0.1, -1.2]]), "ternary", threshold=0.5)
-    >>> frames.frames.shape, frames.decode()
-    (torch.Size([2, 1, 3]), tensor([[ 1.0500,  0.0000, -1.0500]]))
+    >>> frames.frames.dtype, frames.decode()
+    (torch.bool, tensor([[ 0.9000,  0.0000, -1.2000]]))
 """
 
 from __future__ import annotations
@@ -26,22 +36,24 @@ import torch
 from torch import Tensor
 
 ENCODINGS = ("ternary", "bitplanes", None)
+THRESHOLD_REFERENCES = ("row", "sign", "peak", "absolute")
 
 
 @dataclass
 class Frames:
-    """Binary frames ``(F, N, d)`` and their per-row weights ``(F, N, 1)``: ``e ~ (weights * frames).sum(0)``.
-
-    ``residual`` may hold ``|e - decode()|^2`` summed over the rows, when the encoder knows it (ternary does).
-    """
+    """Frames ``(F, N, d)`` (``bool``, or the real error for ``encoding=None``) and per-row weights ``(F, N, 1)``:
+    ``e ~ (weights * frames).sum(0)``."""
 
     frames: Tensor
     weights: Tensor
-    residual: float | None = None
 
-    def decode(self) -> Tensor:
-        """The error these frames represent (what the optics effectively project)."""
-        return (self.weights * self.frames).sum(0)
+    def decode(self, rows: slice = slice(None)) -> Tensor:
+        """The error these frames represent (what the optics effectively project), for the rows ``rows``."""
+        frames, weights = self.frames[:, rows], self.weights[:, rows]
+        error = torch.zeros(frames.shape[1:], dtype=weights.dtype, device=weights.device)
+        for weight, frame in zip(weights, frames):  # frame by frame: no (F, N, d) float temporary
+            error += weight * frame
+        return error
 
 
 def binary_frames(encoding: str | None, bits: int = 4) -> int:
@@ -50,66 +62,93 @@ def binary_frames(encoding: str | None, bits: int = 4) -> int:
     return {"ternary": 2, "bitplanes": 2 * bits, None: 1}[encoding]
 
 
-def check_encoding(encoding: str | None, bits: int = 4) -> None:
-    """Raise a clear error for an unknown encoding or a bad number of bit planes."""
+def check_encoding(encoding: str | None, bits: int = 4, threshold: float = 0.5, threshold_of: str = "row") -> None:
+    """Raise a clear error for an unknown encoding, a bad number of bit planes or a bad threshold."""
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}.")
     if encoding == "bitplanes" and (not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 24):
         raise ValueError(f"bits (bit planes per sign) must be an integer in [1, 24], got {bits!r}.")
+    if threshold_of not in THRESHOLD_REFERENCES:
+        raise ValueError(f"threshold_of must be one of {THRESHOLD_REFERENCES}, got {threshold_of!r}.")
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be non-negative, got {threshold}.")
+    if threshold_of == "peak" and not threshold < 1:
+        raise ValueError(f"threshold relative to the peak must be in [0, 1), got {threshold}.")
 
 
 def encode(
-    error: Tensor, encoding: str | None, *, threshold: float = 0.5, relative: bool = True, bits: int = 4
+    error: Tensor,
+    encoding: str | None,
+    *,
+    threshold: float = 0.5,
+    threshold_of: str = "row",
+    bits: int = 4,
+    rows: int = 64,
 ) -> Frames:
-    """Encode the rows of a finite ``(N, d)`` error as binary frames (see the module doc)."""
-    check_encoding(encoding, bits)
-    if encoding == "ternary":
-        return ternarize(error, threshold, relative)
-    if encoding == "bitplanes":
-        return bitplanes(error, bits)
-    return Frames(error.unsqueeze(0), torch.ones_like(error[None, :, :1]))
+    """Encode the rows of a finite ``(N, d)`` error as frames (see the module doc), ``rows`` rows at a time so
+    that the float temporaries stay small beside the ``bool`` frames."""
+    check_encoding(encoding, bits, threshold, threshold_of)
+    if encoding is None:
+        return Frames(error.unsqueeze(0), torch.ones_like(error[None, :, :1]))
+    count = binary_frames(encoding, bits)
+    frames = torch.empty(count, *error.shape, dtype=torch.bool, device=error.device)
+    weights = error.new_empty(count, error.shape[0], 1)
+    for r0 in range(0, error.shape[0], rows):
+        chunk = slice(r0, r0 + rows)
+        if encoding == "ternary":
+            _ternary(error[chunk], frames[:, chunk], weights[:, chunk], threshold, threshold_of)
+        else:
+            _bitplanes(error[chunk], frames[:, chunk], weights[:, chunk], bits)
+    return Frames(frames, weights)
 
 
-def ternarize(error: Tensor, threshold: float = 0.5, relative: bool = True) -> Frames:
-    """Frames ``[p, n]`` with weights ``[a, -a]``: ``e ~ a (p - n)`` (see the module doc).
-
-    The frames are written straight into one ``(2, N, d)`` tensor and the per-row sums are batched dot products,
-    so the only full-size memory is the frames themselves; ``Frames.residual`` is ``sum |e|^2 - a <e, p - n>``.
-    """
-    if threshold < 0:
-        raise ValueError(f"threshold must be non-negative, got {threshold}.")
-    if relative:
-        t = torch.linalg.vector_norm(error, dim=1, keepdim=True).mul_(threshold / error.shape[1] ** 0.5)
-    else:
-        t = torch.full_like(error[:, :1], threshold)
-    frames = torch.empty(2, *error.shape, dtype=error.dtype, device=error.device)
-    torch.gt(error, t, out=frames[0])
-    torch.lt(error, t.neg(), out=frames[1])
-    dots = torch.einsum("fnd,nd->nf", frames, error)  # (N, 2): <e, p>, <e, n>
-    inner = dots[:, :1] - dots[:, 1:]  # <e, p - n>
-    scale = inner / frames.sum((0, 2)).unsqueeze(1).clamp_min(1)
-    residual = float(torch.linalg.vector_norm(error).pow(2) - (scale * inner).sum())
-    return Frames(frames, torch.stack([scale, -scale]), max(residual, 0.0))
+def ternarize(error: Tensor, threshold: float = 0.5, threshold_of: str = "row") -> Frames:
+    """Frames ``[p, n]`` with weights ``[a_p, -a_n]``: ``e ~ a_p p - a_n n`` (see the module doc)."""
+    return encode(error, "ternary", threshold=threshold, threshold_of=threshold_of)
 
 
 def bitplanes(error: Tensor, bits: int = 4) -> Frames:
-    """``2 * bits`` frames: the bits of ``round(|e| / max|e| * (2^bits - 1))`` for the positive and negative parts."""
+    """``2 * bits`` frames: the bits of ``round(|e| / peak * (2^bits - 1))`` of the positive and negative parts."""
+    return encode(error, "bitplanes", bits=bits)
+
+
+def _ternary(error: Tensor, frames: Tensor, weights: Tensor, threshold: float, threshold_of: str) -> None:
+    for i, part in enumerate((error.clamp_min(0), error.neg().clamp_min(0))):
+        torch.gt(part, _threshold(error, part, threshold, threshold_of), out=frames[i])
+        lit = frames[i].sum(1, keepdim=True)
+        weights[i] = part.mul_(frames[i]).sum(1, keepdim=True) / lit.clamp_min(1)
+    weights[1].neg_()
+
+
+def _threshold(error: Tensor, part: Tensor, threshold: float, threshold_of: str) -> Tensor | float:
+    if threshold_of == "absolute":
+        return threshold
+    if threshold_of == "row":
+        return torch.linalg.vector_norm(error, dim=1, keepdim=True).mul_(threshold / error.shape[1] ** 0.5)
+    if threshold_of == "peak":
+        return part.amax(1, keepdim=True).mul_(threshold)
+    count = torch.count_nonzero(part, dim=1).unsqueeze(1).clamp_min(1)
+    return torch.linalg.vector_norm(part, dim=1, keepdim=True).div_(count.sqrt()).mul_(threshold)
+
+
+def _bitplanes(error: Tensor, frames: Tensor, weights: Tensor, bits: int) -> None:
     levels = (1 << bits) - 1
-    peak = error.abs().amax(1, keepdim=True)
-    codes = torch.round(error.abs() / peak.clamp_min(torch.finfo(error.dtype).tiny) * levels).to(torch.int64)
-    frames, weights = [], []
-    for sign, part in ((1.0, error > 0), (-1.0, error < 0)):
+    for s, (sign, part) in enumerate(((1.0, error.clamp_min(0)), (-1.0, error.neg().clamp_min(0)))):
+        peak = part.amax(1, keepdim=True)
+        codes = torch.round(part / peak.clamp_min(torch.finfo(error.dtype).tiny) * levels).to(torch.int64)
         for bit in range(bits):
-            frames.append(((codes >> bit) & 1).bool().logical_and(part).to(error.dtype))
-            weights.append(sign * peak * (2**bit / levels))
-    return Frames(torch.stack(frames), torch.stack(weights))
+            torch.ne(codes & (1 << bit), 0, out=frames[s * bits + bit])
+            weights[s * bits + bit] = sign * peak * (2**bit / levels)
 
 
-def encoding_error(error: Tensor, frames: Frames) -> float:
-    """Relative error ``|e - decode(frames)| / |e|`` over the batch (0 for an all-zero batch)."""
+def encoding_error(error: Tensor, frames: Frames, rows: int = 64, relative: bool = True) -> float:
+    """``|e - decode(frames)| / |e|`` over the batch (0 for an all-zero batch; ``|e - decode|`` if not ``relative``),
+    ``rows`` rows at a time."""
+    squared = sum(
+        float((error[r0 : r0 + rows] - frames.decode(slice(r0, r0 + rows))).pow(2).sum())
+        for r0 in range(0, error.shape[0], rows)
+    )
+    if not relative:
+        return squared**0.5
     norm = float(error.norm())
-    if norm == 0:
-        return 0.0
-    if frames.residual is not None:
-        return frames.residual**0.5 / norm
-    return float((error - frames.decode()).norm()) / norm
+    return squared**0.5 / norm if norm else 0.0

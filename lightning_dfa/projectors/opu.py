@@ -4,7 +4,9 @@ Stages, each switchable (docs/emulator.md has the physics and its measured error
 
 1. **Encoding** (:mod:`.encoding`): the real error becomes binary DMD frames, ternary (default) or
    bit planes; ``encoding=None`` feeds the real error (non-physical, for audits). The encoding error
-   ``|e - decode(frames)| / |e|`` is reported in :attr:`OPU.stats`.
+   ``|e - decode(frames)| / |e|`` is reported in :attr:`OPU.stats`. With ``sample_rows=f < 1`` only a
+   random ``f`` of the error vectors (rows) of a call is sent to the device, the others get no feedback and
+   the sent ones are scaled by ``N / sent``: the expected feedback is unchanged, the optical time is ``f`` x.
 2. **Medium**: a complex Gaussian transmission matrix ``R = A + iB`` (``A``, ``B`` i.i.d.
    ``N(0, 1/d_e)``) over the ``d_e`` input pixels and ``anchor_pixels`` extra anchor pixels, computed
    by the counter-based generator like :class:`SeededGaussian`: never stored, regenerated tile by tile.
@@ -47,33 +49,35 @@ from torch import Tensor
 
 from lightning_dfa.projectors.base import Projector, check_saved_state
 from lightning_dfa.projectors.camera import Camera
-from lightning_dfa.projectors.checks import check_error, check_nonfinite_mode
+from lightning_dfa.projectors.checks import check_error
 from lightning_dfa.projectors.cost import FRAME_TIME, MAX_INPUT, MAX_OUTPUT, OPU_POWER_W, device_tiles, optical_cost
-from lightning_dfa.projectors.encoding import binary_frames, check_encoding, encode, encoding_error
+from lightning_dfa.projectors.encoding import Frames, check_encoding, encode, encoding_error
 from lightning_dfa.projectors.seeded import round_tile
 from lightning_dfa.projectors.tiles import DEFAULT_GENERATOR, GENERATORS, gaussian_region, gaussian_rows, mix_seed
 
-_REAL, _IMAG, _NOISE, _ANCHOR_NOISE = 1, 2, 3, 4  # random streams
+_REAL, _IMAG, _NOISE, _ANCHOR_NOISE, _SAMPLE = 1, 2, 3, 4, 5  # random streams
 SATURATION_WARNING = 0.01
 #: When at most this fraction of the input pixels is lit in any frame of a call (sparse errors such as a softmax
 #: minus one-hot, ternarised), only the medium's rows at those pixels are generated and multiplied.
 SPARSE_PIXELS = 0.25
 #: Lit-pixel fraction of the frames below which the CPU adds the medium's rows instead of multiplying.
 SPARSE_FRAMES = 1 / 16
+#: Error vectors encoded and sent through the emulated optics at a time (bounds the frames' working memory).
+VECTORS_PER_PASS = 256
 
 
 class OPU(Projector):
     """Emulated optical random projection ``(N, in_features) -> (N, out_features)``; see the module doc.
 
-    Settings: ``encoding`` (``"ternary"``, ``"bitplanes"``, None), ``threshold`` and ``relative_threshold``
-    (ternary), ``bits`` (bit planes per sign); ``camera`` (False: ideal detector), ``bit_depth`` (8; None: no
-    quantisation; 0 is an error), ``full_well`` electrons, ``exposure`` (mean signal / full well),
-    ``shot_noise``, ``read_noise`` (electrons rms); ``anchor_pixels`` (default ``in_features // 4``); device
-    limits ``max_input``, ``max_output``, ``frame_time``, ``power_w`` and ``allow_tiling``; ``tile`` (memory of
-    the matrix generation) and ``generator`` as in :class:`SeededGaussian`; ``nonfinite`` (``"raise"``).
+    Settings: ``encoding`` (``"ternary"``, ``"bitplanes"``, None), ``threshold`` and ``threshold_of``
+    (ternary), ``bits`` (bit planes per sign); ``sample_rows`` (share of the error vectors sent); ``camera``
+    (False: ideal detector), ``bit_depth`` (8; None: no quantisation; 0 is an error), ``full_well`` electrons,
+    ``exposure`` (mean signal / full well), ``shot_noise``, ``read_noise`` (electrons rms); ``anchor_pixels``
+    (default ``in_features // 4``); device limits ``max_input``, ``max_output``, ``frame_time``, ``power_w`` and
+    ``allow_tiling``; ``tile`` (memory of the matrix generation) and ``generator`` as in :class:`SeededGaussian`.
 
-    After each call :attr:`stats` holds ``frames``, ``vectors``, ``encoding_error``, ``saturated``,
-    ``saturated_fraction``, ``dark_pixels`` and ``nonfinite_rows``; :attr:`totals` accumulates counts.
+    After each call :attr:`stats` holds ``rows``, ``vectors`` (rows sent), ``frames``, ``encoding_error``,
+    ``saturated``, ``saturated_fraction``, ``dark_pixels`` and ``nonfinite_rows``; :attr:`totals` accumulates counts.
     """
 
     def __init__(
@@ -84,8 +88,9 @@ class OPU(Projector):
         seed: int = 0,
         encoding: str | None = "ternary",
         threshold: float = 0.5,
-        relative_threshold: bool = True,
+        threshold_of: str = "row",
         bits: int = 4,
+        sample_rows: float = 1.0,
         camera: bool = True,
         bit_depth: int | None = 8,
         full_well: float = 10_000.0,
@@ -98,20 +103,17 @@ class OPU(Projector):
         frame_time: float = FRAME_TIME,
         power_w: float = OPU_POWER_W,
         allow_tiling: bool = False,
-        tile: int = 4096,
+        tile: int = 512,
         generator: str = DEFAULT_GENERATOR,
-        nonfinite: str = "raise",
     ) -> None:
         super().__init__(in_features, out_features, seed=seed)
-        check_encoding(encoding, bits)
+        check_encoding(encoding, bits, threshold, threshold_of)
+        if not 0 < sample_rows <= 1:
+            raise ValueError(f"sample_rows (share of the error vectors sent) must be in (0, 1], got {sample_rows!r}.")
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}.")
-        self.encoding, self.threshold, self.relative_threshold, self.bits = (
-            encoding,
-            threshold,
-            relative_threshold,
-            bits,
-        )
+        self.encoding, self.threshold, self.threshold_of, self.bits = encoding, threshold, threshold_of, bits
+        self.sample_rows = float(sample_rows)
         self.camera = Camera(camera, bit_depth, full_well, exposure, shot_noise, read_noise)
         self.anchor_pixels = max(1, in_features // 4) if anchor_pixels is None else int(anchor_pixels)
         if self.anchor_pixels < 1:
@@ -120,7 +122,6 @@ class OPU(Projector):
         self.allow_tiling = allow_tiling
         self.tiles = self._check_limits()
         self.tile, self.generator = round_tile(tile), generator
-        self.nonfinite = check_nonfinite_mode(nonfinite)
         self.std = 1.0 / math.sqrt(in_features)
         self.calls = 0
         self.stats: dict[str, Any] = {}
@@ -137,8 +138,9 @@ class OPU(Projector):
             **super().settings(),
             "encoding": self.encoding,
             "threshold": self.threshold,
-            "relative_threshold": self.relative_threshold,
+            "threshold_of": self.threshold_of,
             "bits": self.bits,
+            "sample_rows": self.sample_rows,
             "camera": cam.enabled,
             "bit_depth": cam.bit_depth,
             "full_well": cam.full_well,
@@ -275,25 +277,69 @@ class OPU(Projector):
 
     # -- the projection ------------------------------------------------------------------------------
     def forward(self, error: Tensor) -> Tensor:
-        bad_rows = check_error(type(self).__name__, error, self.in_features, self.nonfinite)
+        bad_rows = check_error(type(self).__name__, error, self.in_features)
         work = torch.float64 if error.dtype == torch.float64 else torch.float32
         clean = error.to(work) if bad_rows is None else error.to(work).masked_fill(bad_rows[:, None], 0.0)
-        frames = encode(
-            clean, self.encoding, threshold=self.threshold, relative=self.relative_threshold, bits=self.bits
-        )
+        sent = self._sampled_rows(clean.shape[0], clean.device)
+        if sent is None:
+            out = self._project(clean)
+        else:  # unbiased: each row is sent with probability len(sent) / N and then scaled by its inverse
+            out = torch.zeros(clean.shape[0], self.out_features, dtype=work, device=clean.device)
+            out[sent] = self._project(clean[sent]).mul_(clean.shape[0] / sent.numel())
+        self._record(error, bad_rows)
+        if bad_rows is not None:
+            out[bad_rows] = float("nan")
+        return out.to(error.dtype)
+
+    def _sampled_rows(self, rows: int, device: torch.device) -> Tensor | None:
+        """The rows sent to the device in this call (sorted), or None for all of them (``sample_rows=1``)."""
+        if self.sample_rows >= 1 or rows == 0:
+            return None
+        generator = torch.Generator(device=device).manual_seed(mix_seed(self.seed, _SAMPLE, self.calls))
+        count = max(1, round(self.sample_rows * rows))
+        return torch.randperm(rows, generator=generator, device=device)[:count].sort().values
+
+    def _project(self, clean: Tensor) -> Tensor:
+        """The optical projection of the finite rows ``clean``: encoding, medium, camera, retrieval.
+
+        ``VECTORS_PER_PASS`` vectors at a time, so that their frames, fields and camera buffers stay small.
+        """
+        generator = torch.Generator(device=clean.device).manual_seed(mix_seed(self.seed, _NOISE, self.calls))
+        out = torch.zeros(clean.shape[0], self.out_features, dtype=clean.dtype, device=clean.device)
+        saturated = read = 0
+        residual = 0.0
+        for v0 in range(0, clean.shape[0], VECTORS_PER_PASS):
+            errors = clean[v0 : v0 + VECTORS_PER_PASS]
+            frames = encode(
+                errors, self.encoding, threshold=self.threshold, threshold_of=self.threshold_of, bits=self.bits
+            )
+            sat, pixels = self._project_frames(frames, out[v0 : v0 + VECTORS_PER_PASS], generator)
+            saturated, read = saturated + sat, read + pixels
+            residual += encoding_error(errors, frames, relative=False) ** 2
+        norm = float(clean.norm())
+        self.stats = {
+            "vectors": clean.shape[0],
+            "encoding_error": residual**0.5 / norm if norm else 0.0,
+            "saturated": saturated,
+            "saturated_fraction": saturated / max(read, 1),
+            "pixels": read,
+            "anchor_saturated": self._anchor_reading["saturated"],
+            "dark_pixels": int((self._anchor_reading["intensity"] <= 0).sum()),
+        }
+        return out
+
+    def _project_frames(self, frames: Frames, out: Tensor, generator: torch.Generator) -> tuple[int, int]:
+        """Add the retrieved projection of ``frames`` to ``out``; return the saturated and read pixel counts."""
         self.calibrate(frames.frames)
-        anchor = self._anchor_counts(error.device, work)
-        generator = torch.Generator(device=error.device).manual_seed(mix_seed(self.seed, _NOISE, self.calls))
-        count, vectors = binary_frames(self.encoding, self.bits), error.shape[0]
+        anchor = self._anchor_counts(out.device, out.dtype)
+        count, vectors = frames.frames.shape[:2]
         flat = frames.frames.reshape(count * vectors, self.in_features)
-        out = torch.zeros(vectors, self.out_features, dtype=work, device=error.device)
         # Working buffers, reused for every tile: the fields [Re | Im], the intensities of the frames alone, and
         # the camera's noise and noise scale (only when it has noise).
-        width = min(self.tile, self.out_features)
-        rows = flat.shape[0]
-        field_buffer = torch.empty(rows * 2 * width, dtype=work, device=error.device)
+        width, rows = min(self.tile, self.out_features), flat.shape[0]
+        field_buffer = torch.empty(rows * 2 * width, dtype=out.dtype, device=out.device)
         scratch = [
-            torch.empty(rows * width, dtype=work, device=error.device)
+            torch.empty(rows * width, dtype=out.dtype, device=out.device)
             for _ in range(1 + self.camera.noisy + (self.camera.noisy and self.camera.shot_noise))
         ]
         saturated = read = 0
@@ -310,10 +356,7 @@ class OPU(Projector):
                 for weight, part in zip(frames.weights, y.view(count, vectors, c1 - c0)):
                     out[:, c0:c1].addcmul_(weight, part)
                 saturated, read = saturated + sat, read + 2 * rows * (c1 - c0)
-        self._record(error, clean, frames, anchor, saturated, read, bad_rows)
-        if bad_rows is not None:
-            out[bad_rows] = float("nan")
-        return out.to(error.dtype)
+        return saturated, read
 
     def _anchor_counts(self, device: torch.device, work: torch.dtype) -> dict[str, Any]:
         """The anchor field and reading in camera counts, and what the retrieval needs, for this call.
@@ -345,7 +388,7 @@ class OPU(Projector):
         """
         if self.generator != "counter" or self.encoding is None or flat.shape[0] == 0:
             return None
-        lit = flat.sum(0).nonzero().flatten()  # binary frames: a pixel is lit in some frame iff its sum is positive
+        lit = flat.any(0).nonzero().flatten()
         return lit if lit.numel() <= SPARSE_PIXELS * self.in_features else None
 
     def _field(
@@ -359,13 +402,11 @@ class OPU(Projector):
         if lit is not None:
             self._sparse_field(flat, lit[(lit >= rows[0]) & (lit < rows[1])], cols, scale, out)
             return
+        out.zero_()
         for r0 in range(rows[0], rows[1], self.tile):
             r1 = min(r0 + self.tile, rows[1])
-            medium = self.medium_tile((r0, r1), cols, flat.device, scale).to(flat.dtype)
-            if r0 == rows[0]:
-                torch.mm(flat[:, r0:r1], medium, out=out)
-            else:
-                out.addmm_(flat[:, r0:r1], medium)
+            medium = self.medium_tile((r0, r1), cols, flat.device, scale).to(out.dtype)
+            add_frames_times(out, flat[:, r0:r1], medium)
 
     def _sparse_field(self, flat: Tensor, pixels: Tensor, cols: tuple[int, int], scale: float, out: Tensor) -> None:
         """:meth:`_field` over the lit ``pixels`` only, ``tile`` of them at a time.
@@ -377,13 +418,13 @@ class OPU(Projector):
         gather = flat.device.type == "cpu" and self.encoding is not None
         for p0 in range(0, pixels.numel(), self.tile):
             index = pixels[p0 : p0 + self.tile]
-            medium = self.medium_rows(index, cols, scale).to(flat.dtype)
+            medium = self.medium_rows(index, cols, scale).to(out.dtype)
             part = flat.index_select(1, index)
             if gather and int(torch.count_nonzero(part)) <= SPARSE_FRAMES * part.numel():
                 frame, pixel = part.nonzero(as_tuple=True)
                 out.index_add_(0, frame, medium.index_select(0, pixel))
             else:
-                out.addmm_(part, medium)
+                add_frames_times(out, part, medium)
 
     def _retrieve(self, field: Tensor, anchor: dict, cols: tuple[int, int], generator: torch.Generator, buffers):
         """Intensities of ``x`` and ``x + r`` through the camera, then the anchor retrieval ``x @ W``.
@@ -403,34 +444,29 @@ class OPU(Projector):
         y = lit.sub_(alone).sub_(anchor["counts"][cols[0] : cols[1]]).mul_(anchor["inverse"][cols[0] : cols[1]])
         return y, saturated
 
-    def _record(self, error, clean, frames, anchor, saturated, read, bad_rows) -> None:
+    def _record(self, error: Tensor, bad_rows: Tensor | None) -> None:
+        """Complete :attr:`stats` of this call (set by :meth:`_project`) and add them to :attr:`totals`."""
         self.calls += 1
-        vectors = error.shape[0]
-        frame_count = vectors * self.frames_per_vector()
-        fraction = saturated / max(read, 1)
-        self.stats = {
-            "vectors": vectors,
-            "frames": frame_count,
-            "encoding_error": encoding_error(clean, frames),
-            "saturated": saturated,
-            "saturated_fraction": fraction,
-            "anchor_saturated": anchor["saturated"],
-            "dark_pixels": int((anchor["intensity"] <= 0).sum()),
-            "nonfinite_rows": 0 if bad_rows is None else int(bad_rows.sum()),
-            "tiles": self.tiles,
-        }
-        for key, value in (
-            ("frames", frame_count),
-            ("vectors", vectors),
-            ("saturated", saturated),
-            ("pixels", read),
-            ("nonfinite_rows", self.stats["nonfinite_rows"]),
-        ):
-            self.totals[key] += value
-        if fraction > SATURATION_WARNING:
+        stats = self.stats
+        stats.update(
+            rows=error.shape[0],
+            frames=stats["vectors"] * self.frames_per_vector(),
+            nonfinite_rows=0 if bad_rows is None else int(bad_rows.sum()),
+            tiles=self.tiles,
+        )
+        for key in self.totals:
+            self.totals[key] += stats[key]
+        if stats["saturated_fraction"] > SATURATION_WARNING:
             warnings.warn(
-                f"OPU camera: {fraction:.1%} of the pixels saturated in this call (stats['saturated']); "
-                "lower `exposure` or raise `full_well`.",
+                f"OPU camera: {stats['saturated_fraction']:.1%} of the pixels saturated in this call "
+                "(stats['saturated']); lower `exposure` or raise `full_well`.",
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+
+def add_frames_times(out: Tensor, frames: Tensor, medium: Tensor, rows: int = 256) -> None:
+    """``out += frames @ medium`` for binary (``bool``) or real frames, ``rows`` frames at a time, so that the
+    frames' float copy for the matmul stays small."""
+    for r0 in range(0, frames.shape[0], rows):
+        out[r0 : r0 + rows].addmm_(frames[r0 : r0 + rows].to(medium.dtype), medium)

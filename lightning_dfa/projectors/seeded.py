@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_dfa.projectors.base import Projector
-from lightning_dfa.projectors.checks import check_error, check_nonfinite_mode
+from lightning_dfa.projectors.checks import check_error
 from lightning_dfa.projectors.gaussian import default_std
 from lightning_dfa.projectors.tiles import BLOCK, DEFAULT_GENERATOR, GENERATORS, gaussian_region
 
@@ -48,7 +48,6 @@ class SeededGaussian(Projector):
         std: float | None = None,
         tile: int = 4096,
         generator: str = DEFAULT_GENERATOR,
-        nonfinite: str = "raise",
     ) -> None:
         super().__init__(in_features, out_features, seed=seed)
         if generator not in GENERATORS:
@@ -56,11 +55,10 @@ class SeededGaussian(Projector):
         self.std = default_std(in_features) if std is None else float(std)
         self.tile = round_tile(tile)
         self.generator = generator
-        self.nonfinite = check_nonfinite_mode(nonfinite)
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)  # follows .to(device)
 
     def settings(self) -> dict:
-        # ``tile`` and ``nonfinite`` do not change the matrix, so a run may resume with other values.
+        # ``tile`` does not change the matrix, so a run may resume with other values.
         return {**super().settings(), "std": self.std, "generator": self.generator}
 
     def weight_tile(
@@ -80,7 +78,7 @@ class SeededGaussian(Projector):
         return self.weight_tile((0, self.in_features), (0, self.out_features)).to(dtype)
 
     def forward(self, error: Tensor) -> Tensor:
-        bad_rows = check_error(type(self).__name__, error, self.in_features, self.nonfinite)
+        bad_rows = check_error(type(self).__name__, error, self.in_features)
         rows = error.shape[0]
         out = error.new_empty(rows, self.out_features)
         height, width = min(self.tile, self.in_features), min(self.tile, self.out_features)

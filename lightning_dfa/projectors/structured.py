@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from lightning_dfa.projectors.base import Projector
-from lightning_dfa.projectors.checks import check_error, check_nonfinite_mode
+from lightning_dfa.projectors.checks import check_error
 from lightning_dfa.projectors.tiles import mix_seed
 
 #: Rows x transform-size elements processed at once: each of the two working buffers holds this many (32 MB).
@@ -145,7 +145,7 @@ def chunk_elements(device: torch.device) -> int:
 class Structured(Projector):
     """Fast structured random feedback (signs, Hadamard, permutation, Gaussian diagonal); see the module doc.
 
-    ``std`` defaults to ``1/sqrt(in_features)`` like every kind. ``nonfinite`` as in :class:`SeededGaussian`.
+    ``std`` defaults to ``1/sqrt(in_features)`` like every kind.
     """
 
     def __init__(
@@ -155,11 +155,9 @@ class Structured(Projector):
         *,
         seed: int = 0,
         std: float | None = None,
-        nonfinite: str = "raise",
     ) -> None:
         super().__init__(in_features, out_features, seed=seed)
         self.std = 1.0 / math.sqrt(in_features) if std is None else float(std)
-        self.nonfinite = check_nonfinite_mode(nonfinite)
         self.size = 1 << (in_features - 1).bit_length()  # n, the transform size
         blocks = -(-out_features // self.size)
         generator = torch.Generator().manual_seed(mix_seed(seed, 0x57))
@@ -181,7 +179,7 @@ class Structured(Projector):
         return self.std / math.sqrt(self.size)
 
     def forward(self, error: Tensor) -> Tensor:
-        bad_rows = check_error(type(self).__name__, error, self.in_features, self.nonfinite)
+        bad_rows = check_error(type(self).__name__, error, self.in_features)
         out = error.new_empty(error.shape[0], self.out_features)
         dtype = torch.float64 if error.dtype == torch.float64 else torch.float32  # transforms never in half
         chunk = chunk_elements(error.device)

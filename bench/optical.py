@@ -1,0 +1,191 @@
+"""The optical path study: what the OPU emulator's settings cost in learning and in optical time per step.
+
+    python bench/optical.py                                        # screen (seed 0), then --seeds 1 2 on the frontier
+    python bench/optical.py --recipes quickstart --cells "opu" "opu bitplanes 2" --seeds 0 1 2
+    python bench/optical.py --page-only                            # rebuild docs/optical-results.md and the figures
+
+Every cell is one run of ``bench/learning.py``'s machinery (same command, same cache under ``runs/learning``):
+the recipe with the plugin's DFA defaults and the recipe's own DFA settings, its projector replaced by the
+``OPU`` emulator with the cell's settings. The reference is the same run with the dense Gaussian projection
+(``dfa`` in the learning study). For every cell the page gives the metric (mean ± sd over the seeds run), the
+optical time per training step that the run's ``OpticalLedger`` priced (frames per vector x vectors sent x
+frame time) and the electronic time of the same projection measured on this machine, and draws learning
+against optical time per step (the Pareto figure of docs/emulator.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import learning  # bench/learning.py: the run machinery and the Gaussian references
+
+OPU_DEFAULT: dict = {}  # the OPU projector's own defaults
+
+
+def opu(spec: dict, **settings: object) -> dict:
+    """The recipe's DFA variant ``spec`` with the OPU emulator (``settings`` on top of its defaults) as projector."""
+    projector = json.dumps({"class_path": "opu", "init_args": {**OPU_DEFAULT, **settings}})
+    return {**spec, "args": [*spec["args"], f"--trainer.strategy.init_args.projector={projector}"]}
+
+
+def optical_cells(spec: dict, sequence: bool) -> dict[str, dict]:
+    """The study design: one axis at a time around the OPU's defaults (ternary, 8-bit camera with noise)."""
+    cells = {
+        "opu": opu(spec),
+        "opu ideal (analog input, no camera)": opu(spec, encoding=None, camera=False),
+        "opu analog input": opu(spec, encoding=None),
+        "opu no camera": opu(spec, camera=False),
+        "opu no noise": opu(spec, shot_noise=False, read_noise=0.0),
+        **{f"opu ternary {t}": opu(spec, threshold=t) for t in (0.1, 0.25, 1.0)},
+        **{f"opu ternary sign {t}": opu(spec, threshold=t, threshold_of="sign") for t in (0.25, 0.5, 1.0)},
+        **{f"opu ternary peak {t}": opu(spec, threshold=t, threshold_of="peak") for t in (0.25, 0.5)},
+        **{f"opu bitplanes {k}": opu(spec, encoding="bitplanes", bits=k) for k in (1, 2, 4, 8)},
+        **{f"opu camera {b} bits": opu(spec, bit_depth=b) for b in (6, 10, 12)},
+    }
+    if sequence:
+        cells.update({f"opu sample_rows {f}": opu(spec, sample_rows=f) for f in (0.25, 0.0625, 0.015625)})
+    return cells
+
+
+HIDDEN_STATE = "--trainer.strategy.init_args.output=model.transformer.ln_f"
+
+
+def register() -> None:
+    """Add the optical cells to each recipe of the learning study (the Gaussian reference is its ``dfa``)."""
+    for recipe, study in learning.STUDY.items():
+        spec = study["variants"]["dfa"]
+        study["variants"].update(optical_cells(spec, sequence=recipe == "quickstart"))
+    hidden = learning.variant("dfa", HIDDEN_STATE)
+    learning.STUDY["quickstart"]["variants"].update(
+        {"gaussian, error at the last hidden state": hidden, "opu, error at the last hidden state": opu(hidden)}
+    )
+
+
+def optical_ms_per_step(result: dict) -> tuple[float, float]:
+    """The optical and electronic projection time per training step (ms) that the run's ledger recorded."""
+    ledger = result.get("ledger") or {}
+    steps = max(ledger.get("steps", 0), 1)
+    return 1e3 * ledger.get("optical_time_s", float("nan")) / steps, 1e3 * ledger.get("electronic_time_s", 0) / steps
+
+
+def rows(results: list[dict], recipe: str) -> list[dict]:
+    """Per cell: metric mean/sd over seeds, optical and electronic ms per step (the OPU cells and the reference)."""
+    metric, out = learning.STUDY[recipe]["metric"], []
+    names = ["dfa", *[n for n in learning.STUDY[recipe]["variants"] if "opu" in n or "gaussian," in n]]
+    for name in names:
+        runs = [r for r in results if r["recipe"] == recipe and r["variant"] == name and "metrics" in r]
+        if not runs:
+            continue
+        values = [r["metrics"][metric] for r in runs]
+        optical, electronic = zip(*(optical_ms_per_step(r) for r in runs))
+        out.append(
+            {
+                "cell": "gaussian (reference)" if name == "dfa" else name,
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "n": len(values),
+                "optical_ms": statistics.fmean(optical),
+                "electronic_ms": statistics.fmean(electronic),
+            }
+        )
+    return out
+
+
+def table(results: list[dict], recipe: str) -> list[str]:
+    metric, cells = learning.STUDY[recipe]["metric"], rows(results, recipe)
+    reference = next((c for c in cells if c["cell"].startswith("gaussian (")), None)
+    lines = [
+        f"| cell | {metric} (mean ± sd) | seeds | / Gaussian | optical ms / step | electronic ms / step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        ratio = f"{c['mean'] / reference['mean']:.3f}" if reference else "-"
+        optical = "-" if c["cell"].startswith("gaussian") else f"{c['optical_ms']:.4g}"
+        lines.append(
+            f"| {c['cell']} | {c['mean']:.4g} ± {c['std']:.2g} | {c['n']} | {ratio} | {optical} | "
+            f"{c['electronic_ms']:.3g} |"
+        )
+    return lines
+
+
+def pareto(results: list[dict], recipe: str, path: Path) -> Path:
+    """Learning against modelled optical time per step; the Gaussian reference as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, cells = learning.STUDY[recipe]["metric"], rows(results, recipe)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for c in cells:
+        if c["cell"].startswith("gaussian"):
+            if c["cell"].startswith("gaussian ("):
+                ax.axhspan(c["mean"] - c["std"], c["mean"] + c["std"], color="tab:green", alpha=0.15)
+                ax.axhline(c["mean"], color="tab:green", label=f"Gaussian projection ({c['n']} seeds)")
+            continue
+        ax.errorbar(c["optical_ms"], c["mean"], yerr=c["std"], marker="o", ms=4, ls="none", capsize=2)
+        ax.annotate(c["cell"].removeprefix("opu ").removeprefix("opu"), (c["optical_ms"], c["mean"]), fontsize=6)
+    higher_is_better = metric.endswith("acc")
+    ax.set(
+        xscale="log",
+        xlabel="modelled optical time per training step (ms)",
+        ylabel=metric + (" (higher is better)" if higher_is_better else " (lower is better)"),
+        title=f"{recipe}: learning through the OPU emulator against optical time",
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+INTRO = """# Optical path study: all runs
+
+Generated by `python bench/optical.py` (the discussion and the chosen defaults are in [emulator.md](emulator.md)).
+Each cell is the recipe with the plugin's DFA defaults and the OPU emulator as projector, one setting changed
+from the OPU's defaults; "gaussian (reference)" is the same run with the dense Gaussian projection. Metric: mean ±
+sd over the seeds run; "/ Gaussian" divides by the reference's mean. Optical ms / step: the run's `OpticalLedger`
+(frames per vector x vectors sent x 0.5 ms); electronic ms / step: the dense projection of the same errors timed
+on this machine (2-core CPU)."""
+
+
+def main() -> None:
+    register()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=list(learning.STUDY))
+    parser.add_argument("--cells", nargs="+", help="cell names (default: every OPU cell of each recipe)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    parser.add_argument("--root", default="runs/learning", help="shared with bench/learning.py (references reused)")
+    parser.add_argument("--out", default="docs/optical-results.md")
+    parser.add_argument("--page-only", action="store_true", help="only rebuild the page from saved runs")
+    args = parser.parse_args()
+    root = Path(args.root)
+    cells = [
+        (recipe, name, seed)
+        for seed in args.seeds
+        for recipe in args.recipes
+        for name in learning.STUDY[recipe]["variants"]
+        if (name in args.cells if args.cells else "opu" in name or "gaussian," in name)
+    ]
+    if not args.page_only:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda cell: learning.run(*cell, root), cells))
+    results = [json.loads(p.read_text()) for p in sorted(root.glob("*/*/seed*/result.json"))]
+    out = Path(args.out)
+    lines = [INTRO, ""]
+    for recipe in learning.STUDY:
+        if not any(r["recipe"] == recipe and "opu" in r["variant"] for r in results):
+            continue
+        image = pareto(results, recipe, out.parent / "img" / f"optical-{recipe}.png")
+        lines += [f"## {recipe}", "", *table(results, recipe), "", f"![{recipe}](img/{image.name})", ""]
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""``DFAConfig``: every DFA setting, in one place, validated once.
+
+The engine, the ``DFA`` callback, the three strategies, a model's ``configure_dfa()`` and its ``dfa=``
+argument, and the command line all take these settings and nothing else: a setting added here is
+accepted everywhere (the strategies' and the callback's signatures are built from these fields).
+
+Example::
+
+    config = DFAConfig(blocks="blocks.*", output="head", backprop_top=1)
+    config.replace(mode="backprop")                       # a new, validated config
+    DFAConfig.of({"blocks": "h.*", "outptu": "head"}, "MyModel.configure_dfa()")
+    # TypeError: MyModel.configure_dfa() returned unknown DFA settings ['outptu'] (did you mean 'outptu' -> 'output'?)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_dfa.feedback.update_scale import DEFAULT_LR_SCALE, check_lr_scale
+
+MODES = ("dfa", "backprop", "frozen")
+EMBEDDINGS = (False, True, "first_block")
+#: What a training step with a NaN or infinite loss, error or gradient does (Lightning runs; see ``DFA``).
+NONFINITE = ("stop", "skip")
+
+
+@dataclass(frozen=True)
+class DFAConfig:
+    """The DFA settings.
+
+    Args:
+        blocks: module paths or glob patterns (``"transformer.h.*"``, ``["0", "1"]``), or ``"auto"``
+            for the blocks of HuggingFace models (``_no_split_modules``) and diffusers UNets, else the
+            largest group of repeated sibling blocks (:func:`~lightning_dfa.feedback.points.repeated_blocks`).
+        output: module path whose output's gradient is the error ``e`` (logits, or the last hidden
+            state before the head). ``None`` picks it for known families (LM head, classifier, UNet
+            ``conv_out``), else the last module with parameters registered after the blocks.
+        projector: ``"gaussian"`` (default), a projector module, a ``(d_e, sum d_i)`` matrix, a class,
+            or a config ``{"class_path": ..., "init_args": {...}}``. Built at the first forward pass.
+        seed: seed of the projection; the same seed gives the same feedback on every device and rank.
+        mode: ``"dfa"``; ``"backprop"`` runs the identical pipeline with true gradients; ``"frozen"`` is the
+            frozen-blocks control: the DFA pipeline with the points' parameters frozen at init, so only
+            what DFA trains besides the blocks (the head) learns. DFA only learns if it beats it.
+        error_rows: leading dimensions of the error that are rows (default: 2 for ``(B, T, V)``
+            errors, else 1). See :mod:`lightning_dfa.feedback.rows`.
+        lr_scale: the feedback points learn at ``lr_scale`` x their optimizer's learning rate (``mode="dfa"``
+            only). ``"auto"`` (default) is ``min(0.1, 1 / sqrt(error width))``, set at the first forward pass.
+            See :mod:`lightning_dfa.feedback.update_scale`.
+        backprop_top: the top ``k`` blocks train with their true gradient (DFA below, backprop above).
+        embeddings: ``True`` adds the embeddings (token, position, patch; a UNet's ``conv_in`` and time
+            embedding) as feedback points of their own; ``"first_block"`` lets the first block's feedback flow
+            back through that block into whatever feeds it, and no further; ``False`` (default): the
+            embeddings learn only through a head tied to them.
+        spatial_feedback: image errors ``(B, C, H, W)`` give one row per pixel (its ``spatial_patch`` x
+            ``spatial_patch`` neighbourhood), projected per position and pooled to each point's resolution.
+        nonfinite: a NaN or infinite loss, error or gradient ``"stop"`` s the run before the optimizer step
+            (default) or makes it ``"skip"`` that step (Lightning runs; plain PyTorch always raises).
+        nonfinite_patience: with ``"skip"``, the run stops after this many consecutive skipped steps.
+    """
+
+    blocks: str | Sequence[str] = "auto"
+    output: str | None = None
+    projector: Any = "gaussian"  # a ProjectorSpec (lightning_dfa.projectors.registry)
+    seed: int = 0
+    mode: str = "dfa"
+    error_rows: int | None = None
+    lr_scale: float | str = DEFAULT_LR_SCALE
+    backprop_top: int = 0
+    embeddings: bool | str = False
+    spatial_feedback: bool = False
+    spatial_patch: int = 1
+    nonfinite: str = "stop"
+    nonfinite_patience: int = 10
+
+    def __post_init__(self) -> None:
+        nonfinite = ": 'stop' ends the run at the first NaN or inf, 'skip' skips such steps"
+        for setting, allowed, why in (
+            ("mode", MODES, ""),
+            ("embeddings", EMBEDDINGS, ""),
+            ("nonfinite", NONFINITE, nonfinite),
+        ):
+            if getattr(self, setting) not in allowed:
+                raise ValueError(f"{setting} must be one of {allowed}, got {getattr(self, setting)!r}{why}.")
+        _check_int("backprop_top", self.backprop_top, 0, "a non-negative integer (0 is pure DFA)")
+        _check_int("seed", self.seed, 0, "a non-negative integer")
+        _check_int("nonfinite_patience", self.nonfinite_patience, 1, "a positive integer")
+        if not isinstance(self.spatial_patch, int) or self.spatial_patch < 1 or self.spatial_patch % 2 == 0:
+            raise ValueError(
+                f"spatial_patch must be an odd positive integer (1, 3, 5, ...), got {self.spatial_patch!r}."
+            )
+        check_lr_scale(self.lr_scale)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The settings' names."""
+        return [field.name for field in dataclasses.fields(cls)]
+
+    @classmethod
+    def of(cls, spec: DFAConfig | Mapping[str, Any] | None, where: str = "DFA") -> DFAConfig:
+        """A config from a config, a mapping of settings (``configure_dfa()``, ``dfa=``) or ``None`` (defaults);
+        an unknown setting is named with the closest valid ones."""
+        if spec is None or isinstance(spec, DFAConfig):
+            return spec or cls()
+        if not isinstance(spec, Mapping):
+            raise TypeError(
+                f"{where} must be a DFAConfig or a dict of DFA settings, got {type(spec).__name__}: e.g. "
+                "{'blocks': 'blocks.*', 'output': 'head'}."
+            )
+        check_names(spec, where)
+        return cls(**spec)
+
+    def replace(self, **changes: Any) -> DFAConfig:
+        """This config with ``changes`` (checked like the constructor's arguments)."""
+        check_names(changes, "DFAConfig.replace()")
+        return dataclasses.replace(self, **changes)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as a dict (shallow: a projector module stays the same object)."""
+        return {name: getattr(self, name) for name in self.names()}
+
+
+def check_names(settings: Mapping[str, Any], where: str) -> None:
+    """Raise ``TypeError`` naming the unknown keys of ``settings`` and the closest valid DFA settings."""
+    valid = DFAConfig.names()
+    unknown = [key for key in settings if key not in valid]
+    if not unknown:
+        return
+    close = {key: difflib.get_close_matches(str(key), valid, n=1) for key in unknown}
+    hints = ", ".join(f"{key!r} -> {match[0]!r}" for key, match in close.items() if match)
+    raise TypeError(
+        f"{where} got unknown DFA settings {unknown}"
+        + (f" (did you mean {hints}?)" if hints else "")
+        + f"; valid settings: {sorted(valid)}."
+    )
+
+
+def split_settings(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``kwargs`` as (DFA settings, the rest)."""
+    names = set(DFAConfig.names())
+    return {k: v for k, v in kwargs.items() if k in names}, {k: v for k, v in kwargs.items() if k not in names}
+
+
+def setting_parameters(unset: bool = False) -> list[inspect.Parameter]:
+    """The settings as keyword-only parameters (for signatures that command lines read); with ``unset`` their
+    default is ``None``, meaning "not given here"."""
+    hints = typing.get_type_hints(DFAConfig)
+    return [
+        inspect.Parameter(
+            field.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None if unset else field.default,
+            annotation=typing.Optional[hints[field.name]] if unset else hints[field.name],  # noqa: UP045
+        )
+        for field in dataclasses.fields(DFAConfig)
+    ]
+
+
+def with_settings_signature(init: Any, base: Any = None, unset: bool = False) -> Any:
+    """Give ``init`` (an ``__init__(self, ..., **kwargs)``) the signature: its named parameters, ``base``'s, then
+    the DFA settings, so that jsonargparse (LightningCLI) and ``help()`` list them all."""
+    own = [p for p in inspect.signature(init).parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    inherited = list(inspect.signature(base).parameters.values())[1:] if base is not None else []
+    named = {p.name: p for p in own}
+    for p in inherited + setting_parameters(unset):
+        if p.name not in named and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            named[p.name] = p.replace(kind=p.KEYWORD_ONLY)
+    init.__signature__ = inspect.Signature(list(named.values()))
+    return init
+
+
+def _check_int(name: str, value: Any, low: int, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be {what}, got {value!r}.")
