@@ -16,12 +16,11 @@ Examples::
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import json
 import math
 import os
-import re
+import pydoc
 import sys
 import time
 import warnings
@@ -40,6 +39,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_dfa import _compat
 from lightning_dfa.callbacks.history import plot_history, write_or_warn
 from lightning_dfa.feedback import MODES
 from lightning_dfa.loggers import guard_loggers
@@ -113,7 +113,7 @@ class DFACLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse as LightningCLI does; an unknown option's error also names the closest valid ones."""
         subcommand = next((a for a in args or [] if isinstance(a, str) and not a.startswith("-")), None)
-        parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
+        parsers = [parser, *_compat.subcommand_parsers(self).values()]
         for each in parsers:
             each.exit_on_error = False
         try:
@@ -121,7 +121,7 @@ class DFACLI(LightningCLI):
             # passes its own sys.argv on purpose (recipe names resolved), and its baselines add options to it.
             self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
         except ArgumentError as err:
-            sub_parser = getattr(self, "_subcommand_parsers", {}).get(subcommand, parser)
+            sub_parser = _compat.subcommand_parsers(self).get(subcommand, parser)
             hint = option_hint(str(err), sub_parser)
             command = f"lightning-dfa {subcommand} --help" if subcommand else "lightning-dfa --help"
             # An unknown option: the hint says it in one line; jsonargparse's account of it only with DEBUG_ENV.
@@ -164,7 +164,7 @@ class DFACLI(LightningCLI):
         _check_baselines(self.config.fit.baselines, self.trainer)
         # Start W&B (or any logger) now: one that cannot start is replaced by a CSVLogger before training.
         # Spawned processes get a pickled trainer: there the DFA callback guards the loggers in each process.
-        if not _spawns(self.trainer):
+        if not _compat.launcher_spawns(self.trainer):
             guard_loggers(self.trainer, start=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -223,20 +223,12 @@ class MarkModelErrors(Callback):
     errors: :func:`main` prints their message alone.
     """
 
-    def __init__(self) -> None:
-        self.model_ran = False
+    model_ran = False
 
-    def on_train_batch_start(self, *args: Any) -> None:
+    def _ran(self, *args: Any) -> None:
         self.model_ran = True
 
-    def on_validation_batch_start(self, *args: Any) -> None:
-        self.model_ran = True
-
-    def on_test_batch_start(self, *args: Any) -> None:
-        self.model_ran = True
-
-    def on_predict_batch_start(self, *args: Any) -> None:
-        self.model_ran = True
+    on_train_batch_start = on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _ran
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.model_ran:
@@ -261,7 +253,7 @@ class EpochsOfMaxSteps(Callback):
 def _finish_wandb(trainer: Any) -> None:
     """Close this run's W&B run, so that a baseline (or the next run in this process) gets its own."""
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        if isinstance(logger, WandbLogger) and _compat.wandb_started(logger):
             try:
                 logger.experiment.finish()
             except Exception as err:  # noqa: BLE001 - the run is over; its results are already saved
@@ -282,13 +274,8 @@ def _logger_configs(logger: Any) -> list[Namespace]:
 
 
 def _is_wandb(logger: Namespace) -> bool:
-    module_name, _, name = logger.class_path.rpartition(".")
-    return issubclass(getattr(importlib.import_module(module_name), name), WandbLogger)
-
-
-def _spawns(trainer: Any) -> bool:
-    """Whether fit starts its processes by spawning (a W&B run started before would be pickled to them)."""
-    return getattr(getattr(trainer.strategy, "launcher", None), "_start_method", None) in ("spawn", "forkserver")
+    cls = pydoc.locate(logger.class_path)
+    return inspect.isclass(cls) and issubclass(cls, WandbLogger)
 
 
 def option_hint(message: str, parser: Any) -> str:
@@ -299,20 +286,17 @@ def option_hint(message: str, parser: Any) -> str:
         option_hint("Group 'trainer' does not accept option 'max_stepz'", parser)
         # "'max_stepz' is not an option of trainer; did you mean 'max_steps'? Its options: [...]."
     """
-    found = re.search(r"class_path '([\w.]+)':\s*Option '([\w.]+)' is not accepted", message)
-    if found:
-        where, key = found[1], found[2]
-        options = _init_options(where)
-    elif found := re.search(r"(?:Group '([\w.]+)' )?does not accept option '([\w.]+)'", message):
-        where, key = _split_key(f"{found[1]}.{found[2]}" if found[1] else found[2], _dests(parser))
-        options = _children(where, _dests(parser))
-        where = where or "the config"
-    elif found := re.search(r"Option '([\w.]+)' is not accepted", message):
-        where, key = _split_key(found[1], _dests(parser))
-        options = _children(where, _dests(parser))
-        where = where or "the config"
-    else:
+    found = _compat.unknown_option(message)
+    if found is None:
         return ""
+    class_path, key = found
+    if class_path:
+        where, options = class_path, _init_options(class_path)
+    else:
+        dests = _compat.parser_dests(parser)
+        where, key = _split_key(key, dests)
+        options = _children(where, dests)
+        where = where or "the config"
     close = difflib.get_close_matches(key, options, n=3)
     guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     listed = f" Its options: {options}." if options and len(options) <= 40 else ""
@@ -354,15 +338,9 @@ def _children(group: str, dests: list[str]) -> list[str]:
     return sorted({d[len(prefix) :].split(".")[0] for d in dests if d.startswith(prefix)} - skip)
 
 
-def _dests(parser: Any) -> list[str]:
-    return [action.dest for action in getattr(parser, "_actions", []) if isinstance(action.dest, str)]
-
-
 def _init_options(class_path: str) -> list[str]:
-    module_name, _, name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), name)
-        parameters = inspect.signature(cls.__init__).parameters.values()
+        parameters = inspect.signature(pydoc.locate(class_path).__init__).parameters.values()
     except (ImportError, AttributeError, TypeError, ValueError):
         return []
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)

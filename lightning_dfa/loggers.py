@@ -19,12 +19,15 @@ Example::
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch import loggers
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lightning_dfa import _compat
 
 #: Logger methods that touch the network or the disk; each is guarded.
 GUARDED = (
@@ -42,6 +45,9 @@ GUARDED = (
 #: Where the replacement ``CSVLogger`` writes, under the run directory.
 FALLBACK_DIR = "fallback-logs"
 
+_guarded: weakref.WeakSet[Logger] = weakref.WeakSet()
+_failed: weakref.WeakSet[Logger] = weakref.WeakSet()
+
 
 def guard_loggers(trainer: pl.Trainer, start: bool = False) -> None:
     """Make every logger of ``trainer`` fail softly: warn once, switch it off, keep training.
@@ -50,45 +56,37 @@ def guard_loggers(trainer: pl.Trainer, start: bool = False) -> None:
     start is replaced at once; call it before ``fit`` in a single process (the ``lightning-dfa`` command
     does). Calling it again is harmless.
     """
-    for logger in list(trainer.loggers):
-        if getattr(logger, "_dfa_guarded", False):
+    for logger in [lg for lg in trainer.loggers if lg not in _guarded]:
+        try:
+            _ = logger.experiment if start else None
+        except Exception as err:  # noqa: BLE001 - any failure of a logger must not stop training
+            _switch_off(trainer, logger, "to start", err)
             continue
-        if start:
-            try:
-                _ = logger.experiment
-            except Exception as err:  # noqa: BLE001 - any failure of a logger must not stop training
-                _switch_off(trainer, logger, "to start", err)
-                continue
         _guard(trainer, logger)
 
 
 def _guard(trainer: pl.Trainer, logger: Logger) -> None:
-    logger._dfa_guarded = True
-    logger._dfa_failed = False
-    for name in GUARDED:
-        method = getattr(logger, name, None)
-        if callable(method):
-            setattr(logger, name, _guarded(trainer, logger, name, method))
+    def wrap(name: str, method: Any) -> Any:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if logger in _failed:
+                return None
+            try:
+                return method(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - any failure of a logger must not stop training
+                _switch_off(trainer, logger, f"in {name}()", err)
+                return None
 
+        return call
 
-def _guarded(trainer: pl.Trainer, logger: Logger, name: str, method: Any) -> Any:
-    @functools.wraps(method)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if logger._dfa_failed:
-            return None
-        try:
-            return method(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any failure of a logger must not stop training
-            _switch_off(trainer, logger, f"in {name}()", err)
-            return None
-
-    return call
+    _guarded.add(logger)
+    _compat.wrap_methods(logger, GUARDED, wrap)
 
 
 def _switch_off(trainer: pl.Trainer, logger: Logger, action: str, err: Exception) -> None:
-    logger._dfa_guarded = logger._dfa_failed = True
-    where = _describe_dir(logger)
-    healthy = [other for other in trainer.loggers if other is not logger and not getattr(other, "_dfa_failed", False)]
+    _guarded.add(logger)
+    _failed.add(logger)
+    healthy = [other for other in trainer.loggers if other not in _failed]
     # A logger that never started is dropped (Lightning would start it again); one that failed later stays, muted.
     kept = [other for other in trainer.loggers if other is not logger or action != "to start"]
     fallback = ""
@@ -99,7 +97,7 @@ def _switch_off(trainer: pl.Trainer, logger: Logger, action: str, err: Exception
         fallback = f" Metrics now go to a CSVLogger in {replacement.log_dir!r}."
     trainer.loggers = kept
     rank_zero_warn(
-        f"{type(logger).__name__} failed {action}{where}: {type(err).__name__}: {err}. "
+        f"{type(logger).__name__} failed {action}{_describe_dir(logger)}: {type(err).__name__}: {err}. "
         f"Training and checkpointing go on; this logger is off for the rest of the run.{fallback} To fix: check "
         "the network or W&B login (or set WANDB_MODE=offline), and the free space and permissions of the log "
         "directory.",
@@ -125,5 +123,4 @@ class WandbLogger(loggers.WandbLogger):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self._wandb_init.get("anonymous", "unset") is None:
-            del self._wandb_init["anonymous"]
+        _compat.drop_unset_anonymous(self)

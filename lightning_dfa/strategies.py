@@ -27,6 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from lightning_dfa import _compat
 from lightning_dfa.callback import DFA
 from lightning_dfa.feedback import DFAConfig
 from lightning_dfa.feedback.config import split_settings, with_settings_signature
@@ -230,7 +231,7 @@ for _strategy, _lightning in (
 
 
 #: Attribute names under which torch's FSDP (1) and activation checkpointing keep the module they wrap.
-WRAPPED = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+WRAPPED = _compat.WRAPPED_MODULE_ATTRIBUTES
 
 
 def outer_points(model: nn.Module, blocks: str | Sequence[str]) -> str | list[str]:

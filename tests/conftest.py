@@ -130,7 +130,10 @@ def tiny_unet():
 
 
 def quiet_trainer(**kwargs):
-    """A CPU Trainer without logger, checkpoints, progress bar or model summary (``kwargs`` override)."""
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary (``kwargs`` override).
+
+    The one Trainer factory of the tests: ``quiet_trainer(strategy="dfa", max_steps=2).fit(model, loader)``.
+    """
     import lightning.pytorch as pl
 
     options = dict(
@@ -141,3 +144,23 @@ def quiet_trainer(**kwargs):
         enable_model_summary=False,
     )
     return pl.Trainer(**{**options, **kwargs})
+
+
+def quiet_args(logger: bool = False) -> list[str]:
+    """The command-line form of :func:`quiet_trainer` for ``lightning-dfa`` (``logger=True`` keeps the recipe's)."""
+    args = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    return args if logger else ["--trainer.logger=false", *args]
+
+
+def fit_digits(model=None, *, steps: int, hidden: int = 16, batch_size: int = 16, **trainer_kwargs):
+    """Train ``model`` (default: ``MLPClassifier(hidden=hidden, depth=2)`` from seed 0) on the digits for ``steps``
+    steps with :func:`quiet_trainer` (no validation unless ``trainer_kwargs`` say so); return the trainer."""
+    from lightning_dfa.data import DigitsDataModule
+    from lightning_dfa.models import MLPClassifier
+
+    if model is None:
+        torch.manual_seed(0)
+        model = MLPClassifier(hidden=hidden, depth=2)
+    trainer = quiet_trainer(**{"max_steps": steps, "limit_val_batches": 0, **trainer_kwargs})
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=batch_size))
+    return trainer

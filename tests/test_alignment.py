@@ -3,12 +3,11 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import fit_digits
 
 import lightning_dfa  # noqa: F401
 from lightning_dfa import DFAStrategy
 from lightning_dfa.callbacks.alignment import Alignment
-from lightning_dfa.data import DigitsDataModule
-from lightning_dfa.models import MLPClassifier
 
 
 class GradSpy(pl.Callback):
@@ -22,22 +21,8 @@ class GradSpy(pl.Callback):
 
 
 def fit(mode, callbacks, steps=4, **trainer_kwargs):
-    torch.manual_seed(0)
-    model = MLPClassifier(hidden=32, depth=2)
-    trainer = pl.Trainer(
-        strategy=DFAStrategy(mode=mode),
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=callbacks,
-        **trainer_kwargs,
-    )
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
-    return trainer
+    strategy = DFAStrategy(mode=mode)
+    return fit_digits(steps=steps, hidden=32, strategy=strategy, callbacks=callbacks, **trainer_kwargs)
 
 
 def test_alignment_is_one_under_backprop():

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -24,17 +25,7 @@ DOCS = Path(__file__).parents[1] / "docs" / "errors.md"
 
 
 def trainer(**kwargs):
-    options = dict(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    return pl.Trainer(**{**options, **kwargs})
+    return quiet_trainer(**{"max_steps": 1, "num_sanity_val_steps": 0, "limit_val_batches": 0, **kwargs})
 
 
 def tiny():

@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from conftest import tiny_gpt2
+from conftest import quiet_trainer, tiny_gpt2
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_dfa  # noqa: F401  (registers strategy="dfa")
@@ -30,7 +30,6 @@ BLOCKS = {
     "gpt2": ["model.transformer.h.0", "model.transformer.h.1"],
     "llama": ["model.model.layers.0", "model.model.layers.1"],
 }
-QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
 
 
 @pytest.fixture(autouse=True)
@@ -62,14 +61,13 @@ def test_a_config_trains_with_dfa_with_the_vocabulary_of_the_data(config, data, 
     lm = CausalLM(config=config, sample_tokens=8)
     assert lm.model is None  # the vocabulary comes from the datamodule when the Trainer connects
     snapshot = FirstBlockSnapshot()
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         strategy="dfa",
         max_steps=2,
         limit_train_batches=2,
         limit_val_batches=1,
         logger=CSVLogger(tmp_path),  # a real logger merges the module's and the data's hparams: no clash
         callbacks=[snapshot],
-        **QUIET,
     )
     trainer.fit(lm, datamodule=data)
     assert trainer.global_step == 2
@@ -86,7 +84,7 @@ def test_a_config_trains_with_dfa_with_the_vocabulary_of_the_data(config, data, 
 
 def test_a_checkpoint_reloads_with_the_vocabulary_resolved_from_the_data(data, tmp_path):
     lm = CausalLM(config=GPT2)
-    trainer = pl.Trainer(strategy="dfa", fast_dev_run=1, default_root_dir=tmp_path, **QUIET)
+    trainer = quiet_trainer(strategy="dfa", fast_dev_run=1, default_root_dir=tmp_path)
     trainer.fit(lm, datamodule=data)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     loaded = CausalLM.load_from_checkpoint(tmp_path / "last.ckpt")
@@ -138,7 +136,7 @@ def test_missing_pretrained_folder_and_bad_arguments_are_clear_errors(tmp_path):
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(data):
     lm = CausalLM(config={**GPT2, "vocab_size": 64})  # built at once; the data's BPE has up to 300 tokens
     with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but the model's embedding only 64"):
-        pl.Trainer(strategy="dfa", fast_dev_run=1, **QUIET).fit(lm, datamodule=data)
+        quiet_trainer(strategy="dfa", fast_dev_run=1).fit(lm, datamodule=data)
 
 
 def recipe_model_args(name):
@@ -154,6 +152,7 @@ def test_gpu_recipes_build_at_full_size_on_the_meta_device(recipe, low, high):
     assert low < sum(p.numel() for p in params) < high
 
 
+@pytest.mark.slow
 def test_the_quickstart_recipe_runs_end_to_end(tmp_path):
     cli = run(
         [

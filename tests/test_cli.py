@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import quiet_args
 
 from lightning_dfa.cli import DEBUG_ENV, main, recipe_names, resolve_recipe, run
 from lightning_dfa.models import MLPClassifier
 from lightning_dfa.runs import latest_run, run_files
 
-QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-DIGITS = ["fit", "--config", "digits-mlp", *QUIET]
+DIGITS = ["fit", "--config", "digits-mlp", *quiet_args()]
 
 
 def test_recipes_are_listed_with_their_first_line(capsys):
@@ -39,16 +39,14 @@ def test_an_unknown_recipe_lists_the_shipped_ones():
         resolve_recipe("digits-cnn")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", recipe_names())
-def test_every_recipe_parses(recipe):
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_dfa.cli", "fit", "--config", recipe, "--print_config"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "class_path: lightning_dfa" in result.stdout
+def test_every_recipe_parses(recipe, capsys):
+    with pytest.raises(SystemExit) as exited:  # --print_config prints the parsed config and exits
+        run(["fit", "--config", recipe, "--print_config"])
+    printed = capsys.readouterr()
+    assert exited.value.code in (0, None), printed.err[-2000:]
+    assert "class_path: lightning_dfa" in printed.out
 
 
 def test_fit_one_batch_from_the_command_line(tmp_path):
@@ -59,7 +57,7 @@ def test_fit_one_batch_from_the_command_line(tmp_path):
             "digits-mlp",
             "--trainer.fast_dev_run=true",
             f"--trainer.default_root_dir={tmp_path}",
-            *QUIET,
+            *quiet_args(),
         ]
     )
     assert cli.trainer.global_step == 1
@@ -75,7 +73,7 @@ def test_one_override_switches_the_recipe_to_backprop(tmp_path):
             "--trainer.fast_dev_run=true",
             "--trainer.strategy.mode=backprop",
             f"--trainer.default_root_dir={tmp_path}",
-            *QUIET,
+            *quiet_args(),
         ]
     )
     assert cli.trainer.strategy.dfa.engine.mode == "backprop"
@@ -89,12 +87,13 @@ def run_quick_start(mode, tmp_path):
             "digits-mlp",
             f"--trainer.strategy.mode={mode}",
             f"--trainer.default_root_dir={tmp_path}",
-            *QUIET,
+            *quiet_args(),
         ]
     )
     return float(cli.trainer.callback_metrics["test/acc"])
 
 
+@pytest.mark.slow
 def test_dfa_learns_the_digits_quick_start(tmp_path, capsys):
     dfa = run_quick_start("dfa", tmp_path / "dfa")
     backprop = run_quick_start("backprop", tmp_path / "bp")
@@ -117,6 +116,7 @@ def two_launches(tmp_path_factory):
     return {"root": root, "out": printed.getvalue(), "first": first}
 
 
+@pytest.mark.slow
 def test_baselines_run_after_fit_and_print_beside_dfa(two_launches):
     out = two_launches["out"]
     header = next(line for line in out.splitlines() if "frozen" in line and "backprop" in line)
@@ -128,12 +128,14 @@ def test_baselines_run_after_fit_and_print_beside_dfa(two_launches):
     assert two_launches["first"].result.mode == "dfa"
 
 
+@pytest.mark.slow
 def test_each_launch_gets_a_new_version_folder_and_latest_points_at_the_newest(two_launches):
     root = two_launches["root"]
     assert sorted(p.name for p in root.iterdir()) == ["latest", "version_0", "version_1"]
     assert latest_run(root) == (root / "version_1").resolve()
 
 
+@pytest.mark.slow
 def test_a_run_and_its_baselines_hold_their_files_in_their_version_folder(two_launches):
     files = run_files(two_launches["root"] / "version_0")
     top = {name for name in files if "/" not in name}
@@ -142,17 +144,20 @@ def test_a_run_and_its_baselines_hold_their_files_in_their_version_folder(two_la
         assert {f"{mode}/config.yaml", f"{mode}/history-{mode}.json", f"{mode}/curves-{mode}.png"} <= set(files)
 
 
+@pytest.mark.slow
 def test_a_launch_without_baselines_holds_only_its_own_files(two_launches):
     files = [name for name in run_files(two_launches["root"] / "version_1") if not name.startswith("checkpoints/")]
     assert files == ["config.yaml", "curves-dfa.png", "history-dfa.json", "summary.json"]
 
 
+@pytest.mark.slow
 def test_the_summary_lists_every_file_of_its_run_folder(two_launches):
     for version in ("version_0", "version_1"):
         folder = two_launches["root"] / version
         assert json.loads((folder / "summary.json").read_text())["files"] == run_files(folder)
 
 
+@pytest.mark.slow
 def test_config_yaml_is_the_launched_runs_config_and_each_baseline_has_its_own(two_launches):
     folder = two_launches["root"] / "version_0"
     for path, mode in [("config.yaml", "dfa"), ("frozen/config.yaml", "frozen"), ("backprop/config.yaml", "backprop")]:
@@ -172,7 +177,7 @@ def test_unknown_baseline_mode_is_an_error(tmp_path):
                 "--baselines=[bp]",
                 "--trainer.fast_dev_run=true",
                 f"--trainer.default_root_dir={tmp_path}",
-                *QUIET,
+                *quiet_args(),
             ]
         )
 
@@ -209,10 +214,12 @@ def wandb_command(tmp_path_factory):
     return {"root": root / "runs", "out": out, "pid": process.pid}
 
 
+@pytest.mark.slow
 def test_wandb_runs_offline_in_the_run_folder(wandb_command):
     assert list((latest_run(wandb_command["root"]) / "wandb").glob("offline-run-*")), wandb_command["out"][-2000:]
 
 
+@pytest.mark.slow
 def test_the_command_leaves_no_process_behind(wandb_command):
     time.sleep(1)
     assert session_processes(wandb_command["pid"]) == [], "processes of the command's session are still running"
@@ -252,7 +259,7 @@ def test_projector_settings_from_the_command_line_reach_the_projector(tmp_path):
             "--trainer.fast_dev_run=true",
             f"--trainer.strategy.projector={projector}",
             f"--trainer.default_root_dir={tmp_path}",
-            *QUIET,
+            *quiet_args(),
         ]
     )
     opu = cli.trainer.strategy.dfa.engine.projector
@@ -268,7 +275,7 @@ def test_a_projector_by_name_from_the_command_line(tmp_path):
             "--trainer.fast_dev_run=true",
             "--trainer.strategy.projector=structured",
             f"--trainer.default_root_dir={tmp_path}",
-            *QUIET,
+            *quiet_args(),
         ]
     )
     assert type(cli.trainer.strategy.dfa.engine.projector).__name__ == "Structured"

@@ -20,13 +20,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import TinyMLP, tiny_gpt2
+from conftest import TinyMLP, quiet_trainer, tiny_gpt2
 from forking import WORLD, free_port, torchrun_env
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_dfa  # noqa: F401  (registers the strategies)
-from lightning_dfa import DFADDPStrategy, DFAFSDPStrategy
+from lightning_dfa import DFA, DFADDPStrategy, DFAFSDPStrategy
 from lightning_dfa.feedback import FeedbackEngine
 from lightning_dfa.models import MLPClassifier
 from lightning_dfa.strategies import outer_points
@@ -70,16 +71,7 @@ def _one_thread(rank: int, worker: Callable[..., None], *args: Any) -> None:
 
 
 def trainer(**kwargs: Any) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=WORLD,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(**{**options, **kwargs})
+    return quiet_trainer(**{"devices": WORLD, "max_steps": 1, **kwargs})
 
 
 def loader() -> DataLoader:
@@ -98,8 +90,13 @@ def assert_same_grads(got: dict[str, Tensor | None], want: dict[str, Tensor | No
 
 
 # ---------------------------------------------------------------------------------------------- strategy "dfa_fsdp"
-def test_dfa_fsdp_is_registered_by_name():
-    assert isinstance(trainer(strategy="dfa_fsdp").strategy, DFAFSDPStrategy)
+def test_dfa_fsdp_by_name_is_lightnings_fsdp_and_puts_its_dfa_first_when_a_model_connects():
+    fit = trainer(strategy="dfa_fsdp")
+    assert isinstance(fit.strategy, DFAFSDPStrategy) and isinstance(fit.strategy, FSDPStrategy)
+    model = MLPClassifier(in_features=5, hidden=7, depth=2, num_classes=3)
+    model.trainer = fit
+    fit.strategy.connect(model)  # what fit() does first, here without a process group
+    assert isinstance(fit.callbacks[0], DFA) and fit.callbacks[0] is fit.strategy.dfa
 
 
 def test_dfa_fsdp_passes_its_fsdp_arguments_to_lightning():
@@ -175,6 +172,7 @@ def dfa_fsdp_ranks(tmp_path_factory) -> list[dict[str, Any]]:
     return [torch.load(folder / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
+@pytest.mark.slow
 def test_dfa_fsdp_builds_its_dfa_from_its_arguments_and_configure_dfa(dfa_fsdp_ranks):
     settings, points = dfa_fsdp_ranks[0]["settings"], dfa_fsdp_ranks[0]["points"]
     assert (settings["seed"], settings["nonfinite"], settings["spatial_patch"]) == (3, "skip", 3)
@@ -182,17 +180,20 @@ def test_dfa_fsdp_builds_its_dfa_from_its_arguments_and_configure_dfa(dfa_fsdp_r
     assert points == ["blocks.0", "blocks.1"], "points named as in the unwrapped module"
 
 
+@pytest.mark.slow
 def test_dfa_fsdp_gives_every_rank_the_same_projection(dfa_fsdp_ranks):
     first, second = (rank["projection"] for rank in dfa_fsdp_ranks)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_dfa_fsdp_gradients_equal_a_single_process_on_the_global_batch(dfa_fsdp_ranks):
     want = single_process_grads(classifier(), seed=3)
     for rank in dfa_fsdp_ranks:
         assert_same_grads(rank["grads"], want)
 
 
+@pytest.mark.slow
 def test_dfa_fsdp_steps_the_points_at_lr_scale_as_one_process_with_an_explicit_group(dfa_fsdp_ranks):
     model = classifier()
     x, y = global_batch()
@@ -234,6 +235,7 @@ def _gpt2_fsdp_rank(rank: int, port: int, folder: str) -> None:
     trainer(strategy=strategy, callbacks=[FSDPDump(folder)]).fit(TinyLM(), loader)
 
 
+@pytest.mark.slow
 def test_dfa_fsdp_puts_auto_blocks_at_their_fsdp_units_and_gives_single_process_gradients(tmp_path):
     fork_ranks(_gpt2_fsdp_rank, str(tmp_path))
     gpt2 = tiny_gpt2()
@@ -254,6 +256,7 @@ def _fit_then_test_rank(rank: int, port: int, folder: str) -> None:
     torch.save(run.test(model, loader(), verbose=False)[0], Path(folder) / f"test{rank}.pt")
 
 
+@pytest.mark.slow
 def test_dfa_fsdp_tests_after_fit_with_the_trained_weights(tmp_path):
     fork_ranks(_fit_then_test_rank, str(tmp_path))
     model = classifier()
@@ -282,6 +285,7 @@ class DDPDump(pl.Callback):
             torch.save({name: p.grad.clone() for name, p in pl_module.named_parameters()}, self.path)
 
 
+@pytest.mark.slow
 def test_dfa_ddp_gradients_equal_a_single_process_on_the_global_batch(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     path = str(tmp_path / "rank0.pt")
@@ -309,6 +313,7 @@ def _fully_shard_rank(rank: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fully_shard_gradients_equal_a_single_process_on_the_global_batch(tmp_path):
     fork_ranks(_fully_shard_rank, str(tmp_path))
     torch.manual_seed(0)

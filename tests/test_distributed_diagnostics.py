@@ -29,6 +29,8 @@ from lightning_dfa import DFADDPStrategy, DFAFSDPStrategy, DFAStrategy
 from lightning_dfa.callbacks import Alignment
 from lightning_dfa.models import CausalLM, MLPClassifier
 
+pytestmark = pytest.mark.slow  # trains or forks processes: seconds to minutes each
+
 PER_RANK, STEPS = 4, 3
 DEADLINE_S = 150
 GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 16}

@@ -268,6 +268,7 @@ def test_reentrant_checkpointing_inside_a_block_call_is_a_clear_error(mlp, batch
         checkpoint(mlp.blocks[0], x, use_reentrant=True)
 
 
+@pytest.mark.slow
 def test_torch_compile_gives_the_eager_gradients(mlp, batch):
     import copy
 

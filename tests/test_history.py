@@ -2,32 +2,21 @@
 
 import json
 
-import lightning.pytorch as pl
 import pytest
+from conftest import fit_digits
 
 import lightning_dfa  # noqa: F401
 from lightning_dfa.callbacks import Alignment, FeedbackStats, History
 from lightning_dfa.callbacks.history import history_figure
-from lightning_dfa.data import DigitsDataModule
 from lightning_dfa.models import MLPClassifier
 
 
 def fit(tmp_path, callbacks, mode="dfa", steps=6, model=None):
-    trainer = pl.Trainer(
-        strategy=lightning_dfa.DFAStrategy(mode=mode),
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        val_check_interval=3,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
+    strategy = lightning_dfa.DFAStrategy(mode=mode)
+    validation = {"limit_val_batches": 1.0, "val_check_interval": 3, "num_sanity_val_steps": 0}
+    return fit_digits(
+        model, steps=steps, strategy=strategy, default_root_dir=tmp_path, callbacks=callbacks, **validation
     )
-    trainer.fit(model or MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule(batch_size=16))
-    return trainer
 
 
 def test_history_saves_curves_and_json_with_the_run(tmp_path):

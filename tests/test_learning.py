@@ -11,12 +11,15 @@ from __future__ import annotations
 import copy
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit_digits
 
 from lightning_dfa import DFAStrategy, FeedbackEngine
-from lightning_dfa.data import DigitsDataModule
 from lightning_dfa.models import MLPClassifier
+
+pytestmark = pytest.mark.slow  # trains or forks processes: seconds to minutes each
 
 
 def test_frozen_control_leaves_the_blocks_bit_identical_after_training():
@@ -24,17 +27,7 @@ def test_frozen_control_leaves_the_blocks_bit_identical_after_training():
     model = MLPClassifier(hidden=32, depth=2, weight_decay=0.1)
     before = copy.deepcopy(model.blocks.state_dict())
     head_before = model.head.weight.clone()
-    trainer = pl.Trainer(
-        strategy=DFAStrategy(mode="frozen"),
-        max_steps=20,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    fit_digits(model, steps=20, batch_size=32, strategy=DFAStrategy(mode="frozen"))
     for name, value in model.blocks.state_dict().items():
         assert torch.equal(value, before[name]), f"blocks.{name} moved under the frozen control"
     assert not torch.equal(model.head.weight, head_before)  # the head did train

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import fit_digits, quiet_trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_dfa import DFA
@@ -15,21 +15,10 @@ from lightning_dfa.projectors import optical_cost
 
 
 def fit(tmp_path, projector, ledger, batches=6):
-    model = MLPClassifier(hidden=16, depth=2)
     dfa = DFA(blocks="blocks.*", output="head", projector=projector)
-    trainer = pl.Trainer(
-        max_steps=batches,
-        limit_val_batches=0,
-        accelerator="cpu",
-        devices=1,
-        logger=CSVLogger(tmp_path),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[dfa, ledger],
-        log_every_n_steps=1,
+    trainer = fit_digits(
+        steps=batches, batch_size=32, logger=CSVLogger(tmp_path), log_every_n_steps=1, callbacks=[dfa, ledger]
     )
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     return trainer, dfa.engine
 
 
@@ -68,14 +57,7 @@ def test_ledger_prices_only_the_vectors_an_opu_sends_and_the_electronic_side_for
 
 
 def test_ledger_without_dfa_says_what_is_missing(tmp_path):
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        callbacks=[OpticalLedger()],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(max_steps=1, callbacks=[OpticalLedger()])
     with pytest.raises(RuntimeError, match="OpticalLedger needs DFA"):
         trainer.fit(MLPClassifier(hidden=8, depth=1), datamodule=DigitsDataModule())
 

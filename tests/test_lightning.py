@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import quiet_trainer
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_dfa  # noqa: F401  (registers the strategies)
@@ -15,17 +16,7 @@ from lightning_dfa.models import MLPClassifier
 
 
 def trainer(**kwargs):
-    options = dict(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    return pl.Trainer(**{**options, **kwargs})
+    return quiet_trainer(**{"max_steps": 3, "num_sanity_val_steps": 0, "limit_val_batches": 0, **kwargs})
 
 
 class Recorder(pl.Callback):
@@ -146,6 +137,7 @@ class RankDump(pl.Callback):
                 pickle.dump(state, file)
 
 
+@pytest.mark.slow
 def test_ddp_spawn_gives_every_rank_the_same_projection_and_gradients(tmp_path):
     run = trainer(strategy="dfa_ddp_spawn", devices=2, callbacks=[RankDump(str(tmp_path))], max_steps=2)
     run.fit(MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule(batch_size=16))

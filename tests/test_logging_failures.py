@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import quiet_args, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from matplotlib.figure import Figure
@@ -19,8 +20,6 @@ from lightning_dfa.cli import run
 from lightning_dfa.loggers import FALLBACK_DIR, guard_loggers
 from lightning_dfa.models import MLPClassifier
 from lightning_dfa.runs import latest_run
-
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 def disk_full(*args, **kwargs):
@@ -35,14 +34,12 @@ def data():
 
 def fit(tmp_path, logger=False, callbacks=(), root=None, steps=3):
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         strategy="dfa",
-        accelerator="cpu",
         max_steps=steps,
         logger=logger,
         log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         limit_val_batches=0,
         default_root_dir=root or tmp_path,
         callbacks=[checkpoints, *callbacks],
@@ -149,7 +146,7 @@ def test_the_cli_summary_on_a_full_disk_warns_and_the_result_is_kept(tmp_path, m
         return disk_full() if self.name == "summary.json" else original(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", write_text)
-    args = ["fit", "--config", "digits-mlp", "--trainer.max_steps=2", "--trainer.logger=false", *QUIET]
+    args = ["fit", "--config", "digits-mlp", "--trainer.max_steps=2", *quiet_args()]
     with pytest.warns(RuntimeWarning, match=r"Could not write the summary to '.*summary.json': No space left"):
         cli = run([*args, f"--trainer.default_root_dir={tmp_path}"])
     assert cli.result.steps == 2
@@ -164,7 +161,7 @@ def test_wandb_that_cannot_start_is_replaced_by_a_csv_logger_and_training_goes_o
         raise wandb.errors.CommError("api.wandb.ai is unreachable")
 
     monkeypatch.setattr(wandb, "init", unreachable)
-    args = ["fit", "--config", "digits-mlp", "--trainer.max_steps=2", *QUIET]
+    args = ["fit", "--config", "digits-mlp", "--trainer.max_steps=2", *quiet_args(logger=True)]
     with pytest.warns(RuntimeWarning, match=r"WandbLogger failed to start.*CommError: api.wandb.ai is unreachable"):
         cli = run([*args, f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert cli.trainer.global_step == 2

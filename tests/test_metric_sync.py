@@ -6,6 +6,7 @@ logged; ``tests/test_multiprocess_cli.py`` checks a two-rank run prints no such 
 
 import lightning.pytorch as pl
 import pytest
+from conftest import quiet_trainer
 from test_vision_models import UNET, VIT
 
 from lightning_dfa.data import DigitsDataModule, ImageDataModule, TextDataModule
@@ -32,16 +33,7 @@ def test_validation_and_test_metrics_are_logged_over_every_rank(name, monkeypatc
 
     monkeypatch.setattr(pl.LightningModule, "log", log)
     model, data = MODELS[name]()
-    trainer = pl.Trainer(
-        strategy="dfa",
-        accelerator="cpu",
-        limit_val_batches=1,
-        limit_test_batches=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(strategy="dfa", limit_val_batches=1, limit_test_batches=1, default_root_dir=tmp_path)
     trainer.validate(model, datamodule=data, verbose=False)
     trainer.test(model, datamodule=data, verbose=False)
     evaluated = {key: synced for key, synced in logged.items() if key.startswith(("val/", "test/"))}

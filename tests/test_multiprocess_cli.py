@@ -16,13 +16,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import quiet_trainer
 from forking import WORLD, free_port, run_ranks, torchrun_env
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dfa.runs import latest_run
+
+pytestmark = pytest.mark.slow  # trains or forks processes: seconds to minutes each
 
 DEADLINE_S = 150
 
@@ -104,17 +106,8 @@ def _history_rank(rank: int, port: int, root: str) -> None:
     torchrun_env(rank, port)
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(16, 5), torch.randint(0, 3, (16,)))
-    trainer = pl.Trainer(
-        strategy=DFADDPStrategy(),
-        accelerator="cpu",
-        devices=WORLD,
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=[History(plot=False)],
+    trainer = quiet_trainer(
+        strategy=DFADDPStrategy(), devices=WORLD, max_steps=2, default_root_dir=root, callbacks=[History(plot=False)]
     )
     trainer.fit(MLPClassifier(in_features=5, hidden=7, depth=2, num_classes=3), DataLoader(data, batch_size=4))
     Path(root, f"rank{rank}.done").touch()

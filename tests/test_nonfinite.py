@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -121,15 +122,11 @@ def data(batches=6):
 
 
 def fit(model, callbacks=(), steps=5, nonfinite="skip", logger=False, strategy=None, **kwargs):
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         strategy=strategy or DFAStrategy(nonfinite=nonfinite),
-        accelerator="cpu",
         max_steps=steps,
         logger=logger,
         log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         callbacks=list(callbacks),
         **kwargs,

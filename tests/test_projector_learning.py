@@ -12,10 +12,13 @@ import warnings
 
 import lightning.pytorch as pl
 import pytest
+from conftest import quiet_trainer
 
 from lightning_dfa import DFA
 from lightning_dfa.data import DigitsDataModule
 from lightning_dfa.models import MLPClassifier
+
+pytestmark = pytest.mark.slow  # trains or forks processes: seconds to minutes each
 
 EPOCHS = 8
 RESULTS: dict[str, float] = {}
@@ -27,17 +30,7 @@ def test_accuracy(projector) -> float:
     # The full rate: the projectors are compared where the blocks learn fastest (at lr_scale="auto", 0.1 here,
     # 8 epochs leave the blocks mid-way and the comparison noisy; docs/emulator.md has both).
     dfa = DFA(blocks="blocks.*", output="head", projector=projector, seed=0, lr_scale=1.0)
-    trainer = pl.Trainer(
-        max_epochs=EPOCHS,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        callbacks=[dfa],
-    )
+    trainer = quiet_trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[dfa])
     data = DigitsDataModule(batch_size=32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # camera saturation warnings (counted by the OPU)

@@ -13,6 +13,7 @@ from lightning_dfa.projectors.structured import hadamard, sylvester
 from lightning_dfa.projectors.tiles import gaussian_region, gaussian_rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n, columns", [(4096, 512), (4096, 1), (4096, 4095), (65536, 9216), (16, 3), (2, 1)])
 def test_hadamard_with_fewer_columns_gives_the_first_columns(n, columns):
     x = torch.randn(3, n, dtype=torch.float64)

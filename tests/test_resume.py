@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from resuming import KillAt, StepLog, in_child, losses
 from torch import Tensor, nn
@@ -32,7 +33,7 @@ from torch.utils.data import TensorDataset
 
 import lightning_dfa  # noqa: F401  (registers the strategies)
 from lightning_dfa import DFAStrategy
-from lightning_dfa.data.splits import EpochSampler, ResumableLoader
+from lightning_dfa.data.splits import train_loader
 from lightning_dfa.models import MLPClassifier
 from lightning_dfa.strategies import RNG_KEY, rng_states, set_rng_states
 
@@ -69,20 +70,16 @@ def train(folder: Path, checkpoints: Path, kill_at: int | None = None, ckpt_path
     callbacks = [StepLog(folder), ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=EVERY, save_last=True)]
     if kill_at is not None:
         callbacks.insert(1, KillAt(kill_at))
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         strategy=DFAStrategy(projector="opu", seed=0),
-        accelerator="cpu",
         max_epochs=EPOCHS,
         deterministic=True,
         callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         limit_val_batches=0,
     )
     data = dataset()
-    loader = ResumableLoader(data, batch_size=BATCH, sampler=EpochSampler(data, seed=0))
-    trainer.fit(DropoutMLP(), loader, ckpt_path=ckpt_path)
+    trainer.fit(DropoutMLP(), train_loader(data, batch_size=BATCH, seed=0), ckpt_path=ckpt_path)
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +94,14 @@ def runs(tmp_path_factory) -> dict[str, Any]:
     return {"root": root, "exit": (reference, killed, resumed), "last": last}
 
 
+@pytest.mark.slow
 def test_the_killed_run_died_by_sigkill_after_a_mid_epoch_checkpoint(runs):
     assert runs["exit"] == (0, -signal.SIGKILL, 0)
     assert runs["last"]["global_step"] == KILL_AT // EVERY * EVERY
     assert runs["last"]["global_step"] % (SAMPLES // BATCH) != 0, "the checkpoint is in the middle of an epoch"
 
 
+@pytest.mark.slow
 def test_resumed_run_reproduces_the_per_step_losses_bitwise(runs):
     reference, resumed = losses(runs["root"] / "reference"), losses(runs["root"] / "resumed")
     first = runs["last"]["global_step"] + 1
@@ -110,6 +109,7 @@ def test_resumed_run_reproduces_the_per_step_losses_bitwise(runs):
     assert resumed == {step: reference[step] for step in resumed}
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_same_weights(runs):
     reference = torch.load(runs["root"] / "reference" / "weights.pt")
     resumed = torch.load(runs["root"] / "resumed" / "weights.pt")
@@ -118,12 +118,14 @@ def test_resumed_run_ends_with_the_same_weights(runs):
         assert torch.equal(resumed[name], weight), name
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_the_feedback_state(runs):
     feedback = runs["last"]["callbacks"]["lightning_dfa.DFA"]
     assert feedback["seed"] == 0 and set(feedback["layout"]) == {"blocks.0", "blocks.1"}
     assert feedback["projector"]["_extra_state"]["calls"] == runs["last"]["global_step"]
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_same_feedback_state(runs):
     reference = torch.load(runs["root"] / "reference" / "feedback.pt", weights_only=False)
     resumed = torch.load(runs["root"] / "resumed" / "feedback.pt", weights_only=False)
@@ -131,6 +133,7 @@ def test_resumed_run_ends_with_the_same_feedback_state(runs):
     assert resumed["projector"]["_extra_state"] == reference["projector"]["_extra_state"]
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_the_global_random_states(runs):
     assert set(runs["last"][RNG_KEY]) == {"torch", "cuda", "numpy", "python"}
 

@@ -1,9 +1,8 @@
 """ImageClassifier (HF ViT) and Diffusion (diffusers UNet2DModel + DDPM): DFA steps, points, checkpoints, samples."""
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import tiny_unet, tiny_vit
+from conftest import quiet_trainer, tiny_unet, tiny_vit
 
 from lightning_dfa.cli import run
 from lightning_dfa.data.images import ImageDataModule
@@ -19,7 +18,6 @@ UNET = {
     "layers_per_block": 1,
     "norm_num_groups": 4,
 }
-QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +31,7 @@ def symmetric_digits():
 
 
 def trainer(tmp_path, **kwargs):
-    return pl.Trainer(strategy="dfa", default_root_dir=str(tmp_path), **{**QUIET, **kwargs})
+    return quiet_trainer(**{"strategy": "dfa", "default_root_dir": str(tmp_path), **kwargs})
 
 
 def test_vit_takes_its_sizes_from_the_data_and_trains_with_dfa(tmp_path, digits):

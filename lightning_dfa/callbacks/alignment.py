@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_dfa import _compat
 from lightning_dfa.callback import find_dfa
 
 
@@ -152,15 +153,15 @@ def _gradients(trainer, pl_module, batch, idx, rng, params, dfa, pause: bool) ->
     saved = {p: p.grad.clone() if sharded and p.grad is not None else p.grad for p in pl_module.parameters()}
     for p in saved:
         p.grad = None
-    after = _rng_state()
     try:
-        _set_rng_state(rng)
         # FSDP: through the wrapper, which gathers each unit's parameters for forward and backward and
         # reduce-scatters the gradients (the module called directly would see only this rank's shards).
         # DDP: this rank's batch alone, outside DDP's all-reduce; the point gradients are averaged below.
         no_sync = nullcontext if sharded else getattr(trainer.strategy.model, "no_sync", nullcontext)
         step = trainer.strategy.training_step if sharded else pl_module.training_step
-        with dfa.paused() if pause else nullcontext(), no_sync(), _quiet(pl_module):
+        paused = dfa.paused() if pause else nullcontext()
+        # From the batch's random state (the same dropout and noise); the step's own state goes on afterwards.
+        with _replayed(rng), paused, no_sync(), _compat.logging_muted(pl_module):
             output = step(batch, idx)
             loss = output["loss"] if isinstance(output, dict) else output
             loss.backward()
@@ -169,29 +170,21 @@ def _gradients(trainer, pl_module, batch, idx, rng, params, dfa, pause: bool) ->
             grads = {n: None if g is None else trainer.strategy.reduce(g, reduce_op="mean") for n, g in grads.items()}
         return grads
     finally:
-        _set_rng_state(after)
         for p, grad in saved.items():
             p.grad = grad
 
 
+def _rng_state() -> tuple[Tensor, list[Tensor]]:
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else []
+
+
 @contextmanager
-def _quiet(module: pl.LightningModule) -> Iterator[None]:
-    """Keep what the probe's training_step logs out of the run's logs."""
-    module.log, module.log_dict = (lambda *args, **kwargs: None), (lambda *args, **kwargs: None)
-    try:
+def _replayed(state: tuple[Tensor, list[Tensor]]) -> Iterator[None]:
+    """Run from the random ``state`` (CPU, CUDA devices); afterwards the random state is what it was before."""
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=range(len(cuda))):
+        torch.random.set_rng_state(cpu)
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
         yield
-    finally:
-        del module.log, module.log_dict
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.random.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])

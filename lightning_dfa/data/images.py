@@ -26,11 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import TensorDataset
 
-from lightning_dfa.data.splits import SplitDataModule
+from lightning_dfa.data.splits import SplitDataModule, check_fractions, tensor_splits
 
 BUILTIN = ("digits", "mnist")
 NORMALIZE = ("unit", "symmetric")
@@ -75,11 +73,7 @@ class ImageDataModule(SplitDataModule):
         max_samples: int | None = None,
     ) -> None:
         super().__init__()
-        if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise ValueError(
-                f"val_fraction and test_fraction must be in (0, 1) with a sum below 1, got {val_fraction} and "
-                f"{test_fraction}."
-            )
+        check_fractions(val_fraction, test_fraction)
         if normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}.")
         if channels not in (1, 3):
@@ -115,20 +109,17 @@ class ImageDataModule(SplitDataModule):
         x = x.clamp(0, 1)
         if hp.normalize == "symmetric":
             x = x * 2 - 1
-        index = torch.arange(len(y))
+        index = None
         if hp.max_samples is not None and hp.max_samples < len(y):
             index = torch.randperm(len(y), generator=torch.Generator().manual_seed(hp.split_seed))[: hp.max_samples]
-        train, val, test = split_indices(index, y, hp.val_fraction, hp.test_fraction, hp.split_seed)
-        self.splits = {
-            name: TensorDataset(x[idx], y[idx]) for name, idx in (("train", train), ("val", val), ("test", test))
-        }
+        self.splits = tensor_splits(x, y, hp.val_fraction, hp.test_fraction, hp.split_seed, index)
 
 
 # ---------------------------------------------------------------------- sources
 def load_images(source: str, channels: int, options: Any) -> tuple[Tensor, Tensor, list[str]]:
     """``(x in [0, 1] of shape (N, C, H, W), labels, class names)`` from any supported source."""
     if source == "digits":
-        x, y = _digits()
+        x, y = digits()
     elif source == "mnist":
         x, y = _mnist()
     elif source.startswith("hf:"):
@@ -146,7 +137,8 @@ def load_images(source: str, channels: int, options: Any) -> tuple[Tensor, Tenso
 
 
 @lru_cache(maxsize=1)  # read-only afterwards: every transform below makes a new tensor
-def _digits() -> tuple[Tensor, Tensor]:
+def digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1,797 8x8 digits as ``(N, 1, 8, 8)`` images in [0, 1] and their labels (cached)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -269,21 +261,3 @@ def resize(x: Tensor, image_size: int | Sequence[int]) -> Tensor:
         return x
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-
-
-def split_indices(
-    index: Tensor, labels: Tensor, val_fraction: float, test_fraction: float, seed: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Deterministic train / validation / test indices, stratified by label when every class allows it."""
-    rest, test = _split(index, labels[index], test_fraction, seed)
-    val_share = val_fraction / (1 - test_fraction)
-    train, val = _split(rest, labels[rest], val_share, seed)
-    return train, val, test
-
-
-def _split(index: Tensor, labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    try:
-        a, b = train_test_split(index, test_size=fraction, stratify=labels, random_state=seed)
-    except ValueError:  # a class too small to appear in both parts: a plain (still seeded) split
-        a, b = train_test_split(index, test_size=fraction, random_state=seed)
-    return torch.as_tensor(a), torch.as_tensor(b)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_dfa import _compat
 from lightning_dfa.feedback.config import DFAConfig
 from lightning_dfa.feedback.outputs import any_requires_grad, detach_inputs, first_tensor, replace_first
 from lightning_dfa.feedback.points import auto_output, embedding_points, resolve_module, resolve_points
@@ -344,12 +345,12 @@ class FeedbackEngine:
 
     def _other_grad(self, owner: str) -> Callable[[Tensor], None]:
         def hook(param: Tensor) -> None:
-            task = torch._C._current_graph_task_id()
+            task = _compat.current_graph_task_id()
             if not self._routers_pending or task == self._router_task:
                 return
             if not self._loss_used:  # decide at the end of this backward pass: the router may still run
                 self._unrouted_task = task
-                torch.autograd.Variable._execution_engine.queue_callback(self._check_error_used)
+                _compat.queue_backward_callback(self._check_error_used)
             if owner not in self._loss_used:
                 self._loss_used.append(owner)
 
@@ -471,7 +472,7 @@ class FeedbackEngine:
 
     def _router_ran(self) -> None:
         self._routers_pending = max(self._routers_pending - 1, 0)
-        self._router_task = torch._C._current_graph_task_id()
+        self._router_task = _compat.current_graph_task_id()
 
     def _nonfinite(self, points: int) -> list[Tensor | None]:
         """A NaN or inf error raises, or with :attr:`defer_nonfinite` (Lightning runs) gives no feedback and is
@@ -567,7 +568,7 @@ def _swap_copies(value: Any, handed: dict[int, tuple[Tensor, Tensor]]) -> Any:
 def attached_engine(model: nn.Module) -> FeedbackEngine | None:
     """The engine whose hooks are on ``model``, if any."""
     for module in model.modules():
-        for hook in module._forward_hooks.values():
+        for hook in _compat.forward_hooks(module):
             if isinstance(hook, _Hook) and isinstance(hook.engine, FeedbackEngine):
                 return hook.engine
     return None
@@ -589,8 +590,7 @@ def reentrant(module: nn.Module) -> bool:
     """Whether a HuggingFace layer checkpoints its ``forward`` with reentrant checkpointing."""
     if not (getattr(module, "gradient_checkpointing", False) and module.training):
         return False
-    options = getattr(getattr(module, "_gradient_checkpointing_func", None), "keywords", {})
-    return options.get("use_reentrant", True)
+    return _compat.hf_reentrant_checkpointing(module)
 
 
 def _all_finite(rows: Tensor) -> bool:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lightning_dfa import _compat
+
 if TYPE_CHECKING:
     from lightning_dfa.feedback.engine import FeedbackEngine
 
@@ -31,4 +33,4 @@ class FeedbackRouter(torch.autograd.Function):
 
 def in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. when non-reentrant checkpointing recomputes)."""
-    return torch._C._current_graph_task_id() != -1
+    return _compat.current_graph_task_id() != -1

@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
+from lightning_dfa import _compat
 from lightning_dfa.models.base import Classification, DFAModule
 
 #: Sizes the model takes from the datamodule when they are not given: ViTConfig key -> datamodule reading.
@@ -115,7 +116,7 @@ def local_checkpoint(path: str) -> str:
 
 def data_sizes(module: pl.LightningModule) -> dict[str, int] | None:
     """The datamodule's ``{"classes", "channels", "image_size"}``, or ``None`` without one that tells them."""
-    trainer = getattr(module, "_trainer", None)
+    trainer = _compat.attached_trainer(module)
     datamodule = getattr(trainer, "datamodule", None)
     if datamodule is None or not hasattr(datamodule, "image_shape"):
         return None

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
+import pydoc
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,11 +48,9 @@ def build_projector(spec: ProjectorSpec, in_features: int, out_features: int, se
         300
     """
     spec = check_projector_spec(spec)
-    if isinstance(spec, str):
-        projector = _factory(spec)(in_features, out_features, seed=seed)
-    elif isinstance(spec, Mapping):
-        factory = _factory(spec["class_path"])
-        projector = factory(in_features, out_features, seed=seed, **_settings(spec))
+    if isinstance(spec, str | Mapping):
+        config = {"class_path": spec} if isinstance(spec, str) else spec
+        projector = _factory(config["class_path"])(in_features, out_features, seed=seed, **_settings(config))
     elif isinstance(spec, Tensor):
         projector = Matrix(spec)
     elif isinstance(spec, nn.Module):
@@ -150,17 +148,15 @@ def _check_matrix(matrix: Tensor) -> None:
 
 
 def _factory(name: str) -> Callable[..., nn.Module]:
-    if name in PROJECTORS:
-        return PROJECTORS[name]
+    """The factory of a registered name, or the class of a dotted path (imported by ``pydoc.locate``)."""
+    factory = PROJECTORS.get(name) or ("." in name and pydoc.locate(name))
+    if callable(factory):
+        return factory
     if "." in name:
-        module_name, _, attr = name.rpartition(".")
-        try:
-            return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(
-                f"Cannot import projector class_path {name!r} ({err}): give a registered name ({sorted(PROJECTORS)}) "
-                "or the full dotted path of an importable class, e.g. 'lightning_dfa.projectors.SeededGaussian'."
-            ) from err
+        raise ValueError(
+            f"Cannot import projector class_path {name!r}: give a registered name ({sorted(PROJECTORS)}) or the "
+            "full dotted path of an importable class, e.g. 'lightning_dfa.projectors.SeededGaussian'."
+        )
     close = difflib.get_close_matches(name, list(PROJECTORS), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(
