@@ -16,8 +16,9 @@ D_E, D_FB = 64, 512
 
 def linearity_error(opu: OPU, error: torch.Tensor) -> float:
     """Relative distance of the OPU's output from the exact linear projection of its encoded input."""
+    out = opu(error)  # first: anchor_pixels="auto" is chosen at the first call
     reference = encode(error, opu.encoding, threshold=opu.threshold, bits=opu.bits).decode() @ opu.ideal_matrix()
-    return float((opu(error) - reference).norm() / reference.norm())
+    return float((out - reference).norm() / reference.norm())
 
 
 @pytest.fixture
@@ -267,3 +268,33 @@ def test_peak_threshold_keeps_each_signs_entries_near_its_largest():
 def test_peak_threshold_of_one_or_more_is_an_error():
     with pytest.raises(ValueError, match=r"relative to the peak must be in \[0, 1\)"):
         OPU(8, 16, threshold=1.0, threshold_of="peak")
+
+
+def test_auto_anchor_lights_twice_the_mean_lit_pixels_of_the_first_call():
+    e = torch.zeros(8, 400)
+    e[:, :5], e[:, 5:10] = 1.0, -1.0  # ternary: 5 lit pixels in each of the 2 frames
+    opu = OPU(400, 32, seed=0)
+    with pytest.raises(RuntimeError, match="call it once before"):
+        opu.ideal_matrix()
+    opu(e)
+    assert opu.anchor_pixels == 10 and opu.settings()["anchor_pixels"] == "auto"
+    opu(torch.randn(8, 400))  # chosen once, like the exposure
+    assert opu.anchor_pixels == 10
+
+
+def test_auto_anchor_is_at_least_the_minimum_and_at_most_a_quarter_of_the_input():
+    one_hot = torch.eye(64)[:8]
+    small = OPU(64, 32, seed=0)
+    small(one_hot)
+    assert small.anchor_pixels == 4  # 2 x 0.5 lit pixels per frame (p: 1, n: 0) -> the minimum, 4
+    dense = OPU(64, 32, seed=0)
+    dense(torch.randn(8, 64))  # ternary lights ~20 of 64 pixels per frame: 2 x 20 -> bounded by 64 // 4
+    assert dense.anchor_pixels == 16
+
+
+def test_the_chosen_anchor_is_restored_with_the_state():
+    opu, fresh = OPU(400, 32, seed=0), OPU(400, 32, seed=0)
+    opu(torch.randn(8, 400))
+    fresh.load_state_dict(opu.state_dict())
+    errors = torch.randn(4, 400)
+    assert fresh.anchor_pixels == opu.anchor_pixels and torch.equal(fresh(errors), opu(errors))

@@ -103,7 +103,7 @@ def test_kronecker_hadamard_matches_the_butterfly(bits):
 def test_structured_preserves_norms_and_distances_like_a_jl_map(d_e):
     d_fb = 4096
     p = Structured(d_e, d_fb, seed=3)
-    dense = torch.randn(100, d_e)
+    dense = torch.randn(100, d_e, generator=torch.Generator().manual_seed(0))  # fixed: a max over draws
     spiky = torch.eye(d_e)[:50] * 7  # one-hot errors: the worst case for a structured transform
     for x in (dense, spiky):
         ratio = (p(x).pow(2).sum(1) / x.pow(2).sum(1)) * d_e / d_fb

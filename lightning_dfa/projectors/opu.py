@@ -62,6 +62,8 @@ SATURATION_WARNING = 0.01
 SPARSE_PIXELS = 0.25
 #: Lit-pixel fraction of the frames below which the CPU adds the medium's rows instead of multiplying.
 SPARSE_FRAMES = 1 / 16
+#: anchor_pixels="auto": this many anchor pixels per lit pixel of the first call's frames, and at least the minimum.
+AUTO_ANCHOR_PER_LIT, AUTO_ANCHOR_MIN = 2.0, 4
 #: Error vectors encoded and sent through the emulated optics at a time (bounds the frames' working memory).
 VECTORS_PER_PASS = 256
 
@@ -97,7 +99,7 @@ class OPU(Projector):
         exposure: float = 0.2,
         shot_noise: bool = True,
         read_noise: float = 5.0,
-        anchor_pixels: int | None = None,
+        anchor_pixels: int | str = "auto",
         max_input: int = MAX_INPUT,
         max_output: int = MAX_OUTPUT,
         frame_time: float = FRAME_TIME,
@@ -115,9 +117,15 @@ class OPU(Projector):
         self.encoding, self.threshold, self.threshold_of, self.bits = encoding, threshold, threshold_of, bits
         self.sample_rows = float(sample_rows)
         self.camera = Camera(camera, bit_depth, full_well, exposure, shot_noise, read_noise)
-        self.anchor_pixels = max(1, in_features // 4) if anchor_pixels is None else int(anchor_pixels)
-        if self.anchor_pixels < 1:
-            raise ValueError(f"anchor_pixels must be at least 1, got {anchor_pixels}.")
+        if anchor_pixels != "auto" and (isinstance(anchor_pixels, (bool, str)) or not int(anchor_pixels) >= 1):
+            raise ValueError(f"anchor_pixels must be 'auto' or an integer of at least 1, got {anchor_pixels!r}.")
+        self.anchor_setting = anchor_pixels
+        #: Anchor pixels: the setting, or for "auto" None until the first call chooses them (:meth:`calibrate`).
+        self.anchor_pixels: int | None = None if anchor_pixels == "auto" else int(anchor_pixels)
+        #: The most anchor pixels this OPU may use: what the device limits are checked with.
+        self.anchor_bound = self.anchor_pixels or max(AUTO_ANCHOR_MIN, in_features // 4)
+        if encoding is None:  # analog input is not binary frames: the largest anchor, known now
+            self.anchor_pixels = self.anchor_bound
         self.max_input, self.max_output, self.frame_time, self.power_w = max_input, max_output, frame_time, power_w
         self.allow_tiling = allow_tiling
         self.tiles = self._check_limits()
@@ -147,7 +155,7 @@ class OPU(Projector):
             "exposure": cam.exposure,
             "shot_noise": cam.shot_noise,
             "read_noise": cam.read_noise,
-            "anchor_pixels": self.anchor_pixels,
+            "anchor_pixels": self.anchor_setting,
             "max_input": self.max_input,
             "max_output": self.max_output,
             "generator": self.generator,
@@ -156,19 +164,23 @@ class OPU(Projector):
     def get_extra_state(self) -> dict[str, Any]:
         # The call counter seeds the camera noise, so a resumed run continues the same noise sequence.
         # The gain, set by the auto exposure on the first call, is part of the camera's state too.
-        return {**super().get_extra_state(), "calls": self.calls, "gain": self.gain}
+        # So is the anchor size chosen then (anchor_pixels="auto").
+        chosen = {"calls": self.calls, "gain": self.gain, "chosen_anchor_pixels": self.anchor_pixels}
+        return {**super().get_extra_state(), **chosen}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         state = dict(state)
         calls, gain = int(state.pop("calls", 0)), state.pop("gain", None)
+        anchor = state.pop("chosen_anchor_pixels", None)
         check_saved_state(state, super().get_extra_state())
-        self.calls, self.gain, self._anchor_reading = calls, gain, None
+        self.calls, self.gain, self.anchor_pixels = calls, gain, anchor
+        self._anchor = self._anchor_reading = None
 
     def _check_limits(self) -> tuple[int, int]:
-        tiles = device_tiles(self.in_features, self.out_features, self.anchor_pixels, self.max_input, self.max_output)
+        tiles = device_tiles(self.in_features, self.out_features, self.anchor_bound, self.max_input, self.max_output)
         if tiles != (1, 1) and not self.allow_tiling:
             raise ValueError(
-                f"OPU: a {self.in_features}-pixel input (+ {self.anchor_pixels} anchor pixels) and a "
+                f"OPU: a {self.in_features}-pixel input (+ up to {self.anchor_bound} anchor pixels) and a "
                 f"{self.out_features}-pixel output exceed the device ({self.max_input} input, {self.max_output} "
                 f"output pixels). Pass allow_tiling=True to split it over {tiles[0]} x {tiles[1]} device passes "
                 "(frames multiply accordingly), or raise max_input / max_output."
@@ -190,7 +202,7 @@ class OPU(Projector):
             self.out_features,
             encoding=self.encoding,
             bits=self.bits,
-            anchor_pixels=self.anchor_pixels,
+            anchor_pixels=self.anchor_bound,
             max_input=self.max_input,
             max_output=self.max_output,
         )
@@ -221,6 +233,11 @@ class OPU(Projector):
 
     def anchor(self, device: torch.device) -> dict[str, Tensor]:
         """The anchor field ``R r`` (``"real"``, ``"imag"``, float32 on ``device``); computed once, on first use."""
+        if self.anchor_pixels is None:
+            raise RuntimeError(
+                "OPU(anchor_pixels='auto') chooses its anchor from the first call's frames: call it once before "
+                "ideal_matrix(), or pass anchor_pixels=N."
+            )
         if self._anchor is None:
             self._anchor = self._anchor_field()
         if self._anchor["real"].device != device:
@@ -240,13 +257,23 @@ class OPU(Projector):
         return {"real": real, "imag": imag}
 
     def calibrate(self, frames: Tensor) -> float:
-        """Auto exposure, once: the gain that puts the expected mean ``|R(x + r)|^2`` of ``frames`` at ``exposure``.
+        """The anchor size (``anchor_pixels="auto"``) and the auto exposure, once, from the first frames.
 
-        Over the random medium ``E |R(x + r)|_j^2 = 2 (|x|_0 + anchor_pixels) / d_e`` for a binary frame ``x``,
-        so the gain depends on the first frames' pixel counts only (not on the tile size or the device).
+        The retrieved signal is the cross term ``2 Re[(Rx) conj(Rr)]`` of ``|R(x + r)|^2``: with the exposure fixed,
+        it takes the largest share of the camera's counts when the anchor is about as bright as the frames, so
+        "auto" lights :data:`AUTO_ANCHOR_PER_LIT` x the mean lit pixels per frame (at least :data:`AUTO_ANCHOR_MIN`,
+        at most ``anchor_bound``). A fixed large anchor drowns the sparse frames of a softmax error in shot noise.
+
+        The gain puts the expected mean ``|R(x + r)|^2`` of ``frames`` at ``exposure``: over the random medium
+        ``E |R(x + r)|_j^2 = 2 (|x|_0 + anchor_pixels) / d_e`` for a binary frame ``x``, so it depends on the first
+        frames' pixel counts only (not on the tile size or the device).
         """
         if self.gain is None:
             lit = float(frames.sum()) / max(1, frames.shape[0] * frames.shape[1]) if frames.numel() else 0.0
+            if self.anchor_pixels is None:
+                # (analog frames of encoding=None are not binary: they take the largest anchor)
+                chosen = max(AUTO_ANCHOR_MIN, round(AUTO_ANCHOR_PER_LIT * lit)) if self.encoding else self.anchor_bound
+                self.anchor_pixels, self._anchor = min(self.anchor_bound, chosen), None
             mean_intensity = 2.0 * (lit + self.anchor_pixels) / self.in_features
             self.gain = self.camera.exposure * self.camera.full_well / mean_intensity
             self._anchor_reading = None
@@ -344,7 +371,7 @@ class OPU(Projector):
         ]
         saturated = read = 0
         lit = self._lit_pixels(flat)
-        chunk = self.max_input - self.anchor_pixels  # input pixels per device pass
+        chunk = self.max_input - self.anchor_bound  # input pixels per device pass
         for c0 in range(0, self.out_features, self.tile):
             c1 = min(c0 + self.tile, self.out_features)
             field = field_buffer[: rows * 2 * (c1 - c0)].view(rows, 2 * (c1 - c0))
