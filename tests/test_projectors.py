@@ -107,12 +107,12 @@ def test_structured_preserves_norms_and_distances_like_a_jl_map(d_e):
     spiky = torch.eye(d_e)[:50] * 7  # one-hot errors: the worst case for a structured transform
     for x in (dense, spiky):
         ratio = (p(x).pow(2).sum(1) / x.pow(2).sum(1)) * d_e / d_fb
-        assert float((ratio - 1).abs().max()) < 0.15  # chi-square with ~d_fb dof: sd ~ 0.02
+        assert float((ratio - 1).abs().max()) < 0.2  # max of 100 ratios: about 0.12 (0.16 at worst over 20 draws)
         # The gains are shared by all vectors: the mean ratio is one chi-square draw with d_fb dof.
         assert abs(float(ratio.mean()) - 1) < 4 * (2 / d_fb) ** 0.5
     diff = dense[:50] - dense[50:]
     ratio = (p(dense[:50]) - p(dense[50:])).pow(2).sum(1) / diff.pow(2).sum(1) * d_e / d_fb
-    assert float((ratio - 1).abs().max()) < 0.15
+    assert float((ratio - 1).abs().max()) < 0.2
 
 
 def test_structured_feedback_entry_variance_is_norm_squared_over_d_e_for_any_error():
