@@ -75,8 +75,9 @@ class OPU(Projector):
     (ternary), ``bits`` (bit planes per sign); ``sample_rows`` (share of the error vectors sent); ``camera``
     (False: ideal detector), ``bit_depth`` (8; None: no quantisation; 0 is an error), ``full_well`` electrons,
     ``exposure`` (mean signal / full well), ``shot_noise``, ``read_noise`` (electrons rms); ``anchor_pixels``
-    (default ``in_features // 4``); device limits ``max_input``, ``max_output``, ``frame_time``, ``power_w`` and
-    ``allow_tiling``; ``tile`` (memory of the matrix generation) and ``generator`` as in :class:`SeededGaussian`.
+    (``"auto"``: chosen at the first call, :meth:`calibrate`); device limits ``max_input``, ``max_output``,
+    ``frame_time``, ``power_w`` and ``allow_tiling``; ``tile`` (memory of the matrix generation) and
+    ``generator`` as in :class:`SeededGaussian`.
 
     After each call :attr:`stats` holds ``rows``, ``vectors`` (rows sent), ``frames``, ``encoding_error``,
     ``saturated``, ``saturated_fraction``, ``dark_pixels`` and ``nonfinite_rows``; :attr:`totals` accumulates counts.
