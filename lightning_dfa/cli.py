@@ -1,16 +1,12 @@
 """``lightning-dfa``: LightningCLI over the library's models and data, plus ``lightning-dfa recipes``.
 
-Each launch writes into a new run folder, ``<trainer.default_root_dir>/version_N`` (``<root>/latest``
-points at the newest; :mod:`lightning_dfa.runs`), its baselines in ``frozen/`` and ``backprop/`` inside
-it. A configuration error (an unknown option, a bad value, a block path that matches nothing) prints
-its message alone; ``LIGHTNING_DFA_DEBUG=1`` prints the traceback too. Errors raised once the model
-runs keep theirs.
+Each launch writes into a new run folder (:mod:`lightning_dfa.runs`), its baselines inside it. A
+configuration error prints its message alone (``LIGHTNING_DFA_DEBUG=1``: with the traceback).
 
 Examples::
 
-    lightning-dfa fit --config recipes/digits-mlp.yaml                 # DFA
-    lightning-dfa fit --config digits-mlp --trainer.strategy.mode=backprop   # the backprop baseline
-    lightning-dfa recipes                                              # list shipped recipes
+    lightning-dfa fit --config digits-mlp --trainer.strategy.mode=backprop   # a shipped recipe, by name
+    lightning-dfa recipes                                                    # list shipped recipes
 """
 
 from __future__ import annotations

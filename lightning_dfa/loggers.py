@@ -1,19 +1,12 @@
 """Loggers that may fail without taking the run down: W&B unreachable, a full disk, an unwritable run dir.
 
-Logging is a side channel: when a logger raises (its W&B run cannot start, its disk is full), training
-and checkpointing go on. :func:`guard_loggers` switches the failing logger off with a warning that
-names the logger, what it was doing and the cause, and, when no other logger is left, writes the
-metrics to a ``CSVLogger`` in the run directory instead.
-
-The ``DFA`` callback guards the loggers of every run it trains (from its ``setup`` hook); the
-``lightning-dfa`` command also starts each W&B run before ``fit``, so that one which cannot start is
-replaced before training begins.
+:func:`guard_loggers` switches a failing logger off with a warning naming it, what it was doing and the
+cause, and, when no logger is left, writes the metrics to a ``CSVLogger`` in the run directory instead. The
+``DFA`` callback guards the loggers of every run it trains (docs/errors.md).
 
 Example::
 
-    trainer = Trainer(logger=WandbLogger(project="p"), callbacks=[DFA(blocks="blocks.*", output="head")])
     guard_loggers(trainer, start=True)   # optional: the DFA callback guards them at setup anyway
-    trainer.fit(model)                   # W&B down: one warning, metrics in <run dir>/fallback-logs
 """
 
 from __future__ import annotations

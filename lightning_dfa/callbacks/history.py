@@ -1,8 +1,7 @@
 """``History``: the run's curves (loss, validation metrics, alignment), saved as JSON and a PNG with the run.
 
-At the end of ``fit`` it writes ``history-<mode>.json`` and ``curves-<mode>.png`` (mode: dfa, frozen,
-backprop) to the run directory (``trainer.log_dir``, else ``default_root_dir``), so DFA and its
-baselines can share one directory, and, with a ``WandbLogger``, logs the picture too.
+At the end of ``fit`` it writes ``history-<mode>.json`` and ``curves-<mode>.png`` to the run directory (so
+DFA and its baselines can share one), and logs the picture to a ``WandbLogger``.
 
 Example::
 

@@ -1,15 +1,12 @@
 """Tokenizers with no network: a byte-level BPE trained locally on the corpus (cached), or a local path.
 
-The trained tokenizer is a ``transformers.PreTrainedTokenizerFast`` with ``<|endoftext|>`` as its
-bos / eos token and ``<|pad|>`` as its pad token, so HF ``generate()`` works with it. Training
-(``tokenizers``' BPE trainer) takes a few seconds on the 465K-character pydoc corpus; the result is
-saved under ``$LIGHTNING_DFA_CACHE/tokenizers`` (default ``~/.cache/lightning-dfa/tokenizers``) in a
-folder named by the vocabulary size and a hash of the corpus, and loaded from there next time.
+The trained tokenizer is a ``PreTrainedTokenizerFast`` with ``<|endoftext|>`` as bos / eos and ``<|pad|>``
+as pad, cached under ``$LIGHTNING_DFA_CACHE/tokenizers`` (default ``~/.cache/lightning-dfa/tokenizers``)
+by vocabulary size and a hash of the corpus.
 
 Example::
 
     tok = bpe_tokenizer(["first document", "second document"], vocab_size=300)
-    tok.decode(tok("some text")["input_ids"])          # "some text"
     tok = load_tokenizer("/models/gpt2")               # a saved HF tokenizer folder (AutoTokenizer)
 """
 
