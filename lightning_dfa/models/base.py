@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,6 +19,17 @@ from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_dfa.optim import param_groups
+
+
+def local_checkpoint(path: str) -> str:
+    """``path`` if it is a local folder with a ``config.json``; a clear error otherwise (no hub look-up)."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"pretrained={path!r} is not a local folder with a config.json. Give a folder written by "
+            "model.save_pretrained(...) (hub names are not fetched), or config={...} for a new model."
+        )
+    return str(folder)
 
 
 class DFAModule(pl.LightningModule):

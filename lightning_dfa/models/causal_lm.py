@@ -25,7 +25,7 @@ from transformers.optimization import get_constant_schedule_with_warmup, get_cos
 
 from lightning_dfa import _compat
 from lightning_dfa.callback import find_dfa
-from lightning_dfa.models.base import DFAModule
+from lightning_dfa.models.base import DFAModule, local_checkpoint
 from lightning_dfa.optim import param_groups
 
 SCHEDULES = ("cosine", "constant")
@@ -83,7 +83,7 @@ class CausalLM(DFAModule):
             return self.model
         hp = self.hparams
         if hp.pretrained is not None:
-            self.model = load_pretrained(hp.pretrained)
+            self.model = AutoModelForCausalLM.from_pretrained(local_checkpoint(hp.pretrained), dtype=torch.float32)
         else:
             kwargs = {k: v for k, v in hp.config.items() if k != "model_type"}
             kwargs["vocab_size"] = hp.vocab_size or kwargs.get("vocab_size") or vocab_size
@@ -246,14 +246,3 @@ def check_vocabulary(tokenizer: Any, model_vocab: int) -> None:
             f"The tokenizer has {len(tokenizer)} tokens but the model's embedding only {model_vocab}: use the "
             "model's own tokenizer (TextDataModule(tokenizer=<the pretrained folder>)) or a larger vocab_size."
         )
-
-
-def load_pretrained(path: str) -> PreTrainedModel:
-    """A causal LM saved with ``save_pretrained`` in a local folder, in float32; a clear error if it is missing."""
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"pretrained={path!r} is not a local folder with a config.json. Give a folder written by "
-            "model.save_pretrained(...) (the hub is not used), or config={'model_type': ...} for a new model."
-        )
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)

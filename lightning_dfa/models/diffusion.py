@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_dfa.models.base import DFAModule
-from lightning_dfa.models.image_classifier import check_data_sizes, local_checkpoint, sizes_from_data
+from lightning_dfa.models.base import DFAModule, local_checkpoint
+from lightning_dfa.models.image_classifier import check_data_sizes, sizes_from_data
 
 #: UNet2DModel config keys taken from the datamodule when not given -> datamodule reading.
 DATA_SIZES = {"sample_size": "image_size", "in_channels": "channels", "out_channels": "channels"}

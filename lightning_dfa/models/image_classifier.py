@@ -6,14 +6,13 @@ the logits (``model.classifier``), one row per image, so every token of a block 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor
 
 from lightning_dfa import _compat
-from lightning_dfa.models.base import Classification, DFAModule
+from lightning_dfa.models.base import Classification, DFAModule, local_checkpoint
 
 #: Sizes the model takes from the datamodule when they are not given: ViTConfig key -> datamodule reading.
 DATA_SIZES = {"num_labels": "classes", "image_size": "image_size", "num_channels": "channels"}
@@ -93,16 +92,6 @@ class ImageClassifier(DFAModule, Classification):
 
 
 # ---------------------------------------------------------------------- shared with Diffusion
-def local_checkpoint(path: str) -> str:
-    """``path`` if it is a local directory with a ``config.json``; a clear error otherwise (no hub look-up)."""
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"pretrained={path!r} is not a local checkpoint directory (no config.json there). Save one with "
-            "model.save_pretrained(dir) and pass that dir; hub names are not fetched."
-        )
-    return str(path)
-
-
 def data_sizes(module: pl.LightningModule) -> dict[str, int] | None:
     """The datamodule's ``{"classes", "channels", "image_size"}``, or ``None`` without one that tells them."""
     trainer = _compat.attached_trainer(module)
