@@ -289,9 +289,7 @@ def option_hint(message: str, parser: Any) -> str:
     if class_path:
         where, options = class_path, _init_options(class_path)
     else:
-        dests = _compat.parser_dests(parser)
-        where, key = _split_key(key, dests)
-        options = _children(where, dests)
+        where, key, options = _group_options(key, _compat.parser_dests(parser))
         where = where or "the config"
     close = difflib.get_close_matches(key, options, n=3)
     guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
@@ -318,20 +316,15 @@ def _dotted_projectors(value: Any) -> Any:
     return value
 
 
-def _split_key(path: str, dests: list[str]) -> tuple[str, str]:
-    """``("trainer", "max_stepz")`` for ``"trainer.max_stepz"``: the deepest known group, and the unknown key in it."""
+def _group_options(path: str, dests: list[str]) -> tuple[str, str, list[str]]:
+    """For ``"trainer.max_stepz"``: the deepest known group (``"trainer"``), the unknown key in it, its options."""
     parts = path.split(".")
-    for depth in range(len(parts) - 1, 0, -1):
-        group = ".".join(parts[:depth])
-        if any(d.startswith(group + ".") for d in dests):
-            return group, parts[depth]
-    return "", parts[0]
-
-
-def _children(group: str, dests: list[str]) -> list[str]:
-    prefix = group + "." if group else ""
-    skip = {"help", "config", "print_config"}
-    return sorted({d[len(prefix) :].split(".")[0] for d in dests if d.startswith(prefix)} - skip)
+    for depth in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:depth]) + "." if depth else ""
+        options = {d[len(prefix) :].split(".")[0] for d in dests if d.startswith(prefix)}
+        if options:
+            return prefix[:-1], parts[depth], sorted(options - {"help", "config", "print_config"})
+    return "", path, []
 
 
 def _init_options(class_path: str) -> list[str]:
