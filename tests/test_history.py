@@ -75,9 +75,8 @@ def recorded(alignment):
 
 def test_each_run_keeps_one_colour_in_every_panel_of_the_comparison(tmp_path):
     runs = {"dfa": recorded(True), "frozen": recorded(False), "backprop": recorded(True)}
-    figure = plot_history(
-        runs, tmp_path / "comparison.png"
-    )  # the frozen control has no alignment panel curve: backprop must not take its colour
+    # The frozen control has no alignment panel curve: backprop must not take its colour.
+    figure = plot_history(runs, tmp_path / "comparison.png")
     colours = {}
     for ax in figure.axes:
         for line in ax.get_lines():
