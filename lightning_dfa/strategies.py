@@ -222,11 +222,8 @@ WRAPPED = _compat.WRAPPED_MODULE_ATTRIBUTES
 
 
 def outer_points(model: nn.Module, blocks: str | Sequence[str]) -> str | list[str]:
-    """The feedback points of ``model``, each moved out to its outermost FSDP / checkpoint wrapper.
-
-    FSDP (1) registers the hooks that gather a unit's parameters for backward on the outputs of the
-    wrapper's forward; a point inside the wrapper would hand the wrapper a detached copy, so those hooks
-    would never fire. ``blocks="auto"`` finds the inner ``GPT2Block``s, say; this gives their wrappers.
+    """The feedback points of ``model``, each moved out to its outermost FSDP / checkpoint wrapper: FSDP (1) hooks
+    the gathering of a unit's parameters for backward on the wrapper's outputs, which a point inside would detach.
 
     Example::
 

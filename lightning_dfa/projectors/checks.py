@@ -10,17 +10,8 @@ from torch import Tensor
 
 
 def check_error(name: str, error: Tensor, in_features: int) -> Tensor | None:
-    """Check an error batch ``(N, in_features)``; return the mask of non-finite rows, or None if all are finite.
-
-    Projectors give NaN feedback for such rows, with a warning; a DFA run never sends them one (the feedback
-    engine stops or skips the step first: ``nonfinite=`` in :class:`~lightning_dfa.feedback.DFAConfig`).
-
-    Example::
-
-        >>> bad = check_error("SeededGaussian", torch.randn(4, 10), 10)
-        >>> bad is None
-        True
-    """
+    """Check an error batch ``(N, in_features)``; return the mask of non-finite rows (their feedback is NaN, with
+    a warning; a DFA run never sends one), or None if all are finite."""
     if error.ndim != 2 or error.shape[1] != in_features:
         raise ValueError(f"{name} expects errors of shape (N, {in_features}), got {tuple(error.shape)}.")
     if not torch.is_floating_point(error):

@@ -9,9 +9,7 @@ from lightning_dfa.projectors.base import Projector
 
 
 class Matrix(Projector):
-    """Feedback ``e @ matrix`` for a given ``(d_e, d_fb)`` matrix, used as is (no rescaling).
-
-    Unlike the seeded kinds, the matrix cannot be regenerated, so it is saved in the state dict.
+    """Feedback ``e @ matrix`` for a given ``(d_e, d_fb)`` matrix, used as is and saved in the state dict.
 
     Example::
 

@@ -35,11 +35,8 @@ def register_projector(name: str, factory: Callable[..., nn.Module]) -> None:
 
 
 def build_projector(spec: ProjectorSpec, in_features: int, out_features: int, seed: int) -> nn.Module:
-    """Build the projector that ``spec`` describes for errors of size ``in_features``.
-
-    ``spec`` may be a registered name (``"gaussian"``), a class or factory, a LightningCLI-style
-    config ``{"class_path": ..., "init_args": {...}}`` (``class_path`` may also be a registered
-    name), a ready projector module, or a ``(in_features, out_features)`` matrix.
+    """Build the projector that ``spec`` describes: a registered name, a class or factory, a config
+    ``{"class_path": ..., "init_args": {...}}`` (``class_path`` may be a name), a module, or a matrix.
 
     Example::
 
@@ -61,16 +58,8 @@ def build_projector(spec: ProjectorSpec, in_features: int, out_features: int, se
 
 
 def check_projector_spec(spec: ProjectorSpec) -> ProjectorSpec:
-    """Validate a ``projector=`` argument before any model is seen; return it (a parsed config as a dict).
-
-    Names, config keys, class paths and settings are checked here, so that a typo fails when the ``DFA`` is
-    built rather than at the first forward pass. Sizes are checked when the projector is built.
-
-    Example::
-
-        >>> check_projector_spec({"class_path": "seeded", "init_args": {"tile": 1024}})
-        {'class_path': 'seeded', 'init_args': {'tile': 1024}}
-    """
+    """Validate a ``projector=`` argument before any model is seen (a typo fails when the ``DFA`` is built, not at
+    the first forward pass); return it, a parsed config as a dict. Sizes are checked when it is built."""
     if hasattr(spec, "as_dict"):  # a jsonargparse Namespace: a class_path config from YAML or the CLI
         spec = spec.as_dict()
     if isinstance(spec, str):

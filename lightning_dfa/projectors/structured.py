@@ -63,15 +63,11 @@ def hadamard(
 ) -> Tensor:
     """The unnormalised Walsh-Hadamard transform of the rows of ``x`` (width ``n``, a power of two): ``x @ H_n``.
 
-    ``H_n = H_f1 (x) ... (x) H_fk``: for each factor ``f`` (the leading axis of the current layout), one batched
-    product ``(N, rest, f) @ H_f`` on the transposed view, which also rotates the axes, so after all factors the
-    layout is the original one. ``out`` (contiguous, like ``x``) and ``x`` are used alternately as buffers: both
-    are overwritten, and the result is whichever of the two the last factor wrote (returned). ``factors``
-    may pass the Hadamard matrices of :func:`hadamard_factors` (dtype and device of ``x``) to save rebuilding them.
-
-    ``columns=m`` asks for the first ``m`` output columns only (``x @ H_n[:, :m]``): the first factor, whose
-    output digit is the most significant, is cut to ``g = ceil(m f1 / n)`` columns, so the transform costs about
-    ``g / f1`` of a full one. The result then has ``g n / f1 >= m`` columns (the first ``m`` are the ones asked for).
+    One batched product ``(N, rest, f) @ H_f`` per Kronecker factor, on a transposed view that rotates the axes
+    back to the original layout after all factors. ``x`` and ``out`` are overwritten as alternate buffers; the
+    result is whichever the last factor wrote. ``factors``: the Sylvester matrices, prebuilt. ``columns=m``: only
+    the first ``m`` output columns are needed, so the first (most significant) factor is cut short; the result
+    has at least ``m`` columns.
 
     Example::
 
