@@ -207,13 +207,9 @@ def _chosen(dfa: FeedbackEngine) -> str:
 
 def _projector_name(spec: Any) -> str:
     spec = spec.as_dict() if hasattr(spec, "as_dict") else spec  # a YAML config (jsonargparse Namespace)
-    if isinstance(spec, str):
-        return spec
-    if isinstance(spec, Mapping):
-        return str(spec["class_path"])
-    if isinstance(spec, Tensor):
-        return f"matrix {tuple(spec.shape)}"
-    return getattr(spec, "__name__", type(spec).__name__)  # a class or factory, or a projector module
+    if isinstance(spec, Mapping | Tensor):
+        return str(spec["class_path"]) if isinstance(spec, Mapping) else f"matrix {tuple(spec.shape)}"
+    return spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
 
 
 def find_dfa(trainer: pl.Trainer) -> FeedbackEngine | None:

@@ -77,11 +77,8 @@ def default_wandb_mode() -> None:
 
 
 class DFACLI(LightningCLI):
-    """LightningCLI that, after ``fit``, tests the model, runs the requested baselines and prints a summary.
-
-    ``--baselines=[frozen,backprop]`` reruns the same config in those modes (same seed, data and steps)
-    and prints them beside the DFA run; with ``History`` callbacks their curves share one plot.
-    """
+    """LightningCLI that, after ``fit``, tests the model, runs the ``--baselines=[frozen,backprop]`` (the same
+    config in those modes) and prints a summary; with ``History`` callbacks their curves share one plot."""
 
     def __init__(
         self,
@@ -213,11 +210,8 @@ class DFACLI(LightningCLI):
 
 
 class MarkModelErrors(Callback):
-    """Marks an error raised once the model has run (a batch started) so that the command keeps its traceback.
-
-    Errors raised before (Trainer setup, DFA's checks of block paths and projector names) are configuration
-    errors: :func:`main` prints their message alone.
-    """
+    """Marks an error raised once the model has run (a batch started): :func:`main` keeps its traceback, and
+    prints the message alone for errors raised before (configuration errors)."""
 
     model_ran = False
 
@@ -232,12 +226,8 @@ class MarkModelErrors(Callback):
 
 
 class EpochsOfMaxSteps(Callback):
-    """A run bounded by ``max_steps`` alone gets the number of epochs those steps span as its ``max_epochs``.
-
-    Lightning sets ``max_epochs=-1`` there, and its progress bar then reads ``Epoch 0/-2``. The epoch count is
-    only known once the training data is (``trainer.num_training_batches``); it ends no run earlier than
-    ``max_steps``, which still stops it.
-    """
+    """A run bounded by ``max_steps`` alone gets the epochs those steps span as its ``max_epochs`` (Lightning's
+    -1 makes the progress bar read ``Epoch 0/-2``); ``max_steps`` still stops it."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         batches = trainer.num_training_batches
@@ -270,8 +260,7 @@ def _logger_configs(logger: Any) -> list[Namespace]:
 
 
 def _is_wandb(logger: Namespace) -> bool:
-    cls = pydoc.locate(logger.class_path)
-    return inspect.isclass(cls) and issubclass(cls, WandbLogger)
+    return logger.class_path.rpartition(".")[2] == "WandbLogger"  # Lightning's, or lightning_dfa.loggers' own
 
 
 def option_hint(message: str, parser: Any) -> str:

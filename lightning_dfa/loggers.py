@@ -43,12 +43,8 @@ _failed: weakref.WeakSet[Logger] = weakref.WeakSet()
 
 
 def guard_loggers(trainer: pl.Trainer, start: bool = False) -> None:
-    """Make every logger of ``trainer`` fail softly: warn once, switch it off, keep training.
-
-    With ``start=True`` each logger's experiment (e.g. the W&B run) is created now, and one that cannot
-    start is replaced at once; call it before ``fit`` in a single process (the ``lightning-dfa`` command
-    does). Calling it again is harmless.
-    """
+    """Make every logger of ``trainer`` fail softly: warn once, switch it off, keep training. With ``start=True``
+    each logger's experiment (the W&B run) starts now, before ``fit``, and one that cannot is replaced at once."""
     for logger in [lg for lg in trainer.loggers if lg not in _guarded]:
         try:
             _ = logger.experiment if start else None
@@ -107,12 +103,8 @@ def _describe_dir(logger: Logger) -> str:
 
 
 class WandbLogger(loggers.WandbLogger):
-    """Lightning's ``WandbLogger`` (same arguments), less the ``anonymous=None`` it always hands to ``wandb.init``.
-
-    wandb (0.23 and later) deprecated anonymous mode and warns "The anonymous setting has no effect" on every
-    run that sets it, even to None. Lightning offers no way to leave it out, so this logger removes it from the
-    ``wandb.init`` arguments when it is None; ``anonymous=True`` still reaches wandb (and its warning).
-    """
+    """Lightning's ``WandbLogger`` less the ``anonymous=None`` it always hands to ``wandb.init``, for which wandb
+    0.23+ warns "The anonymous setting has no effect" on every run (``anonymous=True`` still reaches wandb)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

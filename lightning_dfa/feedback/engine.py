@@ -86,10 +86,6 @@ class FeedbackEngine:
     def lr_scale(self) -> float | str:
         return self.config.lr_scale
 
-    def settings(self) -> dict[str, Any]:
-        """The settings of this engine (to rebuild it with some of them changed)."""
-        return self.config.settings()
-
     # ------------------------------------------------------------------ attach / detach
     def attach(self, model: nn.Module) -> FeedbackEngine:
         """Select the feedback points of ``model`` and install the hooks (none in backprop mode)."""

@@ -9,7 +9,7 @@ the scaled ``lr``, and a post-hook puts them back, so schedulers, ``state_dict()
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -37,15 +37,10 @@ class ScaledUpdates:
         scaled.remove()
     """
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        params: Iterable[nn.Parameter],
-        scale: float | Callable[[], float | None],
-    ) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], scale: Any) -> None:
         if not callable(scale):
             check_lr_scale(scale)
-        # A number, or read at every step: ``"auto"`` is known once the first error has been seen, which in a
+        # A number, or a function read at every step: ``"auto"`` is known once the first error has been seen, which in a
         # Lightning step (forward and backward inside ``step(closure)``) is after the pre-hook: see rescale().
         self.scale = scale
         self.optimizer = optimizer

@@ -130,7 +130,7 @@ class Structured(Projector):
         dtype = torch.float64 if error.dtype == torch.float64 else torch.float32  # transforms never in half
         chunk = min(CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS) if error.device.type == "cpu" else CHUNK_ELEMENTS
         rows = max(1, min(error.shape[0], chunk // self.size))
-        group = self._group(rows, chunk)
+        group = max(1, min(self.out_features // self.size, chunk // (rows * self.size)))  # full blocks per product
         count = len(hadamard_factors(self.size))
         factors = [getattr(self, f"_hadamard{i}").to(dtype) for i in range(count)]
         signs, gains = self.signs.to(dtype), self.gains.to(dtype) * self.scale
@@ -151,11 +151,6 @@ class Structured(Projector):
         if bad_rows is not None:
             out[bad_rows] = float("nan")
         return out
-
-    def _group(self, rows: int, chunk: int) -> int:
-        """Full output blocks transformed together (one batched product), within ``chunk`` elements per buffer."""
-        full = self.out_features // self.size
-        return max(1, min(full, chunk // (rows * self.size)))
 
     def _mix(self, u: Tensor, free: list, wide: Tensor | None, gains: Tensor, factors: list, out: Tensor) -> None:
         """``out = [s H G_b P_b u]_b``, cut to ``out_features``: full blocks by groups, a partial last one cut short.

@@ -244,11 +244,8 @@ def _legacy_region(seed, stream, rows, cols, std, device, generator) -> Tensor:
             top - bi * BLOCK : bottom - bi * BLOCK, left - bj * BLOCK : right - bj * BLOCK
         ]
 
-    if draw_on.type == "cpu" and len(jobs) > 1:
-        list(_pool().map(fill, jobs))
-    else:
-        for job in jobs:
-            fill(job)
+    for job in jobs:
+        fill(job)
     if std != 1.0:
         out.mul_(std)
     return out.to(device, non_blocking=True)
