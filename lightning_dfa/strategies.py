@@ -33,12 +33,7 @@ RNG_KEY = "lightning_dfa.rng_states"
 
 
 def rng_states() -> dict[str, Any]:
-    """The global random states of torch, CUDA, numpy and Python, readable by ``torch.load(weights_only=True)``.
-
-    Example::
-
-        states = rng_states(); torch.rand(3); set_rng_states(states)   # the same draws again
-    """
+    """The global random states of torch, CUDA, numpy and Python, readable by ``torch.load(weights_only=True)``."""
     name, keys, position, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -123,12 +118,11 @@ def _check_typos(strategy: type, rest: dict[str, Any]) -> None:
 
 
 class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
-    """Single-device training with Direct Feedback Alignment: ``Trainer(strategy="dfa")``.
+    """Single-device training with Direct Feedback Alignment: ``Trainer(strategy="dfa", accelerator="cuda")``.
 
     Example::
 
         trainer = Trainer(strategy=DFAStrategy(blocks="blocks.*", output="head", mode="dfa"))
-        trainer = Trainer(strategy="dfa", accelerator="cuda")     # blocks from configure_dfa() or "auto"
     """
 
     strategy_name = "dfa"
@@ -152,11 +146,8 @@ class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
 
 
 class DFADDPStrategy(_DFAStrategyMixin, DDPStrategy):
-    """Distributed data parallel training with DFA: ``Trainer(strategy="dfa_ddp", devices=8)``.
-
-    Every rank builds the identical projection from the same seed (nothing is broadcast), so
-    feedback and gradients are identical across ranks before DDP's all-reduce.
-    """
+    """Distributed data parallel training with DFA: ``Trainer(strategy="dfa_ddp", devices=8)``. Every rank builds
+    the identical projection from the same seed (nothing is broadcast)."""
 
     strategy_name = "dfa_ddp"
 

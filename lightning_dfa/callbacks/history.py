@@ -92,9 +92,8 @@ class History(Callback):
 
 
 def write_or_warn(path: Path, write: Callable[[Path], Any], what: str) -> bool:
-    """Run ``write(path)``; on ``OSError`` (disk full, read-only or missing folder) warn and return False.
-
-    For files that accompany a run (history, plots, summary): losing them must not end the run.
+    """Run ``write(path)``; on ``OSError`` (disk full, read-only folder) warn and return False: losing the files
+    that accompany a run (history, plots, summary) must not end it.
 
     Example::
 

@@ -42,11 +42,8 @@ def corpus_key(documents: Sequence[str], vocab_size: int) -> str:
 
 
 def bpe_tokenizer(documents: Sequence[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``documents``, from the cache when this corpus was seen before.
-
-    The vocabulary has at most ``vocab_size`` entries (fewer when the corpus runs out of merges),
-    including the 256 byte symbols and the two special tokens; any text round-trips.
-    """
+    """A byte-level BPE tokenizer trained on ``documents`` (cached), of at most ``vocab_size`` entries including
+    the 256 byte symbols and the two special tokens; any text round-trips."""
     if vocab_size < 258:
         raise ValueError(f"vocab_size must be at least 258 (256 byte symbols + 2 special tokens), got {vocab_size}.")
     if not documents:

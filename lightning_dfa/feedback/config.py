@@ -1,15 +1,10 @@
-"""``DFAConfig``: every DFA setting, in one place, validated once.
-
-The engine, the ``DFA`` callback, the three strategies, a model's ``configure_dfa()`` and its ``dfa=``
-argument, and the command line all take these settings and nothing else: a setting added here is
-accepted everywhere (the strategies' and the callback's signatures are built from these fields).
+"""``DFAConfig``: every DFA setting, in one place, validated once; the engine, the callback, the strategies,
+``configure_dfa()``, the models' ``dfa=`` and the command line all take these settings and nothing else.
 
 Example::
 
     config = DFAConfig(blocks="blocks.*", output="head", backprop_top=1)
     config.replace(mode="backprop")                       # a new, validated config
-    DFAConfig.of({"blocks": "h.*", "outptu": "head"}, "MyModel.configure_dfa()")
-    # TypeError: MyModel.configure_dfa() returned unknown DFA settings ['outptu'] (did you mean 'outptu' -> 'output'?)
 """
 
 from __future__ import annotations

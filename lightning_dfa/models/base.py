@@ -1,11 +1,5 @@
-"""What the recipes' models share: DFA settings (``dfa=`` over ``configure_dfa()``), AdamW, classification steps.
-
-Example::
-
-    class MyClassifier(DFAModule, Classification):
-        def dfa_defaults(self):
-            return {"blocks": "blocks.*", "output": "head"}
-"""
+"""What the recipes' models share: DFA settings (``dfa=`` over ``configure_dfa()``), AdamW, classification steps,
+local checkpoints."""
 
 from __future__ import annotations
 

@@ -1,22 +1,13 @@
 """Structured feedback: random signs, fast Walsh-Hadamard mixing and Gaussian diagonals (Fastfood-like).
 
-For errors padded to ``n = 2^ceil(log2 d_e)`` entries, output block ``b`` (``n`` feedback entries,
-the last one cut to size) is::
-
-    y_b = s * H G_b P_b H D x          s = 1 / sqrt(n * d_e)
-
-with ``D`` random signs, ``H`` the (unnormalised, +-1) Walsh-Hadamard transform, ``P_b`` a random
-permutation and ``G_b`` a diagonal of ``N(0, 1)`` gains: ``O(N (d_e + d_fb) log d_e)`` time and
-``O(d_e + d_fb)`` memory. ``H`` is applied as a Kronecker product of Sylvester matrices of at most 64
-(one batched matmul per factor), rows in chunks of ``CHUNK_ELEMENTS``. Every entry is exactly
-``N(0, 1/d_e)`` like the dense Gaussian's, but entries are not independent: use ``Gaussian`` /
-``SeededGaussian`` when i.i.d. entries matter. docs/emulator.md states the properties shared and not.
+For errors padded to ``n = 2^ceil(log2 d_e)``, output block ``b`` is ``y_b = s H G_b P_b H D x``
+(``s = 1 / sqrt(n d_e)``; ``D`` signs, ``H`` the +-1 Walsh-Hadamard transform, ``P_b`` a permutation,
+``G_b`` ``N(0, 1)`` gains): ``O(N (d_e + d_fb) log d_e)`` time, ``O(d_e + d_fb)`` memory. Every entry is
+exactly ``N(0, 1/d_e)``, but entries are not independent (docs/emulator.md).
 
 Example::
 
     >>> B = Structured(50257, 49152, seed=0)    # O(d) memory, ~2 transforms of 65536 per row
-    >>> B(torch.randn(8, 50257)).shape
-    torch.Size([8, 49152])
 """
 
 from __future__ import annotations

@@ -66,11 +66,8 @@ def _signed(value: int) -> int:
 
 
 def mix64_(z: Tensor, scratch: Tensor) -> Tensor:
-    """In place on int64 ``z``: the SplitMix64 output function, as unsigned 64-bit arithmetic (``scratch``: same shape).
-
-    ``torch`` int64 multiplication wraps modulo 2^64 like unsigned arithmetic; right shifts of negative values
-    are arithmetic, so each shift is masked to a logical one.
-    """
+    """In place on int64 ``z``: the SplitMix64 output function in unsigned 64-bit arithmetic (int64 products wrap
+    like unsigned ones; each right shift is masked to a logical one). ``scratch``: same shape."""
     for shift, multiplier in _MIX:
         torch.bitwise_right_shift(z, shift, out=scratch)
         z.bitwise_xor_(scratch.bitwise_and_((1 << (64 - shift)) - 1)).mul_(_signed(multiplier))
@@ -91,11 +88,8 @@ def _column_terms(cols: tuple[int, int], device: torch.device) -> Tensor:
 def counter_bits(
     seed: int, stream: int, pairs: tuple[int, int], cols: tuple[int, int], device: torch.device | str | None = None
 ) -> Tensor:
-    """The raw 64-bit hashes (int64) of row pairs ``[p0, p1)`` and columns ``[c0, c1)``: the integer stream.
-
-    Exact on every device (tested against a pure-Python reference). Entry ``(p, c)`` gives the Gaussians at
-    rows ``2p`` and ``2p + 1`` of column ``c`` (see the module doc).
-    """
+    """The raw 64-bit hashes (int64) of row pairs ``[p0, p1)`` and columns ``[c0, c1)``, exact on every device:
+    entry ``(p, c)`` gives the Gaussians at rows ``2p`` and ``2p + 1`` of column ``c``."""
     device = torch.device("cpu") if device is None else torch.device(device)
     key = mix_seed(seed, stream)
     z = _column_terms(cols, device)[None, :] + _row_keys(key, torch.arange(*pairs, device=device))[:, None]
@@ -166,10 +160,8 @@ def gaussian_rows(
 ) -> Tensor:
     """Rows ``rows`` (int64 indices, any order) and columns ``[c0, c1)`` of the counter generator's matrix.
 
-    The entries are those of :func:`gaussian_region` (``generator="counter"``), bit for bit on one device: each row's
-    pair is hashed and put through the same Box-Muller operations, and the row takes the cosine (even rows) or the sine
-    (odd rows) half. For a few scattered rows (the lit pixels of sparse DMD frames) this costs ``2 len(rows)`` normals
-    per column instead of the whole height. ``out`` (float32, contiguous, ``(len(rows), c1 - c0)``) is filled if given.
+    The entries of :func:`gaussian_region`, bit for bit on one device, at ``2 len(rows)`` normals per column instead
+    of the whole height (the lit pixels of sparse DMD frames). ``out`` (float32, contiguous) is filled if given.
     """
     (c0, c1), device = cols, rows.device
     if not 0 <= c0 < c1:
@@ -205,10 +197,8 @@ def gaussian_region(
 ) -> Tensor:
     """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of the virtual ``N(0, std^2)`` matrix, float32 on ``device``.
 
-    ``generator="counter"`` (default) computes the entries on ``device`` itself (see the module doc). The legacy
-    ``"cpu"`` draws ``torch.randn`` blocks on the CPU (in parallel threads) and copies them to ``device``;
-    ``"device"`` draws them on ``device``. ``out`` (float32, contiguous, on ``device``) is filled and returned
-    instead of a new tensor (counter generator only; the others copy into it).
+    The legacy ``"cpu"`` and ``"device"`` generators draw ``torch.randn`` blocks on the CPU or on ``device``.
+    ``out`` (float32, contiguous, on ``device``) is filled and returned instead of a new tensor.
     """
     (r0, r1), (c0, c1) = rows, cols
     if not (0 <= r0 < r1 and 0 <= c0 < c1):
