@@ -173,12 +173,9 @@ def _hf_dataset(name: str, channels: int, options: Any) -> tuple[Tensor, Tensor,
         data = datasets.load_dataset(name, data_dir=data_dir, data_files=options.data_files, split=options.hf_split)
     except (ConnectionError, FileNotFoundError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
         raise FileNotFoundError(
-            f"HF dataset {name!r} could not be loaded: it is not in the local cache "
-            f"({datasets.config.HF_DATASETS_CACHE}) and the hub cannot be reached (HF_DATASETS_OFFLINE="
-            f"{os.environ.get('HF_DATASETS_OFFLINE', '0')}). Download it once where there is network "
-            f"(python -c \"import datasets; datasets.load_dataset('{name}')\"), or use local files: "
-            "source='hf:imagefolder' with data_dir=..., 'hf:parquet' with data_files=..., a folder path, "
-            f"or the bundled 'digits' / 'mnist'. ({type(err).__name__}: {err})"
+            f"HF dataset {name!r} could not be loaded: not in the local cache ({datasets.config.HF_DATASETS_CACHE}), "
+            "and the hub cannot be reached. Download it once where there is network, or use local files "
+            f"('hf:imagefolder' with data_dir=..., a folder path) or 'digits' / 'mnist'. ({type(err).__name__}: {err})"
         ) from err
     return _from_hf(data, channels, options)
 

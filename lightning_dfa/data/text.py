@@ -188,12 +188,10 @@ def _hf_documents(name: str, config: str | None, text_field: str) -> list[str]:
         table = datasets.load_dataset(name, config, split="train")
     except Exception as err:  # offline, not cached, unknown name, or a missing config: say what to do
         raise FileNotFoundError(
-            f"HF dataset {name!r} (config {config!r}) could not be loaded: it is not in the local HF cache "
-            f"(HF_HOME) and could not be downloaded ({type(err).__name__}: {err}). With network access, unset "
-            f'HF_DATASETS_OFFLINE / HF_HUB_OFFLINE and run once: python -c "import datasets; '
-            f'datasets.load_dataset({name!r}, {config!r})"; or save the text to a local .jsonl/.parquet/.txt '
-            "file and pass its path as source. Check the name and dataset_config (e.g. 'hf:wikitext' needs "
-            "dataset_config='wikitext-2-raw-v1')."
+            f"HF dataset {name!r} (config {config!r}) could not be loaded: it is not in the local HF cache and could "
+            f"not be downloaded ({type(err).__name__}: {err}). Download it once with network access, or pass a local "
+            ".jsonl/.parquet/.txt file as source; check the name and dataset_config ('hf:wikitext' needs "
+            "'wikitext-2-raw-v1')."
         ) from err
     return _column(table, text_field, f"hf:{name}")
 
