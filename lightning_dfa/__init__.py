@@ -1,13 +1,7 @@
 """lightning-dfa: train any LightningModule with Direct Feedback Alignment.
 
-Example::
-
-    import lightning_dfa  # registers the "dfa", "dfa_ddp", "dfa_ddp_spawn" and "dfa_fsdp" strategies
-    trainer = lightning.Trainer(strategy="dfa")
-
-Importing the package does not import Lightning: the names below load on first use, and the strategies
-are registered as soon as Lightning is imported (now, if it already is), so ``lightning_dfa.feedback``
-stays usable from plain PyTorch at the cost of PyTorch alone.
+``import lightning_dfa`` imports no Lightning: the names below load on first use, and the "dfa", "dfa_ddp",
+"dfa_ddp_spawn" and "dfa_fsdp" strategies are registered as soon as Lightning is imported (now, if it is).
 """
 
 import importlib.abc

@@ -1,16 +1,8 @@
 """Every private API of another library that lightning-dfa relies on, in one place.
 
-None of these has a public equivalent in the supported versions (torch, Lightning, jsonargparse, wandb,
-transformers); each is pinned by a test in ``tests/test_compat.py``, so an upgrade that changes one
-breaks there, visibly, rather than deep inside a run. ``DFAFSDPStrategy`` also overrides Lightning's
-``FSDPStrategy._setup_model`` (its only hook for wrapping the model), pinned there too. Only torch is
-imported here: the feedback engine, which must not import Lightning, uses this module too.
-
-Example::
-
-    from lightning_dfa import _compat
-
-    _compat.current_graph_task_id()   # -1 outside a backward pass
+None has a public equivalent in the supported versions; each is pinned by a test in ``tests/test_compat.py``,
+so an upgrade that changes one breaks there, visibly (``DFAFSDPStrategy._setup_model`` is pinned there too).
+Only torch is imported here: the feedback engine, which must not import Lightning, uses this module too.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""``DFA``: a Lightning ``Callback`` that runs a feedback engine, so any strategy can train with DFA.
-
-Besides attaching the engine for ``fit``, the callback guards every optimizer step against non-finite
-values (``nonfinite=``): a NaN or infinite loss, error (the gradient at the output point) or gradient
-either stops the run with a message that names what, where and when (``"stop"``, the default), or
-skips the step, so the weights and the optimizer state stay exactly as they were (``"skip"``).
-"""
+"""``DFA``: a Lightning ``Callback`` that runs a feedback engine, so any strategy can train with DFA."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,27 +27,16 @@ _ADVICE = (
 
 class DFA(Callback):
     """Direct Feedback Alignment for a LightningModule: holds a :class:`~lightning_dfa.feedback.FeedbackEngine`
-    (:attr:`engine`) and runs it for ``fit``.
+    (:attr:`engine`, built from a :class:`~lightning_dfa.feedback.DFAConfig` and/or its settings as keywords),
+    attaches it at the start of ``fit`` (after ``configure_model``) and detaches it at its end; the feedback
+    state is saved in checkpoints.
 
-    It attaches the engine at the start of ``fit`` (``on_fit_start``: after the model's ``setup`` and
-    ``configure_model``, so models may build their layers there) and detaches it at its end; the feedback
-    state (seed, layout, projector) is saved in checkpoints and restored on resume.
-
-    Args:
-        config: a :class:`~lightning_dfa.feedback.DFAConfig`, or none;
-        **settings: its settings (``blocks``, ``output``, ``projector``, ``seed``, ``mode``, ``nonfinite``, ...).
-
-    Every training step is guarded against non-finite values (``nonfinite=``): a NaN or infinite loss, error
-    (the gradient at the output point) or gradient either stops the run before the optimizer step with a
-    message that names what, where and when (``"stop"``, the default), or skips the step, so the weights and
-    the optimizer state stay bit-identical; skipped steps are counted in ``dfa/nonfinite_steps`` (logged every
-    step), and ``nonfinite_patience`` consecutive ones stop the run. Skipping happens after ``backward``, so the
-    learning-rate scheduler and ``global_step`` still advance, as with an fp16 ``GradScaler`` skip. Under fp16
-    mixed precision (a ``GradScaler``), non-finite errors and gradients with a finite loss are overflows that
-    the scaler handles: the step is skipped and counted even with ``"stop"``.
-
-    The callback also guards the run's loggers (:func:`lightning_dfa.loggers.guard_loggers`): one that raises
-    (W&B unreachable, disk full) is switched off with a warning, and training and checkpointing go on.
+    Every optimizer step is guarded against a NaN or infinite loss, error or gradient: ``nonfinite="stop"``
+    raises before the step, naming what, where and when; ``"skip"`` leaves the weights and optimizer state
+    bit-identical, counts the step in ``dfa/nonfinite_steps`` and stops after ``nonfinite_patience`` in a row.
+    Under an fp16 ``GradScaler``, non-finite gradients with a finite loss are overflows: skipped even with
+    ``"stop"``. The run's loggers are guarded too (:func:`lightning_dfa.loggers.guard_loggers`).
+    docs/errors.md tells more.
 
     Example::
 
@@ -104,11 +86,12 @@ class DFA(Callback):
         self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.engine.model is not None:  # also when fit was interrupted by an exception
+        if stage != "fit":
+            return
+        if self.engine.model is not None:  # also when fit was interrupted by an exception
             self.engine.detach()
-        if stage == "fit":
-            self.engine.defer_nonfinite = False
-            self._reset_step()
+        self.engine.defer_nonfinite = False
+        self._reset_step()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         self.engine.forget_forward()  # a retry after an exception (BatchSizeFinder after out of memory) starts clean
@@ -130,8 +113,10 @@ class DFA(Callback):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         losses, bad_error = self._losses, self.engine.nonfinite_error
         self._reset_step()
-        found = bad_error or _any_nonfinite([_total(loss) for loss in losses] + [_total(p.grad) for p in params])
-        if not trainer.strategy.reduce_boolean_decision(found, all=False):
+        # One float32 sum per tensor, one device sync in all: a NaN or inf entry (or an absurd overflow) shows.
+        totals = [_local(t).detach().sum(dtype=torch.float32) for t in [*losses, *(p.grad for p in params)]]
+        finite = not totals or bool(torch.stack([t.to(totals[0].device) for t in totals]).isfinite().all())
+        if not trainer.strategy.reduce_boolean_decision(bad_error or not finite, all=False):
             self._consecutive = 0
             self._log_count(pl_module)
             return
@@ -167,7 +152,7 @@ class DFA(Callback):
     def _causes(
         self, pl_module: pl.LightningModule, losses: list[Tensor], bad_error: bool, params: list[torch.nn.Parameter]
     ) -> list[str]:
-        causes = [f"the loss is {_describe(loss)}" for loss in losses if not bool(torch.isfinite(loss).all())][:1]
+        causes = [f"the loss is {float(loss)}" for loss in losses if not bool(torch.isfinite(loss).all())][:1]
         if bad_error:
             causes.append(f"the error at the output point {self.engine.output!r} holds NaN or inf")
         names = {p: n for n, p in pl_module.named_parameters()}
@@ -204,24 +189,6 @@ def _local(tensor: Tensor) -> Tensor:
     return tensor.coalesce().values() if tensor.is_sparse else tensor
 
 
-def _total(tensor: Tensor) -> Tensor:
-    """A float32 sum: not finite if any entry is NaN or inf (or, for absurd values, if the sum overflows)."""
-    return _local(tensor).detach().sum(dtype=torch.float32)
-
-
-def _any_nonfinite(totals: list[Tensor]) -> bool:
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for total in totals:
-        by_device.setdefault(total.device, []).append(total)
-    return any(not bool(torch.isfinite(torch.stack(group)).all()) for group in by_device.values())
-
-
-def _describe(loss: Tensor) -> str:
-    values = loss.detach().float().flatten()
-    value = float(values[~torch.isfinite(values)][0])
-    return "nan" if math.isnan(value) else str(value)
-
-
 def _chosen(dfa: FeedbackEngine) -> str:
     """What DFA trains, in one line: ``DFA: 4 feedback points h.0 ... h.3 (auto), error at lm_head (auto), ...``."""
     points, config = dfa.points, dfa.config
@@ -240,13 +207,9 @@ def _chosen(dfa: FeedbackEngine) -> str:
 
 def _projector_name(spec: Any) -> str:
     spec = spec.as_dict() if hasattr(spec, "as_dict") else spec  # a YAML config (jsonargparse Namespace)
-    if isinstance(spec, str):
-        return spec
-    if isinstance(spec, Mapping):
-        return str(spec["class_path"])
-    if isinstance(spec, Tensor):
-        return f"matrix {tuple(spec.shape)}"
-    return getattr(spec, "__name__", type(spec).__name__)  # a class or factory, or a projector module
+    if isinstance(spec, Mapping | Tensor):
+        return str(spec["class_path"]) if isinstance(spec, Mapping) else f"matrix {tuple(spec.shape)}"
+    return spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
 
 
 def find_dfa(trainer: pl.Trainer) -> FeedbackEngine | None:

@@ -1,16 +1,12 @@
 """``lightning-dfa``: LightningCLI over the library's models and data, plus ``lightning-dfa recipes``.
 
-Each launch writes into a new run folder, ``<trainer.default_root_dir>/version_N`` (``<root>/latest``
-points at the newest; :mod:`lightning_dfa.runs`), its baselines in ``frozen/`` and ``backprop/`` inside
-it. A configuration error (an unknown option, a bad value, a block path that matches nothing) prints
-its message alone; ``LIGHTNING_DFA_DEBUG=1`` prints the traceback too. Errors raised once the model
-runs keep theirs.
+Each launch writes into a new run folder (:mod:`lightning_dfa.runs`), its baselines inside it. A
+configuration error prints its message alone (``LIGHTNING_DFA_DEBUG=1``: with the traceback).
 
 Examples::
 
-    lightning-dfa fit --config recipes/digits-mlp.yaml                 # DFA
-    lightning-dfa fit --config digits-mlp --trainer.strategy.mode=backprop   # the backprop baseline
-    lightning-dfa recipes                                              # list shipped recipes
+    lightning-dfa fit --config digits-mlp --trainer.strategy.mode=backprop   # a shipped recipe, by name
+    lightning-dfa recipes                                                    # list shipped recipes
 """
 
 from __future__ import annotations
@@ -81,11 +77,8 @@ def default_wandb_mode() -> None:
 
 
 class DFACLI(LightningCLI):
-    """LightningCLI that, after ``fit``, tests the model, runs the requested baselines and prints a summary.
-
-    ``--baselines=[frozen,backprop]`` reruns the same config in those modes (same seed, data and steps)
-    and prints them beside the DFA run; with ``History`` callbacks their curves share one plot.
-    """
+    """LightningCLI that, after ``fit``, tests the model, runs the ``--baselines=[frozen,backprop]`` (the same
+    config in those modes) and prints a summary; with ``History`` callbacks their curves share one plot."""
 
     def __init__(
         self,
@@ -217,11 +210,8 @@ class DFACLI(LightningCLI):
 
 
 class MarkModelErrors(Callback):
-    """Marks an error raised once the model has run (a batch started) so that the command keeps its traceback.
-
-    Errors raised before (Trainer setup, DFA's checks of block paths and projector names) are configuration
-    errors: :func:`main` prints their message alone.
-    """
+    """Marks an error raised once the model has run (a batch started): :func:`main` keeps its traceback, and
+    prints the message alone for errors raised before (configuration errors)."""
 
     model_ran = False
 
@@ -236,12 +226,8 @@ class MarkModelErrors(Callback):
 
 
 class EpochsOfMaxSteps(Callback):
-    """A run bounded by ``max_steps`` alone gets the number of epochs those steps span as its ``max_epochs``.
-
-    Lightning sets ``max_epochs=-1`` there, and its progress bar then reads ``Epoch 0/-2``. The epoch count is
-    only known once the training data is (``trainer.num_training_batches``); it ends no run earlier than
-    ``max_steps``, which still stops it.
-    """
+    """A run bounded by ``max_steps`` alone gets the epochs those steps span as its ``max_epochs`` (Lightning's
+    -1 makes the progress bar read ``Epoch 0/-2``); ``max_steps`` still stops it."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         batches = trainer.num_training_batches
@@ -274,8 +260,7 @@ def _logger_configs(logger: Any) -> list[Namespace]:
 
 
 def _is_wandb(logger: Namespace) -> bool:
-    cls = pydoc.locate(logger.class_path)
-    return inspect.isclass(cls) and issubclass(cls, WandbLogger)
+    return logger.class_path.rpartition(".")[2] == "WandbLogger"  # Lightning's, or lightning_dfa.loggers' own
 
 
 def option_hint(message: str, parser: Any) -> str:
@@ -293,9 +278,7 @@ def option_hint(message: str, parser: Any) -> str:
     if class_path:
         where, options = class_path, _init_options(class_path)
     else:
-        dests = _compat.parser_dests(parser)
-        where, key = _split_key(key, dests)
-        options = _children(where, dests)
+        where, key, options = _group_options(key, _compat.parser_dests(parser))
         where = where or "the config"
     close = difflib.get_close_matches(key, options, n=3)
     guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
@@ -322,20 +305,15 @@ def _dotted_projectors(value: Any) -> Any:
     return value
 
 
-def _split_key(path: str, dests: list[str]) -> tuple[str, str]:
-    """``("trainer", "max_stepz")`` for ``"trainer.max_stepz"``: the deepest known group, and the unknown key in it."""
+def _group_options(path: str, dests: list[str]) -> tuple[str, str, list[str]]:
+    """For ``"trainer.max_stepz"``: the deepest known group (``"trainer"``), the unknown key in it, its options."""
     parts = path.split(".")
-    for depth in range(len(parts) - 1, 0, -1):
-        group = ".".join(parts[:depth])
-        if any(d.startswith(group + ".") for d in dests):
-            return group, parts[depth]
-    return "", parts[0]
-
-
-def _children(group: str, dests: list[str]) -> list[str]:
-    prefix = group + "." if group else ""
-    skip = {"help", "config", "print_config"}
-    return sorted({d[len(prefix) :].split(".")[0] for d in dests if d.startswith(prefix)} - skip)
+    for depth in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:depth]) + "." if depth else ""
+        options = {d[len(prefix) :].split(".")[0] for d in dests if d.startswith(prefix)}
+        if options:
+            return prefix[:-1], parts[depth], sorted(options - {"help", "config", "print_config"})
+    return "", path, []
 
 
 def _init_options(class_path: str) -> list[str]:

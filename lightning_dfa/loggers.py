@@ -1,19 +1,12 @@
 """Loggers that may fail without taking the run down: W&B unreachable, a full disk, an unwritable run dir.
 
-Logging is a side channel: when a logger raises (its W&B run cannot start, its disk is full), training
-and checkpointing go on. :func:`guard_loggers` switches the failing logger off with a warning that
-names the logger, what it was doing and the cause, and, when no other logger is left, writes the
-metrics to a ``CSVLogger`` in the run directory instead.
-
-The ``DFA`` callback guards the loggers of every run it trains (from its ``setup`` hook); the
-``lightning-dfa`` command also starts each W&B run before ``fit``, so that one which cannot start is
-replaced before training begins.
+:func:`guard_loggers` switches a failing logger off with a warning naming it, what it was doing and the
+cause, and, when no logger is left, writes the metrics to a ``CSVLogger`` in the run directory instead. The
+``DFA`` callback guards the loggers of every run it trains (docs/errors.md).
 
 Example::
 
-    trainer = Trainer(logger=WandbLogger(project="p"), callbacks=[DFA(blocks="blocks.*", output="head")])
     guard_loggers(trainer, start=True)   # optional: the DFA callback guards them at setup anyway
-    trainer.fit(model)                   # W&B down: one warning, metrics in <run dir>/fallback-logs
 """
 
 from __future__ import annotations
@@ -50,12 +43,8 @@ _failed: weakref.WeakSet[Logger] = weakref.WeakSet()
 
 
 def guard_loggers(trainer: pl.Trainer, start: bool = False) -> None:
-    """Make every logger of ``trainer`` fail softly: warn once, switch it off, keep training.
-
-    With ``start=True`` each logger's experiment (e.g. the W&B run) is created now, and one that cannot
-    start is replaced at once; call it before ``fit`` in a single process (the ``lightning-dfa`` command
-    does). Calling it again is harmless.
-    """
+    """Make every logger of ``trainer`` fail softly: warn once, switch it off, keep training. With ``start=True``
+    each logger's experiment (the W&B run) starts now, before ``fit``, and one that cannot is replaced at once."""
     for logger in [lg for lg in trainer.loggers if lg not in _guarded]:
         try:
             _ = logger.experiment if start else None
@@ -114,12 +103,8 @@ def _describe_dir(logger: Logger) -> str:
 
 
 class WandbLogger(loggers.WandbLogger):
-    """Lightning's ``WandbLogger`` (same arguments), less the ``anonymous=None`` it always hands to ``wandb.init``.
-
-    wandb (0.23 and later) deprecated anonymous mode and warns "The anonymous setting has no effect" on every
-    run that sets it, even to None. Lightning offers no way to leave it out, so this logger removes it from the
-    ``wandb.init`` arguments when it is None; ``anonymous=True`` still reaches wandb (and its warning).
-    """
+    """Lightning's ``WandbLogger`` less the ``anonymous=None`` it always hands to ``wandb.init``, for which wandb
+    0.23+ warns "The anonymous setting has no effect" on every run (``anonymous=True`` still reaches wandb)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

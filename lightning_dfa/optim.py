@@ -1,12 +1,5 @@
-"""Optimizer parameter groups with weight decay on matrices only (the recipes' models use them).
-
-The DFA points' learning rate is not set here: it is the DFA setting ``lr_scale``
-(:mod:`lightning_dfa.feedback.update_scale`), applied to whatever optimizer the module configures.
-
-Example::
-
-    optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3, weight_decay=0.1))
-"""
+"""Optimizer parameter groups with weight decay on matrices only (the recipes' models use them); the points'
+learning rate is the DFA setting ``lr_scale`` (:mod:`lightning_dfa.feedback.update_scale`)."""
 
 from __future__ import annotations
 

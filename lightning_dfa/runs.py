@@ -1,15 +1,11 @@
 """Run folders: each ``lightning-dfa`` launch writes into its own ``<root>/version_N``, with ``<root>/latest``.
 
-``root`` is the config's ``trainer.default_root_dir`` (the recipes' ``runs/<recipe>``). As Lightning's
-``CSVLogger`` and ``TensorBoardLogger`` number their ``version_N`` folders, every launch gets the next
-free number, so a second run never mixes its files with the first one's; the launch's baselines write
-into the same folder, beside it. ``<root>/latest`` points at the newest launch: a relative symlink, or
-a one-line text file naming the folder where the file system has no symlinks.
+``<root>/latest`` points at the newest launch: a relative symlink, or a one-line text file naming the folder
+where the file system has no symlinks (docs/lightning.md).
 
 Example::
 
     folder = latest_run("runs/quickstart")          # runs/quickstart/version_2
-    json.loads((folder / "summary.json").read_text())["files"]
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """``DFAStrategy`` and its DDP and FSDP siblings: thin Lightning strategies that train with a ``DFA`` callback.
 
-Each takes every DFA setting (:class:`~lightning_dfa.feedback.DFAConfig`) as a keyword argument and passes
-the rest to the Lightning strategy it extends: ``DFADDPStrategy(backprop_top=1, find_unused_parameters=True)``.
-Where the settings come from, in order: the strategy's own arguments; else the LightningModule's
-``configure_dfa()`` hook (a ``DFAConfig`` or a dict of settings), with any setting given to the strategy
-overriding it; else the defaults (``blocks="auto"``).
-
-The strategies also keep the global random states (torch, CUDA, numpy, Python) in their checkpoints
-and restore them when training resumes, so dropout and anything else drawn from them continue as if
-the run had never stopped (Lightning itself does not save them).
+Each takes every DFA setting as a keyword argument and passes the rest to the Lightning strategy it extends
+(``DFADDPStrategy(backprop_top=1, find_unused_parameters=True)``); settings it is not given come from the
+LightningModule's ``configure_dfa()``, else the defaults. The strategies also keep the global random states
+in their checkpoints and restore them on resume (Lightning itself does not save them).
 """
 
 from __future__ import annotations
@@ -30,7 +25,7 @@ from torch import nn
 from lightning_dfa import _compat
 from lightning_dfa.callback import DFA
 from lightning_dfa.feedback import DFAConfig
-from lightning_dfa.feedback.config import split_settings, with_settings_signature
+from lightning_dfa.feedback.config import with_settings_signature
 from lightning_dfa.feedback.points import resolve_points
 
 #: Checkpoint key of the global random states saved by the DFA strategies.
@@ -38,12 +33,7 @@ RNG_KEY = "lightning_dfa.rng_states"
 
 
 def rng_states() -> dict[str, Any]:
-    """The global random states of torch, CUDA, numpy and Python, readable by ``torch.load(weights_only=True)``.
-
-    Example::
-
-        states = rng_states(); torch.rand(3); set_rng_states(states)   # the same draws again
-    """
+    """The global random states of torch, CUDA, numpy and Python, readable by ``torch.load(weights_only=True)``."""
     name, keys, position, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -71,11 +61,11 @@ class _DFAStrategyMixin:
     dfa: DFA | None
 
     def __init__(self, **kwargs: Any) -> None:
-        settings, rest = split_settings(kwargs)
-        _check_typos(type(self), rest)
+        settings = {name: kwargs.pop(name) for name in DFAConfig.names() if name in kwargs}
+        _check_typos(type(self), kwargs)
         self._dfa_settings = {k: v for k, v in settings.items() if v is not None}
         DFAConfig(**self._dfa_settings)  # a bad value fails here, not when fit starts
-        super().__init__(**rest)
+        super().__init__(**kwargs)
         self.dfa = None
         self._rng_to_restore: dict[str, Any] | None = None
 
@@ -128,12 +118,11 @@ def _check_typos(strategy: type, rest: dict[str, Any]) -> None:
 
 
 class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
-    """Single-device training with Direct Feedback Alignment: ``Trainer(strategy="dfa")``.
+    """Single-device training with Direct Feedback Alignment: ``Trainer(strategy="dfa", accelerator="cuda")``.
 
     Example::
 
         trainer = Trainer(strategy=DFAStrategy(blocks="blocks.*", output="head", mode="dfa"))
-        trainer = Trainer(strategy="dfa", accelerator="cuda")     # blocks from configure_dfa() or "auto"
     """
 
     strategy_name = "dfa"
@@ -157,11 +146,8 @@ class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
 
 
 class DFADDPStrategy(_DFAStrategyMixin, DDPStrategy):
-    """Distributed data parallel training with DFA: ``Trainer(strategy="dfa_ddp", devices=8)``.
-
-    Every rank builds the identical projection from the same seed (nothing is broadcast), so
-    feedback and gradients are identical across ranks before DDP's all-reduce.
-    """
+    """Distributed data parallel training with DFA: ``Trainer(strategy="dfa_ddp", devices=8)``. Every rank builds
+    the identical projection from the same seed (nothing is broadcast)."""
 
     strategy_name = "dfa_ddp"
 
@@ -169,21 +155,13 @@ class DFADDPStrategy(_DFAStrategyMixin, DDPStrategy):
 class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
     """Fully sharded data parallel training with DFA: ``Trainer(strategy="dfa_fsdp", devices=8)``.
 
-    Lightning's ``FSDPStrategy`` shards parameters, gradients and optimizer state; the ``DFA`` callback
-    attaches after the model is wrapped. Wrap whole blocks (``auto_wrap_policy={GPT2Block}``): each
-    feedback point is then moved out to its FSDP unit (:func:`outer_points`, so ``blocks="auto"`` works);
-    a point inside a unit is an error. Runs on CPU (gloo) too. Every rank builds the identical projection
-    from the same seed (nothing is broadcast); the block gradients are then reduce-scattered like any other.
+    The ``DFA`` callback attaches after the model is wrapped. Wrap whole blocks (``auto_wrap_policy={GPT2Block}``):
+    each feedback point is then moved out to its FSDP unit (:func:`outer_points`); a point inside a unit is an
+    error. Runs on CPU (gloo) too. docs/distributed.md tells more.
 
     Example::
 
-        trainer = Trainer(strategy="dfa_fsdp", accelerator="gpu", devices=8)   # blocks from configure_dfa()
-        trainer = Trainer(
-            strategy=DFAFSDPStrategy(blocks="model.transformer.h.*", auto_wrap_policy={GPT2Block}),
-            accelerator="gpu",
-            devices=8,
-            num_nodes=2,
-        )
+        Trainer(strategy=DFAFSDPStrategy(auto_wrap_policy={GPT2Block}), accelerator="gpu", devices=8)
     """
 
     strategy_name = "dfa_fsdp"
@@ -235,11 +213,8 @@ WRAPPED = _compat.WRAPPED_MODULE_ATTRIBUTES
 
 
 def outer_points(model: nn.Module, blocks: str | Sequence[str]) -> str | list[str]:
-    """The feedback points of ``model``, each moved out to its outermost FSDP / checkpoint wrapper.
-
-    FSDP (1) registers the hooks that gather a unit's parameters for backward on the outputs of the
-    wrapper's forward; a point inside the wrapper would hand the wrapper a detached copy, so those hooks
-    would never fire. ``blocks="auto"`` finds the inner ``GPT2Block``s, say; this gives their wrappers.
+    """The feedback points of ``model``, each moved out to its outermost FSDP / checkpoint wrapper: FSDP (1) hooks
+    the gathering of a unit's parameters for backward on the wrapper's outputs, which a point inside would detach.
 
     Example::
 
@@ -267,18 +242,15 @@ def _strip_wrapped(path: str) -> str:
 
 def register_strategies() -> None:
     """Register "dfa", "dfa_ddp", "dfa_ddp_spawn" and "dfa_fsdp" (Lightning no longer discovers plugins)."""
-    StrategyRegistry.register("dfa", DFAStrategy, description="Direct Feedback Alignment, one device", override=True)
-    for name, start_method in (("dfa_ddp", "popen"), ("dfa_ddp_spawn", "spawn")):
+    for name, strategy, options in (
+        ("dfa", DFAStrategy, {}),
+        ("dfa_ddp", DFADDPStrategy, {"start_method": "popen"}),
+        ("dfa_ddp_spawn", DFADDPStrategy, {"start_method": "spawn"}),
+        ("dfa_fsdp", DFAFSDPStrategy, {}),
+    ):
         StrategyRegistry.register(
-            name,
-            DFADDPStrategy,
-            description=f"Direct Feedback Alignment with DDP ({start_method})",
-            start_method=start_method,
-            override=True,
+            name, strategy, description=f"Direct Feedback Alignment ({name})", override=True, **options
         )
-    StrategyRegistry.register(
-        "dfa_fsdp", DFAFSDPStrategy, description="Direct Feedback Alignment with FSDP", override=True
-    )
 
 
 register_strategies()

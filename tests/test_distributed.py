@@ -139,7 +139,7 @@ class FSDPDump(pl.Callback):
         with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, with_grads=True):
             grads = {name: p.grad.clone() for name, p in pl_module.named_parameters()}
         state = {
-            "settings": dfa.settings(),
+            "settings": dfa.config.settings(),
             "points": dfa.points,
             "projection": dfa.projector.materialize(),
             "grads": {name.replace("_fsdp_wrapped_module.", ""): grad for name, grad in grads.items()},

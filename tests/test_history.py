@@ -7,7 +7,7 @@ from conftest import fit_digits
 
 import lightning_dfa  # noqa: F401
 from lightning_dfa.callbacks import Alignment, FeedbackStats, History
-from lightning_dfa.callbacks.history import history_figure
+from lightning_dfa.callbacks.history import plot_history
 from lightning_dfa.models import MLPClassifier
 
 
@@ -73,17 +73,15 @@ def recorded(alignment):
     return history
 
 
-def test_each_run_keeps_one_colour_in_every_panel_of_the_comparison():
-    import matplotlib.pyplot as plt
-
+def test_each_run_keeps_one_colour_in_every_panel_of_the_comparison(tmp_path):
     runs = {"dfa": recorded(True), "frozen": recorded(False), "backprop": recorded(True)}
-    figure = history_figure(runs)  # the frozen control has no alignment panel curve: backprop must not take its colour
+    # The frozen control has no alignment panel curve: backprop must not take its colour.
+    figure = plot_history(runs, tmp_path / "comparison.png")
     colours = {}
     for ax in figure.axes:
         for line in ax.get_lines():
             mode = line.get_label().split()[0]
             if mode in runs:  # not the zero line
                 colours.setdefault(mode, set()).add(line.get_color())
-    plt.close(figure)
     assert [len(found) for found in colours.values()] == [1, 1, 1]
     assert len({next(iter(found)) for found in colours.values()}) == 3

@@ -69,7 +69,7 @@ def test_vit_from_a_local_pretrained_dir(tmp_path):
     model = ImageClassifier(pretrained=str(tmp_path / "vit"))
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
     assert ImageClassifier(pretrained=str(tmp_path / "vit"), num_labels=3)(torch.rand(2, 1, 8, 8)).shape == (2, 3)
-    with pytest.raises(FileNotFoundError, match="not a local checkpoint directory"):
+    with pytest.raises(FileNotFoundError, match="not a local folder with a config.json"):
         ImageClassifier(pretrained=str(tmp_path / "google-vit-base"))
 
 
@@ -112,7 +112,7 @@ def test_diffusion_from_a_local_pretrained_dir_and_dfa_points(tmp_path):
         x = torch.rand(2, 1, 8, 8)
         model.diffusion_loss(x, torch.randn_like(x), torch.tensor([3, 50])).backward()
         assert dfa.points[-1] == "unet.up_blocks.1" and dfa.projector.in_features == 64
-    with pytest.raises(FileNotFoundError, match="not a local checkpoint directory"):
+    with pytest.raises(FileNotFoundError, match="not a local folder with a config.json"):
         Diffusion(pretrained=str(tmp_path / "nowhere"))
 
 

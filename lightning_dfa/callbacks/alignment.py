@@ -1,22 +1,10 @@
 """``Alignment``: how well each block's DFA update points along its true backprop gradient.
 
-Every ``every_n_steps`` training steps, just before the optimizer step, it computes the true
-gradient on the same batch with one extra backward (DFA paused, same random state so dropout and
-diffusion noise are identical; no model copy), then puts the step's own gradients back untouched.
-Per feedback point it logs
-
-- ``alignment/<point>``: cosine between the DFA update and the true gradient of the point's
-  parameters (1 under ``mode="backprop"``; above 0 means DFA descends the loss);
-- ``grad_ratio/<point>``: norm of the DFA update over norm of the true gradient;
-
-and ``alignment/mean``. W&B draws them as line plots; ``history`` keeps them for the run's plots.
-
-Under DDP both gradients are those of the global batch (the probe's are averaged over the ranks, as
-DDP averages the step's). Under FSDP (``strategy="dfa_fsdp"``) the probe runs through the FSDP
-wrapper, so each rank ends with its shard of the true gradient (reduce-scattered, of the global batch,
-like the DFA update); each rank sums its shards' products and the sums are all-reduced: the cosine of
-the full gradients, with nothing gathered. Parameters held as ``DTensor`` (torch's ``fully_shard``,
-tensor parallelism) are not probed: the callback warns once and logs nothing.
+Every ``every_n_steps`` steps, just before the optimizer step, it computes the true gradient on the same
+batch with one extra backward (DFA paused, same random state; no model copy), puts the step's own gradients
+back, and logs per point ``alignment/<point>`` (their cosine) and ``grad_ratio/<point>`` (their norm ratio),
+and ``alignment/mean``. Under DDP and FSDP both are gradients of the global batch (FSDP: summed over the
+shards, nothing gathered); DTensor parameters are not probed (a warning). docs/diagnostics.md tells more.
 
 Example::
 

@@ -1,14 +1,8 @@
 """``FeedbackStats``: the size of the error and of each point's feedback, as training sees them.
 
-Every ``every_n_steps`` steps it logs, from the projection the step really used,
-
-- ``feedback/error_rms``: root mean square of the error entries that were projected;
-- ``feedback_rms/<point>``: root mean square of the point's feedback entries;
-- ``feedback_ratio/<point>``: that feedback RMS over the error RMS (the scale convention at work:
-  about 1 for the default Gaussian, whatever ``d_e``).
-
-Together with :class:`~lightning_dfa.callbacks.alignment.Alignment`'s ``grad_ratio/<point>`` (DFA
-update norm over true gradient norm), this shows whether feedback is too large or too small.
+Every ``every_n_steps`` steps it logs ``feedback/error_rms``, and per point ``feedback_rms/<point>`` and
+``feedback_ratio/<point>`` (about 1 for the default Gaussian, whatever ``d_e``): with ``Alignment``'s
+``grad_ratio``, whether feedback is too large or too small.
 
 Example::
 

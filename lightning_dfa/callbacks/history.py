@@ -1,8 +1,7 @@
 """``History``: the run's curves (loss, validation metrics, alignment), saved as JSON and a PNG with the run.
 
-At the end of ``fit`` it writes ``history-<mode>.json`` and ``curves-<mode>.png`` (mode: dfa, frozen,
-backprop) to the run directory (``trainer.log_dir``, else ``default_root_dir``), so DFA and its
-baselines can share one directory, and, with a ``WandbLogger``, logs the picture too.
+At the end of ``fit`` it writes ``history-<mode>.json`` and ``curves-<mode>.png`` to the run directory (so
+DFA and its baselines can share one), and logs the picture to a ``WandbLogger``.
 
 Example::
 
@@ -93,9 +92,8 @@ class History(Callback):
 
 
 def write_or_warn(path: Path, write: Callable[[Path], Any], what: str) -> bool:
-    """Run ``write(path)``; on ``OSError`` (disk full, read-only or missing folder) warn and return False.
-
-    For files that accompany a run (history, plots, summary): losing them must not end the run.
+    """Run ``write(path)``; on ``OSError`` (disk full, read-only folder) warn and return False: losing the files
+    that accompany a run (history, plots, summary) must not end it.
 
     Example::
 
@@ -114,20 +112,9 @@ def write_or_warn(path: Path, write: Callable[[Path], Any], what: str) -> bool:
     return True
 
 
-def plot_history(runs: dict[str, History], path: Path) -> Path:
-    """Training loss, validation metrics and alignment of one or several runs (e.g. DFA, frozen, backprop)."""
-    import matplotlib.pyplot as plt
-
-    fig = history_figure(runs)
-    try:
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
-
-
-def history_figure(runs: dict[str, History]) -> Any:
-    """The figure :func:`plot_history` saves: a panel per curve, each run in one colour in every panel."""
+def plot_history(runs: dict[str, History], path: Path) -> Any:
+    """Save training loss, validation metrics and alignment of one or several runs (e.g. DFA, frozen, backprop),
+    a panel per curve, each run in one colour in every panel; return the (closed) figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,13 +125,17 @@ def history_figure(runs: dict[str, History]) -> Any:
     # A colour per run, fixed here: a panel that some runs lack (alignment without frozen) would shift the cycle.
     colors = {label: f"C{i}" for i, label in enumerate(runs)}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        for label, history in runs.items():
-            _draw(ax, panel, label, history, colors[label] if len(runs) > 1 else None)
-        ax.set_title(panel)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    try:
+        for ax, panel in zip(axes[0], panels):
+            for label, history in runs.items():
+                _draw(ax, panel, label, history, colors[label] if len(runs) > 1 else None)
+            ax.set_title(panel)
+            ax.set_xlabel("step")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return fig
 
 

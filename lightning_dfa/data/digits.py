@@ -7,15 +7,11 @@ from lightning_dfa.data.splits import SplitDataModule, check_fractions, tensor_s
 
 
 class DigitsDataModule(SplitDataModule):
-    """Digits as flat vectors in [0, 1] (``flatten=True``) or ``(1, 8, 8)`` images.
-
-    Stratified train / validation / test split (default 70% / 10% / 20%), the same for every seed
-    of the model so that runs are comparable.
+    """Digits as flat vectors in [0, 1] (``flatten=True``) or ``(1, 8, 8)`` images, split 70/10/20 (stratified).
 
     Example::
 
-        dm = DigitsDataModule(batch_size=32)
-        Trainer(strategy="dfa").fit(MLPClassifier(), datamodule=dm)
+        Trainer(strategy="dfa").fit(MLPClassifier(), datamodule=DigitsDataModule(batch_size=32))
     """
 
     def __init__(

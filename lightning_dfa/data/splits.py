@@ -1,10 +1,8 @@
 """The shared shape of the library's data modules: named splits, one DataLoader recipe, a resumable train loader.
 
-The training loader is torchdata's ``StatefulDataLoader`` over an :class:`EpochSampler`: it shuffles from
-``seed + epoch`` (``seed``: the one given to ``seed_everything``), gives each rank its share under DDP /
-FSDP as Lightning's own ``DistributedSampler`` would, and checkpoints how far into the epoch it is
-(Lightning saves its ``state_dict()`` with the loops and loads it on resume), so a run killed in the
-middle of an epoch resumes with the very batches it would have trained on.
+The training loader is torchdata's ``StatefulDataLoader`` over an :class:`EpochSampler`: shuffled from
+``seed + epoch``, split across ranks as Lightning's ``DistributedSampler`` would, and checkpointed by Lightning
+mid-epoch, so a resumed run trains on the very batches it would have.
 """
 
 from __future__ import annotations
@@ -25,17 +23,9 @@ from lightning_dfa import _compat
 
 
 class EpochSampler(StatefulDistributedSampler):
-    """torchdata's ``StatefulDistributedSampler`` whose state also holds its epoch.
-
-    A ``StatefulDataLoader`` with workers starts fetching when its iterator is made, which Lightning does
-    on resume before it sets the epoch: the loaded state sets it first. A state taken at an epoch's end
-    resumes at the next epoch's beginning.
-
-    Example::
-
-        loader = train_loader(dataset, batch_size=32, seed=0)   # a StatefulDataLoader over an EpochSampler
-        state = loader.state_dict()                             # after 17 batches of epoch 3: resumes at the 18th
-    """
+    """torchdata's ``StatefulDistributedSampler`` whose state also holds its epoch: a loader with workers starts
+    fetching when Lightning makes its iterator on resume, before it sets the epoch. A state taken at an epoch's
+    end resumes at the next epoch's beginning."""
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "epoch": self.epoch}
@@ -65,12 +55,8 @@ def train_loader(
 
 
 class SplitDataModule(pl.LightningDataModule):
-    """A data module whose ``setup`` fills ``self.splits`` with ``"train"``, ``"val"`` and ``"test"``.
-
-    Subclasses save ``batch_size`` and ``num_workers`` as hyperparameters and implement ``setup``;
-    the loaders come from here: :func:`train_loader` for training (shuffled per epoch, split across
-    ranks, exact on resume), plain ones in order for validation and test.
-    """
+    """A data module whose ``setup`` fills ``self.splits`` (``"train"``, ``"val"``, ``"test"``) and whose hparams
+    hold ``batch_size`` and ``num_workers``: :func:`train_loader` for training, plain loaders for the others."""
 
     #: The split the test loader reads; text modules test on their held-out validation documents.
     test_split = "test"
@@ -111,12 +97,7 @@ def tensor_splits(
     x: Tensor, y: Tensor, val_fraction: float, test_fraction: float, seed: int, index: Tensor | None = None
 ) -> dict[str, TensorDataset]:
     """``{"train", "val", "test"}`` datasets of ``x[index], y[index]`` (default: all), split deterministically and
-    stratified by label when every class allows it.
-
-    Example::
-
-        splits = tensor_splits(x, y, val_fraction=0.1, test_fraction=0.2, seed=0)   # 70% / 10% / 20%
-    """
+    stratified by label when every class allows it."""
     index = torch.arange(len(y)) if index is None else index
     rest, test = _split(index, y[index], test_fraction, seed)
     train, val = _split(rest, y[rest], val_fraction / (1 - test_fraction), seed)

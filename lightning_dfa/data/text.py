@@ -1,29 +1,14 @@
 """Text for next-token prediction: bundled pydoc corpus, local files and folders, or HF ``datasets``.
 
-Every source becomes a list of documents, split into train / validation **by document** (a seeded
-permutation, so the same documents go to validation on every run and rank), tokenized, joined with
-an end-of-text token after each document, and cut into contiguous blocks of ``block_size + 1``
-tokens. A block ``x`` is one training example: the model reads ``x[:-1]`` and predicts ``x[1:]``
-(consecutive blocks share one token, so every token of the stream is predicted once; a last
-partial block is dropped).
-
-Sources (``source=``):
-
-- ``"pydoc"`` (default): Python's own ``pydoc_data.topics`` (79 documents, ~465K characters of
-  English documentation; nothing to download);
-- a ``.txt`` file (its blank-line separated paragraphs are the documents), or a folder of ``.txt``
-  files (searched recursively; each file is a document);
-- a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, read with HF ``datasets``' own loaders
-  (each row is a document, its text in the column ``text_field``);
-- ``"hf:<name>"``: a dataset of the HF hub by name (its ``train`` split; ``dataset_config`` picks the
-  configuration), from the local HF cache or the network.
+Every source becomes a list of documents, split into train / validation by document (seeded), tokenized,
+joined with an end-of-text token after each document, and cut into contiguous blocks of ``block_size + 1``
+tokens: the model reads ``x[:-1]`` and predicts ``x[1:]``. docs/recipes-language.md lists the sources.
 
 Example::
 
     dm = TextDataModule()                                               # pydoc, BPE 4096, blocks of 128
     dm = TextDataModule("notes/", block_size=256)                      # a folder of .txt files
     dm = TextDataModule("hf:wikitext", dataset_config="wikitext-2-raw-v1", tokenizer="/models/gpt2")
-    dm.vocab_size, dm.reference_metrics()                               # {"unigram val ppl": ...}
 """
 
 from __future__ import annotations
@@ -45,21 +30,11 @@ FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "p
 class TextDataModule(SplitDataModule):
     """Blocks of ``block_size + 1`` token ids (``LongTensor[B, block_size + 1]`` batches) from one text source.
 
-    Args:
-        source: ``"pydoc"``, a local file or folder, or ``"hf:<name>"`` (see the module doc).
-        tokenizer: a local tokenizer folder (``save_pretrained`` output); None trains a byte-level BPE
-            on the training documents (cached, see :mod:`lightning_dfa.data.tokenizer`).
-        bpe_vocab_size: the target size of the BPE trained when ``tokenizer`` is None. The tokenizer's actual
-            size, ``self.vocab_size`` (``len(self.tokenizer)``), is smaller if the corpus runs out of merges.
-            (Not named ``vocab_size``, which the model's hparams use: loggers merge both.)
-        block_size: tokens the model reads per example (its context length).
-        val_fraction: share of the documents held out for validation (at least one document each way).
-        split_seed: seed of the document permutation that makes the split.
-        dataset_config: configuration name of an ``hf:`` dataset (e.g. ``"wikitext-2-raw-v1"``).
-        text_field: the column holding the text in tabular and HF sources.
-
-    The test split is the validation split (there is no third split): ``trainer.test`` reports
-    the held-out perplexity of the final model.
+    ``source``: ``"pydoc"``, a ``.txt`` file (paragraphs are documents), a folder of ``.txt`` files, a
+    ``.jsonl``/``.json``/``.csv``/``.parquet`` table (a document per row, in ``text_field``), or ``"hf:<name>"``
+    (with ``dataset_config``). ``tokenizer``: a local tokenizer folder; None trains a byte-level BPE of
+    ``bpe_vocab_size`` on the training documents (not ``vocab_size``, which the model's hparams use). The test
+    split is the validation split.
     """
 
     test_split = "val"  # text is tested on its held-out documents
@@ -122,14 +97,8 @@ class TextDataModule(SplitDataModule):
 
     # -- baselines -----------------------------------------------------------------------------------
     def reference_metrics(self) -> dict[str, float]:
-        """``{"unigram val ppl": p}``: what a model that ignores context scores on the validation blocks.
-
-        The unigram model counts the training stream's tokens with add-one (Laplace) smoothing,
-        ``P(t) = (count(t) + 1) / (N + V)`` over the ``V = self.vocab_size`` tokens, and is scored
-        on exactly the tokens a language model predicts in validation (each block's ``x[1:]``):
-        ``p = exp(-mean log P(t))``. A model whose ``val/ppl`` is not below ``p`` has learned
-        nothing beyond token frequencies.
-        """
+        """``{"unigram val ppl": p}``: the perplexity, on the validation blocks' targets, of add-one smoothed
+        training token frequencies. A model whose ``val/ppl`` is not below it learned nothing beyond them."""
         if not self.splits:
             self.setup()
         train = token_stream(self.tokenizer, self.documents["train"])
@@ -219,12 +188,10 @@ def _hf_documents(name: str, config: str | None, text_field: str) -> list[str]:
         table = datasets.load_dataset(name, config, split="train")
     except Exception as err:  # offline, not cached, unknown name, or a missing config: say what to do
         raise FileNotFoundError(
-            f"HF dataset {name!r} (config {config!r}) could not be loaded: it is not in the local HF cache "
-            f"(HF_HOME) and could not be downloaded ({type(err).__name__}: {err}). With network access, unset "
-            f'HF_DATASETS_OFFLINE / HF_HUB_OFFLINE and run once: python -c "import datasets; '
-            f'datasets.load_dataset({name!r}, {config!r})"; or save the text to a local .jsonl/.parquet/.txt '
-            "file and pass its path as source. Check the name and dataset_config (e.g. 'hf:wikitext' needs "
-            "dataset_config='wikitext-2-raw-v1')."
+            f"HF dataset {name!r} (config {config!r}) could not be loaded: it is not in the local HF cache and could "
+            f"not be downloaded ({type(err).__name__}: {err}). Download it once with network access, or pass a local "
+            ".jsonl/.parquet/.txt file as source; check the name and dataset_config ('hf:wikitext' needs "
+            "'wikitext-2-raw-v1')."
         ) from err
     return _column(table, text_field, f"hf:{name}")
 

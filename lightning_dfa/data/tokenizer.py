@@ -1,15 +1,12 @@
 """Tokenizers with no network: a byte-level BPE trained locally on the corpus (cached), or a local path.
 
-The trained tokenizer is a ``transformers.PreTrainedTokenizerFast`` with ``<|endoftext|>`` as its
-bos / eos token and ``<|pad|>`` as its pad token, so HF ``generate()`` works with it. Training
-(``tokenizers``' BPE trainer) takes a few seconds on the 465K-character pydoc corpus; the result is
-saved under ``$LIGHTNING_DFA_CACHE/tokenizers`` (default ``~/.cache/lightning-dfa/tokenizers``) in a
-folder named by the vocabulary size and a hash of the corpus, and loaded from there next time.
+The trained tokenizer is a ``PreTrainedTokenizerFast`` with ``<|endoftext|>`` as bos / eos and ``<|pad|>``
+as pad, cached under ``$LIGHTNING_DFA_CACHE/tokenizers`` (default ``~/.cache/lightning-dfa/tokenizers``)
+by vocabulary size and a hash of the corpus.
 
 Example::
 
     tok = bpe_tokenizer(["first document", "second document"], vocab_size=300)
-    tok.decode(tok("some text")["input_ids"])          # "some text"
     tok = load_tokenizer("/models/gpt2")               # a saved HF tokenizer folder (AutoTokenizer)
 """
 
@@ -45,11 +42,8 @@ def corpus_key(documents: Sequence[str], vocab_size: int) -> str:
 
 
 def bpe_tokenizer(documents: Sequence[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``documents``, from the cache when this corpus was seen before.
-
-    The vocabulary has at most ``vocab_size`` entries (fewer when the corpus runs out of merges),
-    including the 256 byte symbols and the two special tokens; any text round-trips.
-    """
+    """A byte-level BPE tokenizer trained on ``documents`` (cached), of at most ``vocab_size`` entries including
+    the 256 byte symbols and the two special tokens; any text round-trips."""
     if vocab_size < 258:
         raise ValueError(f"vocab_size must be at least 258 (256 byte symbols + 2 special tokens), got {vocab_size}.")
     if not documents:

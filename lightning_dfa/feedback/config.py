@@ -1,15 +1,10 @@
-"""``DFAConfig``: every DFA setting, in one place, validated once.
-
-The engine, the ``DFA`` callback, the three strategies, a model's ``configure_dfa()`` and its ``dfa=``
-argument, and the command line all take these settings and nothing else: a setting added here is
-accepted everywhere (the strategies' and the callback's signatures are built from these fields).
+"""``DFAConfig``: every DFA setting, in one place, validated once; the engine, the callback, the strategies,
+``configure_dfa()``, the models' ``dfa=`` and the command line all take these settings and nothing else.
 
 Example::
 
     config = DFAConfig(blocks="blocks.*", output="head", backprop_top=1)
     config.replace(mode="backprop")                       # a new, validated config
-    DFAConfig.of({"blocks": "h.*", "outptu": "head"}, "MyModel.configure_dfa()")
-    # TypeError: MyModel.configure_dfa() returned unknown DFA settings ['outptu'] (did you mean 'outptu' -> 'output'?)
 """
 
 from __future__ import annotations
@@ -32,36 +27,28 @@ NONFINITE = ("stop", "skip")
 
 @dataclass(frozen=True)
 class DFAConfig:
-    """The DFA settings.
+    """The DFA settings (docs/feedback.md lists them, docs/learning.md measures the learning variants).
 
     Args:
-        blocks: module paths or glob patterns (``"transformer.h.*"``, ``["0", "1"]``), or ``"auto"``
-            for the blocks of HuggingFace models (``_no_split_modules``) and diffusers UNets, else the
-            largest group of repeated sibling blocks (:func:`~lightning_dfa.feedback.points.repeated_blocks`).
-        output: module path whose output's gradient is the error ``e`` (logits, or the last hidden
-            state before the head). ``None`` picks it for known families (LM head, classifier, UNet
-            ``conv_out``), else the last module with parameters registered after the blocks.
-        projector: ``"gaussian"`` (default), a projector module, a ``(d_e, sum d_i)`` matrix, a class,
-            or a config ``{"class_path": ..., "init_args": {...}}``. Built at the first forward pass.
-        seed: seed of the projection; the same seed gives the same feedback on every device and rank.
-        mode: ``"dfa"``; ``"backprop"`` runs the identical pipeline with true gradients; ``"frozen"`` is the
-            frozen-blocks control: the DFA pipeline with the points' parameters frozen at init, so only
-            what DFA trains besides the blocks (the head) learns. DFA only learns if it beats it.
-        error_rows: leading dimensions of the error that are rows (default: 2 for ``(B, T, V)``
-            errors, else 1). See :mod:`lightning_dfa.feedback.rows`.
-        lr_scale: the feedback points learn at ``lr_scale`` x their optimizer's learning rate (``mode="dfa"``
-            only). ``"auto"`` (default) is ``min(0.1, 1 / sqrt(error width))``, set at the first forward pass.
-            See :mod:`lightning_dfa.feedback.update_scale`.
-        backprop_top: the top ``k`` blocks train with their true gradient (DFA below, backprop above).
-        embeddings: ``True`` adds the embeddings (token, position, patch; a UNet's ``conv_in`` and time
-            embedding) as feedback points of their own; ``"first_block"`` lets the first block's feedback flow
-            back through that block into whatever feeds it, and no further; ``False`` (default): the
-            embeddings learn only through a head tied to them.
-        spatial_feedback: image errors ``(B, C, H, W)`` give one row per pixel (its ``spatial_patch`` x
-            ``spatial_patch`` neighbourhood), projected per position and pooled to each point's resolution.
-        nonfinite: a NaN or infinite loss, error or gradient ``"stop"`` s the run before the optimizer step
-            (default) or makes it ``"skip"`` that step (Lightning runs; plain PyTorch always raises).
-        nonfinite_patience: with ``"skip"``, the run stops after this many consecutive skipped steps.
+        blocks: module paths or glob patterns (``"transformer.h.*"``), or ``"auto"``: the blocks of HuggingFace
+            models and diffusers UNets, else the largest group of repeated sibling blocks.
+        output: module whose output's gradient is the error ``e``; ``None`` picks it for known families, else
+            the last module with parameters registered after the blocks.
+        projector: ``"gaussian"`` (default), a projector module, a ``(d_e, sum d_i)`` matrix, a class, or a
+            config ``{"class_path": ..., "init_args": {...}}``. Built at the first forward pass.
+        seed: seed of the projection, the same on every device and rank.
+        mode: ``"dfa"``; ``"backprop"``: the identical pipeline with true gradients; ``"frozen"``: the points
+            frozen at init, so only the head learns (DFA only learns if it beats it).
+        error_rows: leading dimensions of the error that are rows (default: 2 for ``(B, T, V)``, else 1).
+        lr_scale: the points learn at ``lr_scale`` x the optimizer's rate (``mode="dfa"``); ``"auto"``:
+            ``min(0.1, 1 / sqrt(error width))``.
+        backprop_top: the top ``k`` blocks train with their true gradient.
+        embeddings: ``True``: the embeddings are points of their own; ``"first_block"``: they learn from the
+            first block's feedback; ``False``: only through a head tied to them.
+        spatial_feedback, spatial_patch: image errors give one row per pixel (its ``spatial_patch`` square),
+            pooled to each point's resolution.
+        nonfinite, nonfinite_patience: a NaN or infinite loss, error or gradient ``"stop"`` s the run or
+            ``"skip"`` s the step (Lightning runs), stopping after ``nonfinite_patience`` skips in a row.
     """
 
     blocks: str | Sequence[str] = "auto"
@@ -140,17 +127,12 @@ def check_names(settings: Mapping[str, Any], where: str) -> None:
     )
 
 
-def split_settings(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``kwargs`` as (DFA settings, the rest)."""
-    names = set(DFAConfig.names())
-    return {k: v for k, v in kwargs.items() if k in names}, {k: v for k, v in kwargs.items() if k not in names}
-
-
-def setting_parameters(unset: bool = False) -> list[inspect.Parameter]:
-    """The settings as keyword-only parameters (for signatures that command lines read); with ``unset`` their
-    default is ``None``, meaning "not given here"."""
+def with_settings_signature(init: Any, base: Any = None, unset: bool = False) -> Any:
+    """Give ``init`` (an ``__init__(self, ..., **kwargs)``) the signature: its named parameters, ``base``'s, then
+    the DFA settings, so that jsonargparse (LightningCLI) and ``help()`` list them all; with ``unset`` the
+    settings default to ``None``, meaning "not given here"."""
     hints = typing.get_type_hints(DFAConfig)
-    return [
+    settings = [
         inspect.Parameter(
             field.name,
             inspect.Parameter.KEYWORD_ONLY,
@@ -159,15 +141,10 @@ def setting_parameters(unset: bool = False) -> list[inspect.Parameter]:
         )
         for field in dataclasses.fields(DFAConfig)
     ]
-
-
-def with_settings_signature(init: Any, base: Any = None, unset: bool = False) -> Any:
-    """Give ``init`` (an ``__init__(self, ..., **kwargs)``) the signature: its named parameters, ``base``'s, then
-    the DFA settings, so that jsonargparse (LightningCLI) and ``help()`` list them all."""
     own = [p for p in inspect.signature(init).parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     inherited = list(inspect.signature(base).parameters.values())[1:] if base is not None else []
     named = {p.name: p for p in own}
-    for p in inherited + setting_parameters(unset):
+    for p in inherited + settings:
         if p.name not in named and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
             named[p.name] = p.replace(kind=p.KEYWORD_ONLY)
     init.__signature__ = inspect.Signature(list(named.values()))

@@ -1,15 +1,9 @@
 """The feedback engine: Direct Feedback Alignment on any ``nn.Module``, with hooks, no Lightning.
 
-Everything happens inside one ordinary ``loss.backward()``:
-
-1. a forward pre-hook on every feedback point detaches its inputs (hidden states, skips, time
-   embeddings), so autograd never computes a gradient for a block's input;
-2. a forward hook records each point's output and hands a detached copy downstream, so no
-   gradient crosses a block boundary (nor reaches the blocks from the head);
-3. a forward hook on the output point wraps its output in :class:`FeedbackRouter`: in backward
-   the error ``e`` reaching it flows on to the head (which trains with its true gradient), and
-   ``projector(e)`` is computed once, sliced by :attr:`layout`, and given to the recorded
-   outputs as their gradients.
+Inside one ordinary ``loss.backward()``: pre-hooks detach every feedback point's inputs; forward hooks record
+each point's output and hand a detached copy downstream; a hook on the output point wraps its output in
+:class:`FeedbackRouter`, whose backward passes ``e`` on to the head and gives the recorded outputs the slices
+of ``projector(e)`` as gradients (docs/architecture.md draws it).
 """
 
 from __future__ import annotations
@@ -41,14 +35,9 @@ from lightning_dfa.projectors.registry import check_projector_sizes
 class FeedbackEngine:
     """Direct Feedback Alignment for a model's blocks, usable from plain PyTorch.
 
-    Args:
-        config: a :class:`~lightning_dfa.feedback.config.DFAConfig`, or none;
-        **settings: its settings (``blocks``, ``output``, ``projector``, ``seed``, ``mode``, ...), over ``config``.
-
-    The engine reads ``blocks``, ``output``, ``projector``, ``seed``, ``mode``, ``error_rows``, ``lr_scale``,
-    ``backprop_top``, ``embeddings`` and ``spatial_feedback``/``spatial_patch``. A NaN or infinite error raises
-    ``FloatingPointError`` in backward (no feedback reaches the blocks); the Lightning ``DFA`` callback sets
-    :attr:`defer_nonfinite` and stops or skips the step instead (``nonfinite=``).
+    Takes a :class:`~lightning_dfa.feedback.config.DFAConfig` and/or its settings as keywords. A NaN or
+    infinite error raises ``FloatingPointError`` in backward; the Lightning ``DFA`` callback sets
+    :attr:`defer_nonfinite` and stops or skips the step instead.
 
     Example::
 
@@ -96,10 +85,6 @@ class FeedbackEngine:
     @property
     def lr_scale(self) -> float | str:
         return self.config.lr_scale
-
-    def settings(self) -> dict[str, Any]:
-        """The settings of this engine (to rebuild it with some of them changed)."""
-        return self.config.settings()
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, model: nn.Module) -> FeedbackEngine:

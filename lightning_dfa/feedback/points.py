@@ -1,9 +1,7 @@
 """Choosing feedback points: module paths, glob patterns, the blocks of known model families, or repeated blocks.
 
-``blocks="auto"`` and ``output=None`` try, in order: HuggingFace models (``_no_split_modules``, the output embeddings
-or ``classifier``/``score``), diffusers UNets (``down_blocks``/``mid_block``/``up_blocks``, ``conv_out``), then any
-module: the largest group of repeated sibling blocks (:func:`repeated_blocks`) and the last module with parameters
-registered after them (:func:`module_after_blocks`).
+``blocks="auto"`` and ``output=None`` try HuggingFace models, then diffusers UNets, then any module: the largest
+group of repeated sibling blocks and the last module with parameters registered after them.
 """
 
 from __future__ import annotations
@@ -99,12 +97,8 @@ def auto_output(model: nn.Module, blocks: Sequence[str] = ()) -> str | None:
 
 def repeated_blocks(model: nn.Module) -> list[str]:
     """The blocks of any model: the largest (by trainable parameters) group of >= 2 sibling modules of one class
-    that have submodules and trainable parameters, in registration order; ``[]`` if there is none.
-
-    This finds the children of an ``nn.ModuleList`` / ``nn.Sequential`` of blocks (a nanoGPT's ``h.*``) as well as
-    top-level stages (a ResNet's ``layer1`` .. ``layer4``). Leaves (``Linear``, norms, embeddings) are layers, not
-    blocks; ``ModuleList`` / ``ModuleDict`` have no ``forward`` to hook; embeddings are not blocks.
-    """
+    that have submodules and trainable parameters (a nanoGPT's ``h.*``, a ResNet's ``layer1`` .. ``layer4``), in
+    registration order; ``[]`` if there is none. Leaves, containers and embeddings are not blocks."""
     embeddings = set(embedding_points(model))
     best: list[str] = []
     best_size = 0
@@ -124,12 +118,9 @@ def repeated_blocks(model: nn.Module) -> list[str]:
 
 
 def module_after_blocks(model: nn.Module, blocks: Sequence[str]) -> str | None:
-    """The error point of any model: the last module, in registration order, that holds trainable parameters of its
-    own and is registered after every block, outside them (a nanoGPT's ``lm_head``, a ResNet's ``fc``).
-
-    Registration order stands in for execution order, which is only known in forward: the engine raises at the
-    first step if this module runs before a block or not at all.
-    """
+    """The error point of any model: the last module with trainable parameters of its own registered after every
+    block, outside them (a ResNet's ``fc``). Registration stands in for execution order: the engine raises at the
+    first step if this module runs before a block or not at all."""
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     last_block = max(order[block] for block in blocks)
     found = None

@@ -1,18 +1,10 @@
 """How an error and a feedback point's output are cut into rows of the projection.
 
-The error ``e`` has shape ``(*rows, *features)``: by default its batch dimension is the row
-(``(B, C)`` logits, ``(B, C, H, W)`` images), and for 3-d errors ``(B, T, V)`` batch and
-sequence are (per-token errors give per-token feedback). A point's output must share those
-leading dimensions; the rest of it is flattened into the point's feedback size ``d_i``.
-
-One special case, per-sample errors with per-token outputs (a ViT's logits ``(B, C)`` against
-its blocks' ``(B, T, D)``): the point gets ``d_i = D`` and the same feedback for every token
-(flattening tokens x hidden, ``d_i = T * D``, learned far worse: docs/learning.md).
-
-Spatial feedback (``spatial_feedback=True``, for images): the error ``(B, C, H, W)`` has one row
-per pixel, holding the ``C x p x p`` errors of its ``p x p`` neighbourhood; each point gets ``C_i``
-values per pixel, pooled (or repeated) to its own resolution, the way per-token errors feed
-per-token points. Per-sample points ``(B, D)`` (a time embedding) get the mean over pixels.
+The error ``e`` has shape ``(*rows, *features)``: its batch dimension is the row, and for 3-d errors
+``(B, T, V)`` batch and sequence are. A point's output shares those leading dimensions; the rest is its
+feedback size ``d_i``. Per-sample errors with per-token outputs (a ViT's ``(B, C)`` logits, ``(B, T, D)``
+blocks) give every token the same ``D`` values (flattening did far worse: docs/learning.md). Spatial feedback
+gives one row per pixel of an image error, pooled (or repeated) to each point's resolution.
 """
 
 from __future__ import annotations

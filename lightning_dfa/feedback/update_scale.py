@@ -1,22 +1,15 @@
 """The feedback points learn at ``lr_scale`` x the learning rate of whatever optimizer trains them.
 
-Why: a DFA update is only partly aligned with the true gradient, and Adam-like optimizers move every
-parameter by about ``lr`` per step whatever its gradient's size; at the head's rate the blocks' misaligned
-updates drown what the head learns (docs/learning.md measures it).
-
-How, exactly: a step pre-hook on the optimizer moves the points' parameters of every parameter group
-into a copy of that group whose ``lr`` is scaled, and a step post-hook puts them back. Inside ``step()``
-the optimizer therefore sees the explicit parameter groups a user would have written, at the scaled
-rate, for any optimizer that treats its groups independently (every ``torch.optim`` optimizer, fused and
-foreach ones too); the optimizer state is kept per parameter, so it follows the parameter. Outside
-``step()`` the groups are the user's own, so LR schedulers (which set each group's ``lr`` before the
-step), ``state_dict()`` and checkpoints see nothing of it, and a scheduled ``lr`` is scaled at every step.
+Why: a DFA update is only partly aligned with the true gradient, and Adam-like optimizers move every parameter
+by about ``lr`` per step; at the head's rate the blocks' misaligned updates drown what the head learns
+(docs/learning.md). How: an optimizer step pre-hook moves the points' parameters into copies of their groups at
+the scaled ``lr``, and a post-hook puts them back, so schedulers, ``state_dict()`` and checkpoints never see it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -44,15 +37,10 @@ class ScaledUpdates:
         scaled.remove()
     """
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        params: Iterable[nn.Parameter],
-        scale: float | Callable[[], float | None],
-    ) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], scale: Any) -> None:
         if not callable(scale):
             check_lr_scale(scale)
-        # A number, or read at every step: ``"auto"`` is known once the first error has been seen, which in a
+        # A number, or a function read at every step: ``"auto"`` is known once the first error has been seen, which in a
         # Lightning step (forward and backward inside ``step(closure)``) is after the pre-hook: see rescale().
         self.scale = scale
         self.optimizer = optimizer
@@ -112,14 +100,9 @@ def check_lr_scale(scale: Any) -> None:
 
 
 def auto_lr_scale(error_shape: Sequence[int]) -> float:
-    """``min(0.1, 1 / sqrt(width))``: the points' share of the learning rate for an error of this shape, whose
-    width is its values per row with the default rows (per token for ``(B, T, V)``, per sample otherwise: a whole
-    image for ``(B, C, H, W)``, however ``spatial_feedback`` cuts it for the projection).
-
-    The wider the error, the less of a block's DFA update is aligned with its true gradient (a random
-    projection mixes more independent error directions), so the slower the blocks must learn for the head to
-    keep up: a GPT's 4096-token logits give 0.016. Above 0.1 no recipe learned better and some grew unstable
-    (a UNet at 0.125 diverged in one seed of two), hence the cap (docs/learning.md measures the rule).
+    """``min(0.1, 1 / sqrt(width))``, ``width`` the error's values per row with the default rows: the wider the
+    error, the less of a DFA update is aligned, the slower the blocks must learn; above 0.1 no recipe learned
+    better and some grew unstable (docs/learning.md measures the rule).
 
     Example::
 

@@ -1,14 +1,9 @@
-"""What the recipes' models share: DFA settings (``dfa=`` over ``configure_dfa()``), AdamW, classification steps.
-
-Example::
-
-    class MyClassifier(DFAModule, Classification):
-        def dfa_defaults(self):
-            return {"blocks": "blocks.*", "output": "head"}
-"""
+"""What the recipes' models share: DFA settings (``dfa=`` over ``configure_dfa()``), AdamW, classification steps,
+local checkpoints."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,6 +13,17 @@ from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_dfa.optim import param_groups
+
+
+def local_checkpoint(path: str) -> str:
+    """``path`` if it is a local folder with a ``config.json``; a clear error otherwise (no hub look-up)."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"pretrained={path!r} is not a local folder with a config.json. Give a folder written by "
+            "model.save_pretrained(...) (hub names are not fetched), or config={...} for a new model."
+        )
+    return str(folder)
 
 
 class DFAModule(pl.LightningModule):

@@ -4,9 +4,6 @@ Example::
 
     lm = CausalLM(config={"model_type": "gpt2", "n_layer": 4, "n_embd": 128, "n_head": 4})
     Trainer(strategy="dfa", max_steps=600).fit(lm, datamodule=TextDataModule())   # vocab from the data
-
-    CausalLM(config={"model_type": "llama", "hidden_size": 64, ...}, vocab_size=512)  # built at once
-    CausalLM(pretrained="/models/my-gpt")                                            # a local folder
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from transformers.optimization import get_constant_schedule_with_warmup, get_cos
 
 from lightning_dfa import _compat
 from lightning_dfa.callback import find_dfa
-from lightning_dfa.models.base import DFAModule
+from lightning_dfa.models.base import DFAModule, local_checkpoint
 from lightning_dfa.optim import param_groups
 
 SCHEDULES = ("cosine", "constant")
@@ -37,32 +34,13 @@ SCHEDULES = ("cosine", "constant")
 class CausalLM(DFAModule):
     """Next-token prediction with ``self.model``, a HuggingFace causal LM built from a config or a local folder.
 
-    Args:
-        config: ``{"model_type": "gpt2" | "llama" | ..., **config_kwargs}`` for ``AutoConfig.for_model``;
-            the model is built with ``AutoModelForCausalLM.from_config`` (random init).
-        pretrained: a local folder written by ``save_pretrained`` (instead of ``config``), loaded in float32
-            (the Trainer's ``precision`` decides the training dtype).
-        vocab_size: the embedding size. Default: ``config["vocab_size"]`` if set, else the datamodule's
-            ``vocab_size`` (its tokenizer's length). With a vocabulary known at construction the model is
-            built at once; otherwise when the Trainer connects the module (before any callback's ``setup``,
-            so DFA finds the blocks), and the resolved size is saved in ``hparams`` for checkpoints.
-        lr, weight_decay, betas: AdamW (no weight decay on biases and norms).
-        dfa: DFA settings merged over this model's ``configure_dfa()`` (e.g. ``{"backprop_top": 1}``;
-            see ``FeedbackEngine`` and docs/learning.md); strategy arguments still win.
-        warmup_steps, schedule: linear warmup, then ``"cosine"`` decay to 0 at the last step or ``"constant"``.
-        sample_prompt, sample_tokens, sample_top_k, sample_seed: the text sample generated after each
-            validation (top-k sampling with a fixed seed, so samples of different epochs and runs compare).
-
-    Batches are ``LongTensor[B, T + 1]`` blocks (:class:`~lightning_dfa.data.TextDataModule`), or dicts with
-    ``input_ids`` of that shape: the model reads ``x[:, :-1]`` and is scored on ``x[:, 1:]``. Logged:
-    ``train/loss``; ``val/loss`` and ``val/ppl = exp(val/loss)``, with the loss averaged over every
-    validation token of the epoch; ``test/loss`` and ``test/ppl`` likewise (the datamodule's test split,
-    which for ``TextDataModule`` is the validation split).
-
-    After each validation (not the sanity check) a sample continues ``sample_prompt``; it is appended to
-    ``<log_dir>/samples.txt`` (headed by epoch, step and DFA mode) and, under a ``WandbLogger``, logged as
-    the table ``samples`` (columns epoch, step, text). Every rank generates (FSDP needs all ranks in a
-    forward); rank 0 writes.
+    ``config``: ``{"model_type": "gpt2" | "llama" | ..., **config_kwargs}`` (random init); ``pretrained``: a local
+    ``save_pretrained`` folder, loaded in float32. ``vocab_size`` defaults to ``config["vocab_size"]``, else the
+    datamodule's: the model is then built in ``configure_model``. AdamW (``lr``, ``weight_decay``, ``betas``),
+    ``warmup_steps`` then a ``"cosine"`` or ``"constant"`` ``schedule``; ``dfa``: settings over
+    ``configure_dfa()``. Batches are ``LongTensor[B, T + 1]`` blocks (or dicts with ``input_ids``); ``val/ppl``
+    and ``test/ppl`` are token-weighted. After each validation a seeded top-k sample continuing
+    ``sample_prompt`` is appended to ``<log_dir>/samples.txt`` (and to a W&B table).
     """
 
     def __init__(
@@ -105,7 +83,7 @@ class CausalLM(DFAModule):
             return self.model
         hp = self.hparams
         if hp.pretrained is not None:
-            self.model = load_pretrained(hp.pretrained)
+            self.model = AutoModelForCausalLM.from_pretrained(local_checkpoint(hp.pretrained), dtype=torch.float32)
         else:
             kwargs = {k: v for k, v in hp.config.items() if k != "model_type"}
             kwargs["vocab_size"] = hp.vocab_size or kwargs.get("vocab_size") or vocab_size
@@ -136,17 +114,9 @@ class CausalLM(DFAModule):
         self._build_from_trainer()
 
     def dfa_defaults(self) -> dict[str, Any]:
-        """Feedback at every transformer block, error at the logits.
+        """Feedback at every transformer block (HF's ``_no_split_modules``), error at the logits (the LM head).
 
-        - ``blocks="auto"``: the HF model's ``_no_split_modules`` classes (``GPT2Block``,
-          ``LlamaDecoderLayer``, ...), one feedback point per block, each getting per-token feedback.
-        - ``output``: the LM head (the model's output embeddings), so ``e = dL/dlogits`` = softmax minus
-          one-hot per token, the classic DFA error. The final norm and the head train with their true
-          gradient.
-        - The token (and position) embeddings are not a point: they get no gradient under DFA and stay at
-          their init, except where tied to the head (GPT-2), which trains them through the head. Add them
-          with ``--trainer.strategy.blocks='[model.transformer.wte, model.transformer.h.*]'`` to try.
-        """
+        The embeddings are not points: they learn only where tied to the head (``embeddings=`` adds them)."""
         if self.model is None and self._trainer is not None:
             self._build_from_trainer()
         return {"blocks": "auto", "output": self.head_path()}
@@ -217,10 +187,7 @@ class CausalLM(DFAModule):
     @torch.no_grad()
     def generate_sample(self, tokenizer: Any) -> str:
         """``sample_tokens`` tokens after ``sample_prompt`` (top-k, seeded; the global RNG is left untouched).
-
-        Under FSDP (``strategy="dfa_fsdp"``) every rank must call it: the parameters are gathered whole on
-        every rank for the generation (``summon_full_params``) and sharded again afterwards.
-        """
+        Under FSDP every rank must call it: the parameters are gathered whole for the generation."""
         hp = self.hparams
         ids = tokenizer(hp.sample_prompt, return_tensors="pt")["input_ids"].to(self.device)
         cuda = self.device.type == "cuda"
@@ -279,14 +246,3 @@ def check_vocabulary(tokenizer: Any, model_vocab: int) -> None:
             f"The tokenizer has {len(tokenizer)} tokens but the model's embedding only {model_vocab}: use the "
             "model's own tokenizer (TextDataModule(tokenizer=<the pretrained folder>)) or a larger vocab_size."
         )
-
-
-def load_pretrained(path: str) -> PreTrainedModel:
-    """A causal LM saved with ``save_pretrained`` in a local folder, in float32; a clear error if it is missing."""
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"pretrained={path!r} is not a local folder with a config.json. Give a folder written by "
-            "model.save_pretrained(...) (the hub is not used), or config={'model_type': ...} for a new model."
-        )
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)

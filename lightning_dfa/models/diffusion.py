@@ -1,11 +1,8 @@
 """``Diffusion``: a diffusers ``UNet2DModel`` trained as a DDPM (epsilon prediction, MSE), with samples.
 
-DFA points (``configure_dfa``): ``blocks="auto"`` gives the UNet's ``down_blocks.*``, ``mid_block``
-and ``up_blocks.*``; the error is the gradient at ``unet.conv_out`` (the predicted noise), one row
-per image, flattened (``C*H*W`` values). The engine detaches every input of a point, so the time
-embedding and the skip connections reach each block as constants: no gradient flows back into
-the time embedding or ``conv_in`` (they stay at init under DFA), and each block trains only on its
-slice of the projected error. ``conv_norm_out`` and ``conv_out`` train with their true gradient.
+DFA points: the UNet's ``down_blocks.*``, ``mid_block`` and ``up_blocks.*``; the error is the gradient at
+``unet.conv_out``, one row per image. Every input of a point is detached, so the time embedding and
+``conv_in`` stay at init under DFA; ``conv_norm_out`` and ``conv_out`` train with their true gradient.
 """
 
 from __future__ import annotations
@@ -17,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_dfa.models.base import DFAModule
-from lightning_dfa.models.image_classifier import check_data_sizes, local_checkpoint, sizes_from_data
+from lightning_dfa.models.base import DFAModule, local_checkpoint
+from lightning_dfa.models.image_classifier import check_data_sizes, sizes_from_data
 
 #: UNet2DModel config keys taken from the datamodule when not given -> datamodule reading.
 DATA_SIZES = {"sample_size": "image_size", "in_channels": "channels", "out_channels": "channels"}
@@ -27,17 +24,14 @@ DATA_SIZES = {"sample_size": "image_size", "in_channels": "channels", "out_chann
 class Diffusion(DFAModule):
     """DDPM on images: ``self.unet`` (``UNet2DModel``) predicts the noise added by ``self.scheduler``.
 
-        Logs ``train/loss``; ``val/loss`` and ``test/loss`` on FIXED noise and timesteps (drawn from
-        ``eval_seed`` and the batch index), so they compare across runs and modes. At the end of each
-        validation epoch (not the sanity check) ``num_samples`` images are generated from ``sample_seed``
-        with ``inference_steps`` DDPM steps, saved to ``<log_dir>/samples/epoch_XXX.png`` and logged to
-        W&B when the logger is a ``WandbLogger``. Data are expected in [-1, 1] (``normalize="symmetric"``).
-    ``dfa``: DFA settings over ``configure_dfa()``, e.g. ``{"spatial_feedback": True}``.
+    ``val/loss`` and ``test/loss`` use noise and timesteps fixed by ``eval_seed``, so they compare across runs.
+    Every ``sample_every_n_epochs`` validations, ``num_samples`` images from ``sample_seed`` go to
+    ``<log_dir>/samples/epoch_XXX.png`` (and W&B). Data in [-1, 1]; ``dfa``: settings over ``configure_dfa()``.
 
-        Example::
+    Example::
 
-            model = Diffusion({"block_out_channels": [32, 64], "norm_num_groups": 8})
-            Trainer(strategy="dfa").fit(model, datamodule=ImageDataModule("digits", normalize="symmetric"))
+        model = Diffusion({"block_out_channels": [32, 64], "norm_num_groups": 8})
+        Trainer(strategy="dfa").fit(model, datamodule=ImageDataModule("digits", normalize="symmetric"))
     """
 
     def __init__(

@@ -1,23 +1,18 @@
 """``ImageClassifier``: HuggingFace ViT image classification, built from a config or a local checkpoint.
 
-DFA points (``configure_dfa``): ``blocks="auto"`` gives HF's own block classes, here the
-``ViTEmbeddings`` (patch + position embeddings and the class token) and every ``ViTLayer``; the
-error is the gradient at the logits (``model.classifier``), one row per image. Blocks output
-``(B, tokens, hidden)``, so each point gets ``hidden`` feedback values per image, the same for
-every token (flattening tokens x hidden did far worse: docs/learning.md).
-The final layer norm and the classifier train with their true gradient.
+DFA points: HF's own block classes (``ViTEmbeddings`` and every ``ViTLayer``); the error is the gradient at
+the logits (``model.classifier``), one row per image, so every token of a block gets the same feedback.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor
 
 from lightning_dfa import _compat
-from lightning_dfa.models.base import Classification, DFAModule
+from lightning_dfa.models.base import Classification, DFAModule, local_checkpoint
 
 #: Sizes the model takes from the datamodule when they are not given: ViTConfig key -> datamodule reading.
 DATA_SIZES = {"num_labels": "classes", "image_size": "image_size", "num_channels": "channels"}
@@ -26,22 +21,15 @@ DATA_SIZES = {"num_labels": "classes", "image_size": "image_size", "num_channels
 class ImageClassifier(DFAModule, Classification):
     """A ``ViTForImageClassification`` (``self.model``) trained with cross-entropy; logs loss and accuracy.
 
-    Args:
-        config: ``ViTConfig`` arguments (``{"patch_size": 2, "hidden_size": 64, ...}``).
-        pretrained: a LOCAL directory saved with ``save_pretrained`` (no hub access); its weights
-            and sizes are used, and ``num_labels`` replaces the head when it differs.
-        num_labels, image_size, num_channels: override ``config``; when neither gives them they are
-            read from the trainer's datamodule (``num_classes``, ``image_shape``) as training starts,
-            so the recipe needs no argument linking.
-        lr, weight_decay, betas: AdamW.
-        dfa: DFA settings merged over this model's ``configure_dfa()`` (e.g. ``{"backprop_top": 1}``;
-            see ``FeedbackEngine`` and docs/learning.md); strategy arguments still win.
+    ``config``: ``ViTConfig`` arguments; ``pretrained``: a local ``save_pretrained`` folder (``num_labels``
+    replaces its head when it differs). ``num_labels``, ``image_size`` and ``num_channels`` override ``config``;
+    when neither gives them they come from the datamodule in ``configure_model``. ``dfa``: settings over
+    ``configure_dfa()``.
 
     Example::
 
         model = ImageClassifier({"patch_size": 2, "hidden_size": 64, "num_hidden_layers": 2})
         Trainer(strategy="dfa").fit(model, datamodule=ImageDataModule("digits"))   # sizes from the data
-        ImageClassifier({"patch_size": 2}, num_labels=10, image_size=8, num_channels=1).model  # built at once
     """
 
     def __init__(
@@ -104,16 +92,6 @@ class ImageClassifier(DFAModule, Classification):
 
 
 # ---------------------------------------------------------------------- shared with Diffusion
-def local_checkpoint(path: str) -> str:
-    """``path`` if it is a local directory with a ``config.json``; a clear error otherwise (no hub look-up)."""
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"pretrained={path!r} is not a local checkpoint directory (no config.json there). Save one with "
-            "model.save_pretrained(dir) and pass that dir; hub names are not fetched."
-        )
-    return str(path)
-
-
 def data_sizes(module: pl.LightningModule) -> dict[str, int] | None:
     """The datamodule's ``{"classes", "channels", "image_size"}``, or ``None`` without one that tells them."""
     trainer = _compat.attached_trainer(module)

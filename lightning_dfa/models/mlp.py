@@ -13,11 +13,7 @@ ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
 class MLPClassifier(DFAModule, Classification):
-    """``depth`` blocks of Linear + activation, then a linear head; cross-entropy, accuracy.
-
-    Each block is a feedback point; the head is the error point, so its output's gradient
-    (softmax - one-hot, per sample) is the error that DFA projects.
-    ``dfa``: DFA settings over ``configure_dfa()``, as in :class:`~lightning_dfa.models.CausalLM`.
+    """``depth`` blocks of Linear + activation (the feedback points), then a linear head (the error point).
 
     Example::
 

@@ -1,10 +1,4 @@
-"""Feedback projectors: modules mapping output errors ``(N, d_e)`` to feedback ``(N, sum d_i)``.
-
-Kinds (all with entries of variance ``1/d_e``): ``Gaussian`` (dense, stored), ``SeededGaussian``
-(regenerated in tiles, never stored), ``Structured`` (fast Hadamard transforms, O(d) memory),
-``Matrix`` (user-supplied) and ``OPU`` (the optical processing unit emulator). ``cost`` holds the
-optical and electronic cost model.
-"""
+"""Feedback projectors: modules mapping output errors ``(N, d_e)`` to feedback ``(N, sum d_i)`` (docs/emulator.md)."""
 
 from lightning_dfa.projectors.base import Projector
 from lightning_dfa.projectors.camera import Camera

@@ -1,11 +1,8 @@
 """The projector seam: what every feedback projector is, whatever computes it.
 
-A projector is an ``nn.Module`` that maps errors ``(N, in_features)`` to feedback
-``(N, out_features)``, like ``nn.Linear`` without trainable weights. It is built from
-``(in_features, out_features, seed=...)`` and is deterministic given its seed on every
-device, process and resume. Its ``state_dict`` carries the seed and shapes (as extra
-state), never a large matrix, so checkpoints stay small and a resumed run can prove it
-rebuilt the very same projection.
+A projector is an ``nn.Module`` mapping errors ``(N, in_features)`` to feedback ``(N, out_features)``, built
+from ``(in_features, out_features, seed=...)`` and deterministic given its seed. Its ``state_dict`` carries the
+seed and shapes (extra state), never a large matrix, so a resumed run can prove it rebuilt the same projection.
 """
 
 from __future__ import annotations
@@ -17,10 +14,8 @@ from torch import Tensor, nn
 
 
 class Projector(nn.Module):
-    """Base class of the projector kinds.
-
-    Subclasses implement :meth:`forward` and may override :meth:`settings` to add the
-    constructor arguments that define them (saved and checked on load).
+    """Base class of the projector kinds: subclasses implement :meth:`forward` and may add to :meth:`settings`
+    the constructor arguments that define them (saved and checked on load).
 
     Example::
 
@@ -46,10 +41,7 @@ class Projector(nn.Module):
 
     @torch.no_grad()
     def materialize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The ``(in_features, out_features)`` matrix ``M`` such that ``forward(e) == e @ M``.
-
-        Only meaningful for linear projectors and small sizes (it allocates the matrix).
-        """
+        """The ``(in_features, out_features)`` matrix ``M`` such that ``forward(e) == e @ M`` (linear projectors)."""
         device = next((b.device for b in self.buffers()), torch.device("cpu"))
         eye = torch.eye(self.in_features, dtype=dtype, device=device)
         return self(eye)

@@ -12,19 +12,14 @@ from lightning_dfa.projectors.checks import check_fits_in_memory
 
 
 def default_std(in_features: int) -> float:
-    """The library-wide scale convention: entries ``N(0, 1/in_features)``.
-
-    With it a feedback entry ``(e @ B)_j`` has the variance of the mean squared error entry,
-    ``|e|^2 / d_e``: feedback keeps the size of the error whatever ``d_e`` is.
-    """
+    """The library-wide scale convention, entries ``N(0, 1/in_features)``: a feedback entry then has variance
+    ``|e|^2 / d_e``, the size of the error whatever ``d_e`` is."""
     return 1.0 / math.sqrt(in_features)
 
 
 class Gaussian(Projector):
-    """``B`` with i.i.d. entries ``N(0, std^2)``, ``std = 1/sqrt(in_features)`` by default.
-
-    The matrix is drawn once on the CPU from ``seed`` (so every device and rank gets the same
-    one) and kept as a non-persistent buffer: the state dict holds the seed and shapes only.
+    """``B`` with i.i.d. entries ``N(0, std^2)``, ``std = 1/sqrt(in_features)`` by default, drawn once on the CPU
+    from ``seed`` (the same on every device and rank) and not saved: the state dict holds the seed and shapes.
 
     Example::
 

@@ -9,9 +9,7 @@ from lightning_dfa.projectors.base import Projector
 
 
 class Matrix(Projector):
-    """Feedback ``e @ matrix`` for a given ``(d_e, d_fb)`` matrix, used as is (no rescaling).
-
-    Unlike the seeded kinds, the matrix cannot be regenerated, so it is saved in the state dict.
+    """Feedback ``e @ matrix`` for a given ``(d_e, d_fb)`` matrix, used as is and saved in the state dict.
 
     Example::
 
@@ -20,11 +18,7 @@ class Matrix(Projector):
     """
 
     def __init__(self, matrix: Tensor) -> None:
-        if not isinstance(matrix, Tensor) or matrix.ndim != 2:
-            shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
-            raise ValueError(f"A feedback matrix must be a 2-d tensor of shape (d_e, d_fb), got {shape}.")
-        if not torch.is_floating_point(matrix) or not torch.isfinite(matrix).all():
-            raise ValueError("A feedback matrix must hold finite floating-point values.")
+        check_matrix(matrix)
         super().__init__(matrix.shape[0], matrix.shape[1])
         self.register_buffer("matrix", matrix.detach().clone())
 
@@ -33,3 +27,20 @@ class Matrix(Projector):
 
     def forward(self, error: Tensor) -> Tensor:
         return error @ self.matrix.to(error.dtype)
+
+
+def check_matrix(matrix: Tensor) -> None:
+    """Refuse a feedback matrix that is not 2-d, not floating point, or not finite."""
+    if not isinstance(matrix, Tensor) or matrix.ndim != 2:
+        shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+        raise ValueError(
+            f"A feedback matrix must be 2-d, (error size, sum of the feedback points' sizes); got shape {shape}. "
+            "Reshape it, or pass a projector name such as 'gaussian'."
+        )
+    if not torch.is_floating_point(matrix):
+        raise TypeError(f"A feedback matrix must be floating point, got {matrix.dtype}: pass matrix.float().")
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError(
+            "A feedback matrix must hold finite values, but this one has NaN or inf entries: draw it again, or "
+            "replace them (torch.nan_to_num)."
+        )

@@ -8,11 +8,10 @@ import pydoc
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from lightning_dfa.projectors.gaussian import Gaussian
-from lightning_dfa.projectors.matrix import Matrix
+from lightning_dfa.projectors.matrix import Matrix, check_matrix
 from lightning_dfa.projectors.opu import OPU
 from lightning_dfa.projectors.seeded import SeededGaussian
 from lightning_dfa.projectors.structured import Structured
@@ -36,11 +35,8 @@ def register_projector(name: str, factory: Callable[..., nn.Module]) -> None:
 
 
 def build_projector(spec: ProjectorSpec, in_features: int, out_features: int, seed: int) -> nn.Module:
-    """Build the projector that ``spec`` describes for errors of size ``in_features``.
-
-    ``spec`` may be a registered name (``"gaussian"``), a class or factory, a LightningCLI-style
-    config ``{"class_path": ..., "init_args": {...}}`` (``class_path`` may also be a registered
-    name), a ready projector module, or a ``(in_features, out_features)`` matrix.
+    """Build the projector that ``spec`` describes: a registered name, a class or factory, a config
+    ``{"class_path": ..., "init_args": {...}}`` (``class_path`` may be a name), a module, or a matrix.
 
     Example::
 
@@ -62,16 +58,8 @@ def build_projector(spec: ProjectorSpec, in_features: int, out_features: int, se
 
 
 def check_projector_spec(spec: ProjectorSpec) -> ProjectorSpec:
-    """Validate a ``projector=`` argument before any model is seen; return it (a parsed config as a dict).
-
-    Names, config keys, class paths and settings are checked here, so that a typo fails when the ``DFA`` is
-    built rather than at the first forward pass. Sizes are checked when the projector is built.
-
-    Example::
-
-        >>> check_projector_spec({"class_path": "seeded", "init_args": {"tile": 1024}})
-        {'class_path': 'seeded', 'init_args': {'tile': 1024}}
-    """
+    """Validate a ``projector=`` argument before any model is seen (a typo fails when the ``DFA`` is built, not at
+    the first forward pass); return it, a parsed config as a dict. Sizes are checked when it is built."""
     if hasattr(spec, "as_dict"):  # a jsonargparse Namespace: a class_path config from YAML or the CLI
         spec = spec.as_dict()
     if isinstance(spec, str):
@@ -85,7 +73,7 @@ def check_projector_spec(spec: ProjectorSpec) -> ProjectorSpec:
             )
         _check_settings(spec["class_path"], _factory(spec["class_path"]), _settings(spec))
     elif isinstance(spec, Tensor):
-        _check_matrix(spec)
+        check_matrix(spec)
     elif not isinstance(spec, nn.Module) and not callable(spec):
         raise TypeError(
             f"projector must be a name ({sorted(PROJECTORS)}), a config dict, a projector module, a matrix "
@@ -127,24 +115,6 @@ def _check_settings(name: str, factory: Callable[..., nn.Module], settings: dict
                 f"Projector {name!r} has no setting {key!r}.{hint} Its settings: {accepted} (in_features, "
                 "out_features and seed are set by DFA)."
             )
-
-
-def _check_matrix(matrix: Tensor) -> None:
-    if matrix.ndim != 2:
-        raise ValueError(
-            f"A feedback matrix must be 2-d, (error size, sum of the feedback points' sizes); got shape "
-            f"{tuple(matrix.shape)}. Reshape it, or pass a projector name such as 'gaussian'."
-        )
-    if not torch.is_floating_point(matrix):
-        raise TypeError(
-            f"A feedback matrix must be floating point, got {matrix.dtype}: pass matrix.float() (or another float "
-            "dtype)."
-        )
-    if not bool(torch.isfinite(matrix).all()):
-        raise ValueError(
-            "A feedback matrix must hold finite values, but this one has NaN or inf entries: draw it again, or "
-            "replace them (torch.nan_to_num)."
-        )
 
 
 def _factory(name: str) -> Callable[..., nn.Module]:

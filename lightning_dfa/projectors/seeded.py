@@ -21,15 +21,9 @@ def round_tile(tile: int) -> int:
 class SeededGaussian(Projector):
     """``e @ B`` with ``B`` i.i.d. ``N(0, std^2)`` (``std = 1/sqrt(in_features)``), regenerated on every call.
 
-    ``B`` is never stored: each call computes it again, ``tile x tile`` entries at a time, with the
-    counter-based generator of :mod:`lightning_dfa.projectors.tiles` (integer hashing and Box-Muller on
-    the error's device). Memory is one tile (64 MB at the default ``tile=4096`` in float32) plus an
-    ``N x tile`` accumulator, whatever the size; the time is that of the dense matmul plus generating the
-    matrix (``in_features * out_features`` normal numbers per call). The matrix depends on ``seed`` only:
-    not on ``tile``, the process, or the device (its integer stream is identical everywhere; the float32
-    ``log``/``cos``/``sin`` of CPU and GPU math libraries may differ in the last bit). The legacy
-    ``generator="cpu"`` and ``"device"`` (``torch.randn`` blocks, as in earlier versions) remain to resume
-    runs started with them.
+    ``B`` is never stored: each call computes it again, ``tile x tile`` entries at a time, with the generator of
+    :mod:`lightning_dfa.projectors.tiles` on the error's device. Memory is one tile (64 MB at ``tile=4096``) plus
+    an ``N x tile`` accumulator; the matrix depends on ``seed`` (and ``generator``) only, not on ``tile``.
 
     Example::
 
@@ -61,13 +55,7 @@ class SeededGaussian(Projector):
         # ``tile`` does not change the matrix, so a run may resume with other values.
         return {**super().settings(), "std": self.std, "generator": self.generator}
 
-    def weight_tile(
-        self,
-        rows: tuple[int, int],
-        cols: tuple[int, int],
-        device: torch.device | None = None,
-        out: Tensor | None = None,
-    ) -> Tensor:
+    def weight_tile(self, rows: tuple[int, int], cols: tuple[int, int], device=None, out=None) -> Tensor:
         """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of the (virtual) feedback matrix, float32 (into ``out``)."""
         device = self._device_anchor.device if device is None else device
         return gaussian_region(self.seed, 0, rows, cols, self.std, device=device, generator=self.generator, out=out)

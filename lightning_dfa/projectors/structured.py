@@ -1,46 +1,13 @@
 """Structured feedback: random signs, fast Walsh-Hadamard mixing and Gaussian diagonals (Fastfood-like).
 
-For errors padded to ``n = 2^ceil(log2 d_e)`` entries, output block ``b`` (``n`` feedback entries,
-the last one cut to size) is::
-
-    y_b = s * H G_b P_b H D x          s = 1 / sqrt(n * d_e)
-
-with ``D`` random signs, ``H`` the (unnormalised, +-1) Walsh-Hadamard transform, ``P_b`` a random
-permutation and ``G_b`` a diagonal of ``N(0, 1)`` gains. ``u = H D x`` is shared by all blocks, so a
-call costs ``1 + ceil(d_fb / n)`` transforms of size ``n``: ``O(N (d_e + d_fb) log d_e)`` time and
-``O(d_e + d_fb)`` memory for the signs, gains and permutations (plus a bounded working buffer).
-
-The transform is computed as a Kronecker product, ``H_n = H_f1 (x) H_f2 (x) ... (x) H_fk`` with factors
-of at most 64 (``n = 65536``: 64 x 32 x 32): one batched matrix product per factor on ``x`` viewed as
-``(N, f1, ..., fk)``, which runs at matmul speed on CPU BLAS and GPU alike (``2 (f1 + ... + fk)`` flops
-per entry instead of ``log2 n`` memory passes). Entries of ``H`` are +-1, so in float32 the result
-differs from the butterfly's only by summation order. Rows are processed in chunks of
-``CHUNK_ELEMENTS`` (two or three working buffers), so the memory beyond the output is a few tens of MB; on
-the CPU the chunks are smaller (``CPU_CHUNK_ELEMENTS``), which keeps the buffers in cache and in the
-allocator's reused heap (about a quarter faster than 32 MB buffers on one core). Rows never interact, so
-the result does not depend on the chunk size.
-Matrix products follow torch's float32 matmul precision: with ``torch.set_float32_matmul_precision``
-``"high"`` on a GPU (TF32), the transforms, like every matmul, keep about 10 mantissa bits.
-
-Shared with the dense Gaussian (``Gaussian``):
-  * every entry of the materialised matrix is exactly ``N(0, 1/d_e)`` (it is linear in the gains
-    ``G_b`` with coefficients ``+-s``, ``n`` of them), the library's scale convention;
-  * entries of one column are pairwise uncorrelated, and so are entries of one row;
-  * for any error ``x``, each feedback entry is exactly Gaussian with variance ``|x|^2 / d_e`` (given
-    the signs and permutations), so ``E |y|^2 = d_fb |x|^2 / d_e`` and norms concentrate as a
-    Johnson-Lindenstrauss map's do (``H D`` spreads ``x`` so that no single gain dominates).
-Not shared:
-  * independence: the ``d_e x d_fb`` entries are functions of only ``d_fb`` gains, ``n`` signs and the
-    permutations. Within an output block all columns have exactly the same norm, and pairs of
-    entries in different rows and columns have small (``O(1/sqrt(n))``) but non-zero correlations;
-  * a column's norm is ``chi`` with ``n`` rather than ``d_e`` degrees of freedom when ``d_e`` is padded.
-Use ``Gaussian``/``SeededGaussian`` when exact i.i.d. entries matter (audits, theory checks).
+For errors padded to ``n = 2^ceil(log2 d_e)``, output block ``b`` is ``y_b = s H G_b P_b H D x``
+(``s = 1 / sqrt(n d_e)``; ``D`` signs, ``H`` the +-1 Walsh-Hadamard transform, ``P_b`` a permutation,
+``G_b`` ``N(0, 1)`` gains): ``O(N (d_e + d_fb) log d_e)`` time, ``O(d_e + d_fb)`` memory. Every entry is
+exactly ``N(0, 1/d_e)``, but entries are not independent (docs/emulator.md).
 
 Example::
 
     >>> B = Structured(50257, 49152, seed=0)    # O(d) memory, ~2 transforms of 65536 per row
-    >>> B(torch.randn(8, 50257)).shape
-    torch.Size([8, 49152])
 """
 
 from __future__ import annotations
@@ -56,7 +23,7 @@ from lightning_dfa.projectors.tiles import mix_seed
 
 #: Rows x transform-size elements processed at once: each of the two working buffers holds this many (32 MB).
 CHUNK_ELEMENTS = 1 << 23
-#: The same on the CPU (4 MB buffers).
+#: The same on the CPU (4 MB buffers, which stay in cache).
 CPU_CHUNK_ELEMENTS = 1 << 20
 #: Largest Hadamard factor of the Kronecker decomposition (a power of two).
 MAX_FACTOR = 64
@@ -87,15 +54,11 @@ def hadamard(
 ) -> Tensor:
     """The unnormalised Walsh-Hadamard transform of the rows of ``x`` (width ``n``, a power of two): ``x @ H_n``.
 
-    ``H_n = H_f1 (x) ... (x) H_fk``: for each factor ``f`` (the leading axis of the current layout), one batched
-    product ``(N, rest, f) @ H_f`` on the transposed view, which also rotates the axes, so after all factors the
-    layout is the original one. ``out`` (contiguous, like ``x``) and ``x`` are used alternately as buffers: both
-    are overwritten, and the result is whichever of the two the last factor wrote (returned). ``factors``
-    may pass the Hadamard matrices of :func:`hadamard_factors` (dtype and device of ``x``) to save rebuilding them.
-
-    ``columns=m`` asks for the first ``m`` output columns only (``x @ H_n[:, :m]``): the first factor, whose
-    output digit is the most significant, is cut to ``g = ceil(m f1 / n)`` columns, so the transform costs about
-    ``g / f1`` of a full one. The result then has ``g n / f1 >= m`` columns (the first ``m`` are the ones asked for).
+    One batched product ``(N, rest, f) @ H_f`` per Kronecker factor, on a transposed view that rotates the axes
+    back to the original layout after all factors. ``x`` and ``out`` are overwritten as alternate buffers; the
+    result is whichever the last factor wrote. ``factors``: the Sylvester matrices, prebuilt. ``columns=m``: only
+    the first ``m`` output columns are needed, so the first (most significant) factor is cut short; the result
+    has at least ``m`` columns.
 
     Example::
 
@@ -123,39 +86,13 @@ def hadamard(
     return src
 
 
-def hadamard_(x: Tensor) -> Tensor:
-    """In place, the unnormalised fast Walsh-Hadamard transform of the rows of ``x`` (width a power of two).
-
-    ``H_n`` has entries ``(-1)^popcount(i & j)``; ``H_n @ H_n = n I``. See :func:`hadamard`.
-
-    Example::
-
-        >>> hadamard_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
-        tensor([[1., 1., 1., 1.]])
-    """
-    result = hadamard(x.clone())
-    return x.copy_(result)
-
-
-def chunk_elements(device: torch.device) -> int:
-    """Elements per working buffer: :data:`CHUNK_ELEMENTS`, at most :data:`CPU_CHUNK_ELEMENTS` on a CPU."""
-    return min(CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS) if device.type == "cpu" else CHUNK_ELEMENTS
-
-
 class Structured(Projector):
     """Fast structured random feedback (signs, Hadamard, permutation, Gaussian diagonal); see the module doc.
 
     ``std`` defaults to ``1/sqrt(in_features)`` like every kind.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        seed: int = 0,
-        std: float | None = None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, *, seed: int = 0, std: float | None = None) -> None:
         super().__init__(in_features, out_features, seed=seed)
         self.std = 1.0 / math.sqrt(in_features) if std is None else float(std)
         self.size = 1 << (in_features - 1).bit_length()  # n, the transform size
@@ -182,9 +119,9 @@ class Structured(Projector):
         bad_rows = check_error(type(self).__name__, error, self.in_features)
         out = error.new_empty(error.shape[0], self.out_features)
         dtype = torch.float64 if error.dtype == torch.float64 else torch.float32  # transforms never in half
-        chunk = chunk_elements(error.device)
+        chunk = min(CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS) if error.device.type == "cpu" else CHUNK_ELEMENTS
         rows = max(1, min(error.shape[0], chunk // self.size))
-        group = self._group(rows, chunk)
+        group = max(1, min(self.out_features // self.size, chunk // (rows * self.size)))  # full blocks per product
         count = len(hadamard_factors(self.size))
         factors = [getattr(self, f"_hadamard{i}").to(dtype) for i in range(count)]
         signs, gains = self.signs.to(dtype), self.gains.to(dtype) * self.scale
@@ -205,11 +142,6 @@ class Structured(Projector):
         if bad_rows is not None:
             out[bad_rows] = float("nan")
         return out
-
-    def _group(self, rows: int, chunk: int) -> int:
-        """Full output blocks transformed together (one batched product), within ``chunk`` elements per buffer."""
-        full = self.out_features // self.size
-        return max(1, min(full, chunk // (rows * self.size)))
 
     def _mix(self, u: Tensor, free: list, wide: Tensor | None, gains: Tensor, factors: list, out: Tensor) -> None:
         """``out = [s H G_b P_b u]_b``, cut to ``out_features``: full blocks by groups, a partial last one cut short.

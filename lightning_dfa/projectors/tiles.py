@@ -1,41 +1,15 @@
 """Counter-based Gaussian matrices: any rectangle of a huge random matrix, regenerated on demand, on any device.
 
-The default generator (``"counter"``) is a counter-based hash written in plain torch integer operations,
-so it runs on the CPU, on CUDA or on any other device with the same integer results, bit for bit.
-Rows are taken in pairs; for row pair ``p`` and column ``c`` of stream ``s``::
-
-    key   = mix_seed(seed, s)                                  # 64-bit key of the stream (Python ints)
-    row_p = mix64(key + p * GAMMA)                             # a random 64-bit key per row pair
-    h     = mix64(row_p + c * GAMMA)                           # 64 well-mixed bits per (p, c)
-    u1    = 1 - (high 23 bits of h) / 2^23                     # in (0, 1], 2^23 levels
-    u2    = (bits 9..31 of h) / 2^23                           # in [0, 1)
-    r     = sqrt(-2 log u1),  t = 2 pi (1 + u2)               # Box-Muller
-    entry (2p, c) = r cos t,  entry (2p + 1, c) = r sin t      # times std
-
-``mix64`` is the SplitMix64 output function (Steele, Lea and Flood 2014; Stafford's "Mix13"): each row
-pair is a SplitMix64 sequence, seeded by a random 64-bit key (itself a SplitMix64 output of the stream's
-key), read at position ``c``. So every entry depends only on ``(seed, stream, row, column)``:
-never on which rectangle was asked for, the tile size a caller groups entries into, the process, or the
-device. The integer stream (``counter_bits``) is exact everywhere: torch's int64 arithmetic wraps like
-unsigned 64-bit arithmetic, and right shifts (arithmetic on negative int64) are masked to logical ones.
-The Gaussians are then computed in float32 with ``log``, ``sqrt``, ``cos`` and ``sin``, whose last bit
-may differ between devices' math libraries (CPU vs CUDA): entries agree to about one ulp (~1e-7
-relative), not always bit for bit. On one device they are bit-identical run after run.
-
-Properties: marginals are ``N(0, std^2)`` up to the 23-bit uniforms (the tails are cut at
-``sqrt(2 * 23 * log 2) = 5.65`` standard deviations, probability 2e-8); the two entries of a pair are
-independent (Box-Muller); nothing here is cryptographic.
-
-Two legacy generators of earlier versions remain for resuming runs started with them: ``"cpu"`` draws
-``512 x 512`` blocks with ``torch.randn`` on the CPU from ``mix_seed(seed, stream, i, j)`` (portable,
-slow on GPUs) and ``"device"`` draws the same blocks with the device's own generator (reproducible on
-one kind of device only).
+Entry ``(2p or 2p + 1, c)`` of stream ``s`` is Box-Muller on the 64-bit hash
+``mix64(mix64(mix_seed(seed, s) + p * GAMMA) + c * GAMMA)`` (SplitMix64's output function), in plain torch
+integer operations: it depends only on ``(seed, stream, row, column)``, never on the rectangle asked for, the
+tile size, the process or the device. The integer stream is exact everywhere; the float32 ``log``/``cos``/``sin``
+may differ in the last bit between CPU and GPU. The legacy ``"cpu"`` and ``"device"`` generators (``torch.randn``
+blocks) remain to resume runs started with them. docs/emulator.md gives the details and properties.
 
 Example::
 
     >>> w = gaussian_region(seed=0, stream=0, rows=(0, 10), cols=(0, 300), std=0.1)
-    >>> w.shape
-    torch.Size([10, 300])
     >>> torch.equal(w[3:7, 100:200], gaussian_region(0, 0, (3, 7), (100, 200), std=0.1))
     True
 """
@@ -65,12 +39,16 @@ CPU_PIECE = 32767
 DEVICE_PIECE = 1 << 21
 
 
+def mix64(x: int) -> int:
+    """The SplitMix64 output function on a Python integer (unsigned 64-bit): :func:`mix64_`'s reference."""
+    for shift, multiplier in _MIX:
+        x = ((x ^ (x >> shift)) * multiplier) & _MASK64
+    return x ^ (x >> 31)
+
+
 def splitmix64(x: int) -> int:
     """One step of the SplitMix64 mixer (Steele et al. 2014): a bijective, well-mixed 64-bit hash."""
-    x = (x + GAMMA) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+    return mix64((x + GAMMA) & _MASK64)
 
 
 def mix_seed(*counters: int) -> int:
@@ -88,11 +66,8 @@ def _signed(value: int) -> int:
 
 
 def mix64_(z: Tensor, scratch: Tensor) -> Tensor:
-    """In place on int64 ``z``: the SplitMix64 output function, as unsigned 64-bit arithmetic (``scratch``: same shape).
-
-    ``torch`` int64 multiplication wraps modulo 2^64 like unsigned arithmetic; right shifts of negative values
-    are arithmetic, so each shift is masked to a logical one.
-    """
+    """In place on int64 ``z``: the SplitMix64 output function in unsigned 64-bit arithmetic (int64 products wrap
+    like unsigned ones; each right shift is masked to a logical one). ``scratch``: same shape."""
     for shift, multiplier in _MIX:
         torch.bitwise_right_shift(z, shift, out=scratch)
         z.bitwise_xor_(scratch.bitwise_and_((1 << (64 - shift)) - 1)).mul_(_signed(multiplier))
@@ -100,8 +75,9 @@ def mix64_(z: Tensor, scratch: Tensor) -> Tensor:
     return z.bitwise_xor_(scratch.bitwise_and_((1 << 33) - 1))
 
 
-def _row_keys(key: int, pairs: tuple[int, int], device: torch.device) -> Tensor:
-    z = torch.arange(pairs[0], pairs[1], dtype=torch.int64, device=device).mul_(_signed(GAMMA)).add_(_signed(key))
+def _row_keys(key: int, pairs: Tensor) -> Tensor:
+    """The 64-bit keys of the row pairs ``pairs`` (int64 indices)."""
+    z = pairs.mul(_signed(GAMMA)).add_(_signed(key))
     return mix64_(z, torch.empty_like(z))
 
 
@@ -112,22 +88,12 @@ def _column_terms(cols: tuple[int, int], device: torch.device) -> Tensor:
 def counter_bits(
     seed: int, stream: int, pairs: tuple[int, int], cols: tuple[int, int], device: torch.device | str | None = None
 ) -> Tensor:
-    """The raw 64-bit hashes (int64) of row pairs ``[p0, p1)`` and columns ``[c0, c1)``: the integer stream.
-
-    Exact on every device (tested against a pure-Python reference). Entry ``(p, c)`` gives the Gaussians at
-    rows ``2p`` and ``2p + 1`` of column ``c`` (see the module doc).
-    """
+    """The raw 64-bit hashes (int64) of row pairs ``[p0, p1)`` and columns ``[c0, c1)``, exact on every device:
+    entry ``(p, c)`` gives the Gaussians at rows ``2p`` and ``2p + 1`` of column ``c``."""
     device = torch.device("cpu") if device is None else torch.device(device)
     key = mix_seed(seed, stream)
-    z = _column_terms(cols, device)[None, :] + _row_keys(key, pairs, device)[:, None]
+    z = _column_terms(cols, device)[None, :] + _row_keys(key, torch.arange(*pairs, device=device))[:, None]
     return mix64_(z, torch.empty_like(z))
-
-
-def mix64(x: int) -> int:
-    """The SplitMix64 output function on a Python integer (unsigned 64-bit): :func:`mix64_`'s reference."""
-    for shift, multiplier in _MIX:
-        x = ((x ^ (x >> shift)) * multiplier) & _MASK64
-    return x ^ (x >> 31)
 
 
 def counter_bits_reference(seed: int, stream: int, pair: int, col: int) -> int:
@@ -157,7 +123,7 @@ def _counter_region(seed: int, stream: int, rows: tuple[int, int], cols: tuple[i
     (r0, r1), (c0, c1) = rows, cols
     p0, p1 = r0 // 2, (r1 + 1) // 2  # row pairs covering the rows
     width, device = c1 - c0, out.device
-    row_keys = _row_keys(mix_seed(seed, stream), (p0, p1), device)
+    row_keys = _row_keys(mix_seed(seed, stream), torch.arange(p0, p1, device=device))
     col_terms = _column_terms(cols, device)
     piece = CPU_PIECE if device.type == "cpu" else DEVICE_PIECE
     step = max(1, piece // width)  # row pairs per piece (a piece is at least one row pair)
@@ -194,10 +160,8 @@ def gaussian_rows(
 ) -> Tensor:
     """Rows ``rows`` (int64 indices, any order) and columns ``[c0, c1)`` of the counter generator's matrix.
 
-    The entries are those of :func:`gaussian_region` (``generator="counter"``), bit for bit on one device: each row's
-    pair is hashed and put through the same Box-Muller operations, and the row takes the cosine (even rows) or the sine
-    (odd rows) half. For a few scattered rows (the lit pixels of sparse DMD frames) this costs ``2 len(rows)`` normals
-    per column instead of the whole height. ``out`` (float32, contiguous, ``(len(rows), c1 - c0)``) is filled if given.
+    The entries of :func:`gaussian_region`, bit for bit on one device, at ``2 len(rows)`` normals per column instead
+    of the whole height (the lit pixels of sparse DMD frames). ``out`` (float32, contiguous) is filled if given.
     """
     (c0, c1), device = cols, rows.device
     if not 0 <= c0 < c1:
@@ -210,7 +174,7 @@ def gaussian_rows(
     step = max(1, (CPU_PIECE if device.type == "cpu" else DEVICE_PIECE) // width)
     for start in range(0, rows.numel(), step):
         index = rows[start : start + step]
-        bits = torch.add(col_terms[None, :], _row_keys_at(key, index.div(2, rounding_mode="floor"))[:, None])
+        bits = torch.add(col_terms[None, :], _row_keys(key, index.div(2, rounding_mode="floor"))[:, None])
         scratch = torch.empty_like(bits)
         mix64_(bits, scratch)
         half = scratch.view(-1).view(torch.int32)[: bits.numel()].view(bits.shape)
@@ -218,24 +182,6 @@ def gaussian_rows(
         _gaussian_pairs(bits, half, both[0], both[1], std)
         torch.where((index % 2 == 1)[:, None], both[1], both[0], out=out[start : start + step])
     return out
-
-
-def _row_keys_at(key: int, pairs: Tensor) -> Tensor:
-    """:func:`_row_keys` at arbitrary row-pair indices (int64)."""
-    z = pairs.mul(_signed(GAMMA)).add_(_signed(key))
-    return mix64_(z, torch.empty_like(z))
-
-
-def gaussian_block(
-    seed: int, stream: int, block_row: int, block_col: int, device: torch.device | None = None
-) -> Tensor:
-    """Legacy generators: block ``(block_row, block_col)`` of stream ``stream``, ``(BLOCK, BLOCK)`` float32 ``N(0, 1)``.
-
-    Drawn on the CPU unless ``device`` is given (then with that device's own generator).
-    """
-    device = torch.device("cpu") if device is None else torch.device(device)
-    generator = torch.Generator(device=device).manual_seed(mix_seed(seed, stream, block_row, block_col))
-    return torch.randn(BLOCK, BLOCK, generator=generator, device=device)
 
 
 def gaussian_region(
@@ -251,10 +197,8 @@ def gaussian_region(
 ) -> Tensor:
     """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of the virtual ``N(0, std^2)`` matrix, float32 on ``device``.
 
-    ``generator="counter"`` (default) computes the entries on ``device`` itself (see the module doc). The legacy
-    ``"cpu"`` draws ``torch.randn`` blocks on the CPU (in parallel threads) and copies them to ``device``;
-    ``"device"`` draws them on ``device``. ``out`` (float32, contiguous, on ``device``) is filled and returned
-    instead of a new tensor (counter generator only; the others copy into it).
+    The legacy ``"cpu"`` and ``"device"`` generators draw ``torch.randn`` blocks on the CPU or on ``device``.
+    ``out`` (float32, contiguous, on ``device``) is filled and returned instead of a new tensor.
     """
     (r0, r1), (c0, c1) = rows, cols
     if not (0 <= r0 < r1 and 0 <= c0 < c1):
@@ -282,18 +226,16 @@ def _legacy_region(seed, stream, rows, cols, std, device, generator) -> Tensor:
 
     def fill(job: tuple[int, int]) -> None:
         bi, bj = job
-        block = gaussian_block(seed, stream, bi, bj, device=draw_on)
+        generator = torch.Generator(device=draw_on).manual_seed(mix_seed(seed, stream, bi, bj))
+        block = torch.randn(BLOCK, BLOCK, generator=generator, device=draw_on)
         top, bottom = max(r0, bi * BLOCK), min(r1, (bi + 1) * BLOCK)
         left, right = max(c0, bj * BLOCK), min(c1, (bj + 1) * BLOCK)
         out[top - r0 : bottom - r0, left - c0 : right - c0] = block[
             top - bi * BLOCK : bottom - bi * BLOCK, left - bj * BLOCK : right - bj * BLOCK
         ]
 
-    if draw_on.type == "cpu" and len(jobs) > 1:
-        list(_pool().map(fill, jobs))
-    else:
-        for job in jobs:
-            fill(job)
+    for job in jobs:
+        fill(job)
     if std != 1.0:
         out.mul_(std)
     return out.to(device, non_blocking=True)
