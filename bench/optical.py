@@ -44,6 +44,8 @@ def optical_cells(spec: dict, sequence: bool) -> dict[str, dict]:
         **{f"opu ternary sign {t}": opu(spec, threshold=t, threshold_of="sign") for t in (0.25, 0.5, 1.0)},
         **{f"opu ternary peak {t}": opu(spec, threshold=t, threshold_of="peak") for t in (0.25, 0.5)},
         **{f"opu bitplanes {k}": opu(spec, encoding="bitplanes", bits=k) for k in (1, 2, 4, 8)},
+        **{f"opu bitplanes {k} dithered": opu(spec, encoding="bitplanes", bits=k, dither=True) for k in (1, 2)},
+        "opu bitplanes 1 dithered, no camera": opu(spec, encoding="bitplanes", bits=1, dither=True, camera=False),
         **{f"opu camera {b} bits": opu(spec, bit_depth=b) for b in (6, 10, 12)},
     }
     if sequence:

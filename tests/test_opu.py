@@ -298,3 +298,18 @@ def test_the_chosen_anchor_is_restored_with_the_state():
     fresh.load_state_dict(opu.state_dict())
     errors = torch.randn(4, 400)
     assert fresh.anchor_pixels == opu.anchor_pixels and torch.equal(fresh(errors), opu(errors))
+
+
+def test_dithered_bit_planes_decode_to_the_error_on_average():
+    e = torch.tensor([[0.3, 0.1, -0.9, 0.2, 0.0, -0.3]])
+    generator = torch.Generator().manual_seed(0)
+    mean = sum(encode(e, "bitplanes", bits=1, dither=generator).decode() for _ in range(4000)) / 4000
+    assert torch.allclose(mean, e, atol=0.03)  # sd of one entry's mean: 0.3 x 0.5 / sqrt(4000) = 0.0024
+    one = encode(e, "bitplanes", bits=1, dither=generator).decode()
+    peaks = torch.tensor([0.3, 0.3, -0.9, 0.3])  # each entry is its sign's peak or nothing; zero stays zero
+    assert bool(((one[0, :4] == 0) | torch.isclose(one[0, :4], peaks)).all()) and one[0, 4] == 0
+
+
+def test_dither_is_for_bit_planes_only():
+    with pytest.raises(ValueError, match="dither=True applies to encoding='bitplanes'"):
+        OPU(8, 16, dither=True)

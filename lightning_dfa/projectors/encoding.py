@@ -17,6 +17,9 @@ softmax minus a one-hot (one large negative entry, many small positive ones) kee
   - ``"absolute"``: ``threshold`` itself.
 * ``"bitplanes"``: ``k`` bit planes of the positive and of the negative part, ``2k`` frames: each part's
   ``|e_i|`` is rounded to ``k`` bits of that part's peak, so every entry is within ``peak / (2 (2^k - 1))``.
+  With a ``dither`` generator the rounding is stochastic (up with probability the fractional part): every
+  entry within one level, and the expected decoded error is the error itself, so the expected projection is
+  the exact one. With ``k = 1`` an entry is lit with probability ``|e_i| / peak`` and weighted by the peak.
 * ``None``: the real error itself, one "frame" (not realisable on a binary DMD; for audits).
 
 Binary frames are ``bool`` tensors: a quarter of the memory of float frames.
@@ -83,10 +86,12 @@ def encode(
     threshold: float = 0.5,
     threshold_of: str = "row",
     bits: int = 4,
+    dither: torch.Generator | None = None,
     rows: int = 64,
 ) -> Frames:
     """Encode the rows of a finite ``(N, d)`` error as frames (see the module doc), ``rows`` rows at a time so
-    that the float temporaries stay small beside the ``bool`` frames."""
+    that the float temporaries stay small beside the ``bool`` frames. ``dither``: bit planes round stochastically
+    with this generator (unbiased: ``E[decode] = e``)."""
     check_encoding(encoding, bits, threshold, threshold_of)
     if encoding is None:
         return Frames(error.unsqueeze(0), torch.ones_like(error[None, :, :1]))
@@ -98,7 +103,7 @@ def encode(
         if encoding == "ternary":
             _ternary(error[chunk], frames[:, chunk], weights[:, chunk], threshold, threshold_of)
         else:
-            _bitplanes(error[chunk], frames[:, chunk], weights[:, chunk], bits)
+            _bitplanes(error[chunk], frames[:, chunk], weights[:, chunk], bits, dither)
     return Frames(frames, weights)
 
 
@@ -131,11 +136,16 @@ def _threshold(error: Tensor, part: Tensor, threshold: float, threshold_of: str)
     return torch.linalg.vector_norm(part, dim=1, keepdim=True).div_(count.sqrt()).mul_(threshold)
 
 
-def _bitplanes(error: Tensor, frames: Tensor, weights: Tensor, bits: int) -> None:
+def _bitplanes(error: Tensor, frames: Tensor, weights: Tensor, bits: int, dither: torch.Generator | None) -> None:
     levels = (1 << bits) - 1
     for s, (sign, part) in enumerate(((1.0, error.clamp_min(0)), (-1.0, error.neg().clamp_min(0)))):
         peak = part.amax(1, keepdim=True)
-        codes = torch.round(part / peak.clamp_min(torch.finfo(error.dtype).tiny) * levels).to(torch.int64)
+        scaled = part.div_(peak.clamp_min(torch.finfo(error.dtype).tiny)).mul_(levels)
+        if dither is None:
+            codes = scaled.round_().to(torch.int64)
+        else:  # stochastic rounding: up with probability the fractional part
+            codes = scaled.add_(torch.rand(scaled.shape, generator=dither, device=scaled.device)).floor_()
+            codes = codes.to(torch.int64)
         for bit in range(bits):
             torch.ne(codes & (1 << bit), 0, out=frames[s * bits + bit])
             weights[s * bits + bit] = sign * peak * (2**bit / levels)

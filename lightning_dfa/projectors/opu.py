@@ -55,7 +55,7 @@ from lightning_dfa.projectors.encoding import Frames, check_encoding, encode, en
 from lightning_dfa.projectors.seeded import round_tile
 from lightning_dfa.projectors.tiles import DEFAULT_GENERATOR, GENERATORS, gaussian_region, gaussian_rows, mix_seed
 
-_REAL, _IMAG, _NOISE, _ANCHOR_NOISE, _SAMPLE = 1, 2, 3, 4, 5  # random streams
+_REAL, _IMAG, _NOISE, _ANCHOR_NOISE, _SAMPLE, _DITHER = 1, 2, 3, 4, 5, 6  # random streams
 SATURATION_WARNING = 0.01
 #: When at most this fraction of the input pixels is lit in any frame of a call (sparse errors such as a softmax
 #: minus one-hot, ternarised), only the medium's rows at those pixels are generated and multiplied.
@@ -72,12 +72,12 @@ class OPU(Projector):
     """Emulated optical random projection ``(N, in_features) -> (N, out_features)``; see the module doc.
 
     Settings: ``encoding`` (``"ternary"``, ``"bitplanes"``, None), ``threshold`` and ``threshold_of``
-    (ternary), ``bits`` (bit planes per sign); ``sample_rows`` (share of the error vectors sent); ``camera``
-    (False: ideal detector), ``bit_depth`` (8; None: no quantisation; 0 is an error), ``full_well`` electrons,
-    ``exposure`` (mean signal / full well), ``shot_noise``, ``read_noise`` (electrons rms); ``anchor_pixels``
-    (``"auto"``: chosen at the first call, :meth:`calibrate`); device limits ``max_input``, ``max_output``,
-    ``frame_time``, ``power_w`` and ``allow_tiling``; ``tile`` (memory of the matrix generation) and
-    ``generator`` as in :class:`SeededGaussian`.
+    (ternary), ``bits`` (bit planes per sign) and ``dither`` (stochastic rounding); ``sample_rows`` (share of the
+    error vectors sent); ``camera`` (False: ideal detector), ``bit_depth`` (8; None: no quantisation; 0 is an
+    error), ``full_well`` electrons, ``exposure`` (mean signal / full well), ``shot_noise``, ``read_noise``
+    (electrons rms); ``anchor_pixels`` (``"auto"``: chosen at the first call, :meth:`calibrate`); device limits
+    ``max_input``, ``max_output``, ``frame_time``, ``power_w`` and ``allow_tiling``; ``tile`` (memory of the matrix
+    generation) and ``generator`` as in :class:`SeededGaussian`.
 
     After each call :attr:`stats` holds ``rows``, ``vectors`` (rows sent), ``frames``, ``encoding_error``,
     ``saturated``, ``saturated_fraction``, ``dark_pixels`` and ``nonfinite_rows``; :attr:`totals` accumulates counts.
@@ -93,6 +93,7 @@ class OPU(Projector):
         threshold: float = 0.5,
         threshold_of: str = "row",
         bits: int = 4,
+        dither: bool = False,
         sample_rows: float = 1.0,
         camera: bool = True,
         bit_depth: int | None = 8,
@@ -116,7 +117,9 @@ class OPU(Projector):
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}.")
         self.encoding, self.threshold, self.threshold_of, self.bits = encoding, threshold, threshold_of, bits
-        self.sample_rows = float(sample_rows)
+        self.sample_rows, self.dither = float(sample_rows), bool(dither)
+        if dither and encoding != "bitplanes":
+            raise ValueError(f"dither=True applies to encoding='bitplanes' (stochastic rounding), got {encoding!r}.")
         self.camera = Camera(camera, bit_depth, full_well, exposure, shot_noise, read_noise)
         if anchor_pixels != "auto" and (isinstance(anchor_pixels, (bool, str)) or not int(anchor_pixels) >= 1):
             raise ValueError(f"anchor_pixels must be 'auto' or an integer of at least 1, got {anchor_pixels!r}.")
@@ -150,6 +153,7 @@ class OPU(Projector):
             "threshold_of": self.threshold_of,
             "bits": self.bits,
             "sample_rows": self.sample_rows,
+            "dither": self.dither,
             "camera": cam.enabled,
             "bit_depth": cam.bit_depth,
             "full_well": cam.full_well,
@@ -333,13 +337,21 @@ class OPU(Projector):
         ``VECTORS_PER_PASS`` vectors at a time, so that their frames, fields and camera buffers stay small.
         """
         generator = torch.Generator(device=clean.device).manual_seed(mix_seed(self.seed, _NOISE, self.calls))
+        dither = None
+        if self.dither:
+            dither = torch.Generator(device=clean.device).manual_seed(mix_seed(self.seed, _DITHER, self.calls))
         out = torch.zeros(clean.shape[0], self.out_features, dtype=clean.dtype, device=clean.device)
         saturated = read = 0
         residual = 0.0
         for v0 in range(0, clean.shape[0], VECTORS_PER_PASS):
             errors = clean[v0 : v0 + VECTORS_PER_PASS]
             frames = encode(
-                errors, self.encoding, threshold=self.threshold, threshold_of=self.threshold_of, bits=self.bits
+                errors,
+                self.encoding,
+                threshold=self.threshold,
+                threshold_of=self.threshold_of,
+                bits=self.bits,
+                dither=dither,
             )
             sat, pixels = self._project_frames(frames, out[v0 : v0 + VECTORS_PER_PASS], generator)
             saturated, read = saturated + sat, read + pixels
