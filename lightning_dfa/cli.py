@@ -2,11 +2,6 @@
 
 Each launch writes into a new run folder (:mod:`lightning_dfa.runs`), its baselines inside it. A
 configuration error prints its message alone (``LIGHTNING_DFA_DEBUG=1``: with the traceback).
-
-Examples::
-
-    lightning-dfa fit --config digits-mlp --trainer.strategy.mode=backprop   # a shipped recipe, by name
-    lightning-dfa recipes                                                    # list shipped recipes
 """
 
 from __future__ import annotations
@@ -258,13 +253,7 @@ def _logger_configs(logger: Any) -> list[Namespace]:
 
 
 def option_hint(message: str, parser: Any) -> str:
-    """For a parser error about an unknown option, a sentence naming the closest valid options (else "").
-
-    Example::
-
-        option_hint("Group 'trainer' does not accept option 'max_stepz'", parser)
-        # "'max_stepz' is not an option of trainer; did you mean 'max_steps'? Its options: [...]."
-    """
+    """For a parser error about an unknown option, a sentence naming the closest valid options (else "")."""
     found = _compat.unknown_option(message)
     if found is None:
         return ""

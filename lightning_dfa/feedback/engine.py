@@ -33,19 +33,16 @@ from lightning_dfa.projectors.registry import check_projector_sizes
 
 
 class FeedbackEngine:
-    """Direct Feedback Alignment for a model's blocks, usable from plain PyTorch.
+    """Direct Feedback Alignment for a model's blocks, usable from plain PyTorch (docs/feedback.md).
 
-    Takes a :class:`~lightning_dfa.feedback.config.DFAConfig` and/or its settings as keywords. A NaN or
-    infinite error raises ``FloatingPointError`` in backward; the Lightning ``DFA`` callback sets
-    :attr:`defer_nonfinite` and stops or skips the step instead.
+    Takes a :class:`~lightning_dfa.feedback.config.DFAConfig` and/or its settings as keywords.
 
     Example::
 
         dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(model)
         dfa.scale_updates(optimizer)         # the blocks learn at lr_scale x lr
         loss_fn(model(x), y).backward()      # blocks get projector(e) slices, the head its true gradient
-        optimizer.step()
-        dfa.detach()                         # plain backprop (and plain optimizer steps) again
+        dfa.detach()                         # plain backprop again
     """
 
     def __init__(self, config: DFAConfig | None = None, /, **settings: Any) -> None:

@@ -100,14 +100,11 @@ def check_lr_scale(scale: Any) -> None:
 
 
 def auto_lr_scale(error_shape: Sequence[int]) -> float:
-    """``min(0.1, 1 / sqrt(width))``, ``width`` the error's values per row with the default rows: the wider the
-    error, the less of a DFA update is aligned, the slower the blocks must learn; above 0.1 no recipe learned
-    better and some grew unstable (docs/learning.md measures the rule).
+    """``min(0.1, 1 / sqrt(width))``, ``width`` the error's values per row with the default rows (docs/learning.md).
 
     Example::
 
         auto_lr_scale((8, 128, 4096))   # 0.015625: a GPT's logits, per token
-        auto_lr_scale((32, 10))         # 0.1: ten classes, capped
     """
     width = math.prod(error_shape[error_row_dims(torch.Size(error_shape), None) :])
     return min(AUTO_LR_SCALE_CAP, 1.0 / math.sqrt(width))

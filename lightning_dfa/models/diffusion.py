@@ -22,16 +22,14 @@ DATA_SIZES = {"sample_size": "image_size", "in_channels": "channels", "out_chann
 
 
 class Diffusion(DFAModule):
-    """DDPM on images: ``self.unet`` (``UNet2DModel``) predicts the noise added by ``self.scheduler``.
+    """DDPM on images in [-1, 1]: ``self.unet`` (``UNet2DModel``) predicts the noise added by ``self.scheduler``.
 
-    ``val/loss`` and ``test/loss`` use noise and timesteps fixed by ``eval_seed``, so they compare across runs.
-    Every ``sample_every_n_epochs`` validations, ``num_samples`` images from ``sample_seed`` go to
-    ``<log_dir>/samples/epoch_XXX.png`` (and W&B). Data in [-1, 1]; ``dfa``: settings over ``configure_dfa()``.
+    ``val/loss`` and ``test/loss`` use noise fixed by ``eval_seed``; every ``sample_every_n_epochs`` validations,
+    ``num_samples`` images go to ``<log_dir>/samples/epoch_XXX.png`` (and W&B).
 
     Example::
 
         model = Diffusion({"block_out_channels": [32, 64], "norm_num_groups": 8})
-        Trainer(strategy="dfa").fit(model, datamodule=ImageDataModule("digits", normalize="symmetric"))
     """
 
     def __init__(

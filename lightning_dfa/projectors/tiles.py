@@ -1,11 +1,9 @@
 """Counter-based Gaussian matrices: any rectangle of a huge random matrix, regenerated on demand, on any device.
 
-Entry ``(2p or 2p + 1, c)`` of stream ``s`` is Box-Muller on the 64-bit hash
-``mix64(mix64(mix_seed(seed, s) + p * GAMMA) + c * GAMMA)`` (SplitMix64's output function), in plain torch
-integer operations: it depends only on ``(seed, stream, row, column)``, never on the rectangle asked for, the
-tile size, the process or the device. The integer stream is exact everywhere; the float32 ``log``/``cos``/``sin``
-may differ in the last bit between CPU and GPU. The legacy ``"cpu"`` and ``"device"`` generators (``torch.randn``
-blocks) remain to resume runs started with them. docs/emulator.md gives the details and properties.
+Entry ``(2p or 2p + 1, c)`` of stream ``s`` is Box-Muller on a SplitMix64 hash of ``(seed, s, p, c)`` in torch
+integer operations: it never depends on the rectangle, tile, process or device (the float32 transcendentals may
+differ in the last bit between CPU and GPU). docs/emulator.md gives the details; ``"cpu"`` and ``"device"`` are
+the legacy ``torch.randn`` block generators.
 
 Example::
 
