@@ -193,13 +193,9 @@ def _hf_dataset(name: str, channels: int, options: Any) -> tuple[Tensor, Tensor,
 
 
 def _local_files(data_files: Any) -> list[str]:
-    if data_files is None:
-        return []
-    if isinstance(data_files, str):
-        return [data_files]
     if isinstance(data_files, dict):
         return [f for files in data_files.values() for f in _local_files(files)]
-    return [str(f) for f in data_files]
+    return [data_files] if isinstance(data_files, str) else [str(f) for f in data_files or []]
 
 
 def _from_hf(data: Any, channels: int, options: Any) -> tuple[Tensor, Tensor, list[str]]:

@@ -1,8 +1,5 @@
-"""The shared shape of the library's data modules: named splits, one DataLoader recipe, a resumable train loader.
-
-The training loader is torchdata's ``StatefulDataLoader`` over an :class:`EpochSampler`: shuffled from
-``seed + epoch``, split across ranks as Lightning's ``DistributedSampler`` would, and checkpointed by Lightning
-mid-epoch, so a resumed run trains on the very batches it would have.
+"""The shared shape of the library's data modules: named splits, one DataLoader recipe, a resumable train loader
+(torchdata's ``StatefulDataLoader``: a run resumed mid-epoch trains on the very batches it would have).
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """The feedback engine: Direct Feedback Alignment on any ``nn.Module``, with hooks, no Lightning.
 
-Inside one ordinary ``loss.backward()``: pre-hooks detach every feedback point's inputs; forward hooks record
-each point's output and hand a detached copy downstream; a hook on the output point wraps its output in
-:class:`FeedbackRouter`, whose backward passes ``e`` on to the head and gives the recorded outputs the slices
-of ``projector(e)`` as gradients (docs/architecture.md draws it).
+Inside one ordinary ``loss.backward()``, :class:`FeedbackRouter` gives the points the slices of ``projector(e)``
+as gradients (docs/architecture.md draws the hooks).
 """
 
 from __future__ import annotations

@@ -17,11 +17,7 @@ UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
 
 
 def resolve_points(model: nn.Module, blocks: str | Sequence[str]) -> list[str]:
-    """Module paths selected by ``blocks``, in the model's registration (forward) order.
-
-    ``blocks`` is ``"auto"``, one path or glob pattern (``"transformer.h.*"``), or a list of them.
-    A pattern matches whole dotted paths; ``*`` does not cross dots.
-    """
+    """Module paths selected by ``blocks`` (``"auto"``, paths or glob patterns, ``*`` not crossing dots), in order."""
     if blocks == "auto":
         return auto_points(model)
     patterns = [blocks] if isinstance(blocks, str) else list(blocks)

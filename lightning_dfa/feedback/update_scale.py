@@ -1,9 +1,5 @@
-"""The feedback points learn at ``lr_scale`` x the learning rate of whatever optimizer trains them.
-
-Why: a DFA update is only partly aligned with the true gradient, and Adam-like optimizers move every parameter
-by about ``lr`` per step; at the head's rate the blocks' misaligned updates drown what the head learns
-(docs/learning.md). How: an optimizer step pre-hook moves the points' parameters into copies of their groups at
-the scaled ``lr``, and a post-hook puts them back, so schedulers, ``state_dict()`` and checkpoints never see it.
+"""The feedback points learn at ``lr_scale`` x the learning rate of whatever optimizer trains them: step hooks move
+their parameters into groups at the scaled ``lr`` for the step only (docs/feedback.md says why it is exact).
 """
 
 from __future__ import annotations

@@ -223,9 +223,8 @@ class CausalLM(DFAModule):
 
 
 def _whole_parameters(module: pl.LightningModule) -> AbstractContextManager:
-    """Under torch's FSDP (1), a context in which ``module``'s parameters are whole (a collective); else nothing.
-
-    ``generate`` calls the HF model directly, not the FSDP wrapper, so it would see only this rank's shards.
+    """Under torch's FSDP (1), a context in which ``module``'s parameters are whole (a collective): ``generate``
+    calls the HF model directly, not the FSDP wrapper, so it would see only this rank's shards.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 

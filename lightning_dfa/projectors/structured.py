@@ -81,10 +81,7 @@ def hadamard(
 
 
 class Structured(Projector):
-    """Fast structured random feedback (signs, Hadamard, permutation, Gaussian diagonal); see the module doc.
-
-    ``std`` defaults to ``1/sqrt(in_features)`` like every kind.
-    """
+    """Fast structured random feedback (see the module doc); ``std`` defaults to ``1/sqrt(in_features)``."""
 
     def __init__(self, in_features: int, out_features: int, *, seed: int = 0, std: float | None = None) -> None:
         super().__init__(in_features, out_features, seed=seed)

@@ -156,10 +156,8 @@ def _counter_region(seed: int, stream: int, rows: tuple[int, int], cols: tuple[i
 def gaussian_rows(
     seed: int, stream: int, rows: Tensor, cols: tuple[int, int], std: float = 1.0, *, out: Tensor | None = None
 ) -> Tensor:
-    """Rows ``rows`` (int64 indices, any order) and columns ``[c0, c1)`` of the counter generator's matrix.
-
-    The entries of :func:`gaussian_region`, bit for bit on one device, at ``2 len(rows)`` normals per column instead
-    of the whole height (the lit pixels of sparse DMD frames). ``out`` (float32, contiguous) is filled if given.
+    """Rows ``rows`` (int64 indices, any order) and columns ``[c0, c1)`` of the counter generator's matrix: the
+    entries of :func:`gaussian_region` bit for bit, generating only those rows (``out``: filled if given).
     """
     (c0, c1), device = cols, rows.device
     if not 0 <= c0 < c1:
@@ -193,10 +191,8 @@ def gaussian_region(
     generator: str = DEFAULT_GENERATOR,
     out: Tensor | None = None,
 ) -> Tensor:
-    """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of the virtual ``N(0, std^2)`` matrix, float32 on ``device``.
-
-    The legacy ``"cpu"`` and ``"device"`` generators draw ``torch.randn`` blocks on the CPU or on ``device``.
-    ``out`` (float32, contiguous, on ``device``) is filled and returned instead of a new tensor.
+    """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of the virtual ``N(0, std^2)`` matrix, float32 on ``device``
+    (filled into ``out`` if given: float32, contiguous, on ``device``).
     """
     (r0, r1), (c0, c1) = rows, cols
     if not (0 <= r0 < r1 and 0 <= c0 < c1):
