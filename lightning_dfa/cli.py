@@ -72,8 +72,7 @@ def default_wandb_mode() -> None:
 
 
 class DFACLI(LightningCLI):
-    """LightningCLI that, after ``fit``, tests the model, runs the ``--baselines=[frozen,backprop]`` (the same
-    config in those modes) and prints a summary; with ``History`` callbacks their curves share one plot."""
+    """LightningCLI that after ``fit`` tests the model, runs ``--baselines`` and prints and plots a summary."""
 
     def __init__(
         self,
@@ -203,8 +202,7 @@ class DFACLI(LightningCLI):
 
 
 class MarkModelErrors(Callback):
-    """Marks an error raised once the model has run (a batch started): :func:`main` keeps its traceback, and
-    prints the message alone for errors raised before (configuration errors)."""
+    """Marks an error raised once a batch started, so that :func:`main` keeps its traceback (not a config error)."""
 
     model_ran = False
 

@@ -116,11 +116,8 @@ def _check_typos(strategy: type, rest: dict[str, Any]) -> None:
 
 
 class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
-    """Single-device training with Direct Feedback Alignment: ``Trainer(strategy="dfa", accelerator="cuda")``.
-
-    Example::
-
-        trainer = Trainer(strategy=DFAStrategy(blocks="blocks.*", output="head", mode="dfa"))
+    """Single-device training with DFA: ``Trainer(strategy="dfa", accelerator="cuda")``, or
+    ``Trainer(strategy=DFAStrategy(blocks="blocks.*", output="head"))``.
     """
 
     strategy_name = "dfa"

@@ -62,6 +62,7 @@ class ImageDataModule(SplitDataModule):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}.")
         self.save_hyperparameters()
+        self.source = source  # not in hparams when a subclass chooses it (DigitsDataModule) under LightningCLI
         self.classes: list[str] = []
 
     # ------------------------------------------------------------------ what the model needs
@@ -86,7 +87,7 @@ class ImageDataModule(SplitDataModule):
         if self.splits:
             return
         hp = self.hparams
-        x, y, self.classes = load_images(hp.source, hp.channels, hp)
+        x, y, self.classes = load_images(self.source, hp.channels, hp)
         if hp.image_size is not None:
             x = resize(x, hp.image_size)
         x = x.clamp(0, 1)

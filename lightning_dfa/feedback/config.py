@@ -1,5 +1,4 @@
-"""``DFAConfig``: every DFA setting, in one place, validated once; the engine, the callback, the strategies,
-``configure_dfa()``, the models' ``dfa=`` and the command line all take these settings and nothing else.
+"""``DFAConfig``: every DFA setting, validated once; whatever takes DFA settings takes these and nothing else.
 
 Example::
 

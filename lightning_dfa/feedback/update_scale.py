@@ -43,10 +43,7 @@ class ScaledUpdates:
         self._params = set(params)
         self._groups: list[tuple[dict[str, Any], list[nn.Parameter]]] = []
         self._scaled: list[dict[str, Any]] = []
-        self._handles = [
-            optimizer.register_step_pre_hook(self._split),
-            optimizer.register_step_post_hook(self._merge),
-        ]
+        self._handles = [optimizer.register_step_pre_hook(self._split), optimizer.register_step_post_hook(self._merge)]
 
     def _split(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         self._merge()  # a step that raised left its groups split

@@ -1,8 +1,6 @@
 """``Diffusion``: a diffusers ``UNet2DModel`` trained as a DDPM (epsilon prediction, MSE), with samples.
 
-DFA points: the UNet's ``down_blocks.*``, ``mid_block`` and ``up_blocks.*``; the error is the gradient at
-``unet.conv_out``, one row per image. Every input of a point is detached, so the time embedding and
-``conv_in`` stay at init under DFA; ``conv_norm_out`` and ``conv_out`` train with their true gradient.
+DFA points: the UNet's down, mid and up blocks; the error is the gradient at ``unet.conv_out`` (docs/recipes-vision.md).
 """
 
 from __future__ import annotations

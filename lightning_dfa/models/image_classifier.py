@@ -1,7 +1,6 @@
 """``ImageClassifier``: HuggingFace ViT image classification, built from a config or a local checkpoint.
 
-DFA points: HF's own block classes (``ViTEmbeddings`` and every ``ViTLayer``); the error is the gradient at
-the logits (``model.classifier``), one row per image, so every token of a block gets the same feedback.
+DFA points: ``ViTEmbeddings`` and every ``ViTLayer``; the error is the gradient at the logits, one row per image.
 """
 
 from __future__ import annotations

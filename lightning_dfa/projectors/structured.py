@@ -135,10 +135,8 @@ class Structured(Projector):
         return out
 
     def _mix(self, u: Tensor, free: list, wide: Tensor | None, gains: Tensor, factors: list, out: Tensor) -> None:
-        """``out = [s H G_b P_b u]_b``, cut to ``out_features``: full blocks by groups, a partial last one cut short.
-
-        ``free`` holds one or two scratch buffers shaped like ``u``; ``wide`` two buffers of ``group`` blocks (None:
-        one block at a time, ``u`` itself the scratch of the last one).
+        """``out = [s H G_b P_b u]_b``, cut to ``out_features``. ``free``: one or two scratch buffers like ``u``;
+        ``wide``: two buffers of ``group`` blocks (None: one block at a time, ``u`` the scratch of the last one).
         """
         n, size = u.shape
         blocks, full = len(self.gains), self.out_features // size

@@ -101,10 +101,7 @@ def counter_bits_reference(seed: int, stream: int, pair: int, col: int) -> int:
 
 
 def _gaussian_pairs(bits: Tensor, half: Tensor, out_cos: Tensor, out_sin: Tensor, std: float) -> None:
-    """Box-Muller from the hashes ``bits`` (int64, ``(P, W)``) into ``out_cos`` and ``out_sin`` (float32 ``(P, W)``).
-
-    ``half`` is contiguous int32 scratch of the same shape.
-    """
+    """Box-Muller from the int64 hashes ``bits`` ``(P, W)`` into float32 ``out_cos``, ``out_sin``; ``half``: scratch."""
     words = bits.view(torch.int32).view(*bits.shape, 2)  # little-endian: [..., 0] low, [..., 1] high word
     # Uniforms from 23 bits: OR-ed into the mantissa of 1.0 they give a float32 in [1, 2), exactly.
     high = out_sin.view(torch.int32)
