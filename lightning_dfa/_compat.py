@@ -1,8 +1,5 @@
-"""Every private API of another library that lightning-dfa relies on, in one place.
-
-None has a public equivalent in the supported versions; each is pinned by a test in ``tests/test_compat.py``,
-so an upgrade that changes one breaks there, visibly (``DFAFSDPStrategy._setup_model`` is pinned there too).
-Only torch is imported here: the feedback engine, which must not import Lightning, uses this module too.
+"""Every private API of another library that lightning-dfa relies on, in one place, each pinned by a test in
+``tests/test_compat.py``. Only torch is imported here: the feedback engine, free of Lightning, uses it too.
 """
 
 from __future__ import annotations

@@ -26,22 +26,13 @@ _ADVICE = (
 
 
 class DFA(Callback):
-    """Direct Feedback Alignment for a LightningModule: holds a :class:`~lightning_dfa.feedback.FeedbackEngine`
-    (:attr:`engine`, built from a :class:`~lightning_dfa.feedback.DFAConfig` and/or its settings as keywords),
-    attaches it at the start of ``fit`` (after ``configure_model``) and detaches it at its end; the feedback
-    state is saved in checkpoints.
-
-    Every optimizer step is guarded against a NaN or infinite loss, error or gradient: ``nonfinite="stop"``
-    raises before the step, naming what, where and when; ``"skip"`` leaves the weights and optimizer state
-    bit-identical, counts the step in ``dfa/nonfinite_steps`` and stops after ``nonfinite_patience`` in a row.
-    Under an fp16 ``GradScaler``, non-finite gradients with a finite loss are overflows: skipped even with
-    ``"stop"``. The run's loggers are guarded too (:func:`lightning_dfa.loggers.guard_loggers`).
-    docs/errors.md tells more.
+    """Direct Feedback Alignment for a LightningModule under any strategy: runs a
+    :class:`~lightning_dfa.feedback.FeedbackEngine` (:attr:`engine`) during ``fit``, saves its state in
+    checkpoints, and stops (``nonfinite="stop"``) or skips (``"skip"``) a step with a NaN or infinite loss, error
+    or gradient. docs/lightning.md and docs/errors.md tell more.
 
     Example::
 
-        trainer = Trainer(callbacks=[DFA(blocks="blocks.*", output="head")])   # any strategy
-        trainer = Trainer(strategy="dfa")                                      # the same, as a strategy
         trainer = Trainer(callbacks=[DFA(blocks="blocks.*", output="head", nonfinite="skip")])
         trainer.callbacks[0].engine.projector   # after fit: the projection, as in plain PyTorch
     """

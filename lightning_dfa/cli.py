@@ -2,11 +2,6 @@
 
 Each launch writes into a new run folder (:mod:`lightning_dfa.runs`), its baselines inside it. A
 configuration error prints its message alone (``LIGHTNING_DFA_DEBUG=1``: with the traceback).
-
-Examples::
-
-    lightning-dfa fit --config digits-mlp --trainer.strategy.mode=backprop   # a shipped recipe, by name
-    lightning-dfa recipes                                                    # list shipped recipes
 """
 
 from __future__ import annotations
@@ -77,8 +72,7 @@ def default_wandb_mode() -> None:
 
 
 class DFACLI(LightningCLI):
-    """LightningCLI that, after ``fit``, tests the model, runs the ``--baselines=[frozen,backprop]`` (the same
-    config in those modes) and prints a summary; with ``History`` callbacks their curves share one plot."""
+    """LightningCLI that after ``fit`` tests the model, runs ``--baselines`` and prints and plots a summary."""
 
     def __init__(
         self,
@@ -193,11 +187,9 @@ class DFACLI(LightningCLI):
 
     def _baseline(self, mode: str) -> RunResult:
         args = [*self.cli_args, f"--trainer.strategy.mode={mode}", "--baselines=[]"]
-        wandb_name = next(
-            (lg.init_args.get("name") for lg in _logger_configs(self.config.fit.trainer.logger) if _is_wandb(lg)), None
-        )
-        if wandb_name:
-            args.append(f"--trainer.logger.init_args.name={wandb_name}-{mode}")
+        logger = self.config.fit.trainer.logger  # one named W&B logger: the baseline's run is <name>-<mode>
+        if isinstance(logger, Namespace) and logger.class_path.endswith("WandbLogger") and logger.init_args.get("name"):
+            args.append(f"--trainer.logger.init_args.name={logger.init_args.name}-{mode}")
         # A folder of its own inside the launched run's: its config, curves, checkpoints and W&B run.
         return DFACLI(cli_args=args, summary=False, run_dir=Path(self.run_dir) / mode, **_CLI_OPTIONS).result
 
@@ -210,8 +202,7 @@ class DFACLI(LightningCLI):
 
 
 class MarkModelErrors(Callback):
-    """Marks an error raised once the model has run (a batch started): :func:`main` keeps its traceback, and
-    prints the message alone for errors raised before (configuration errors)."""
+    """Marks an error raised once a batch started, so that :func:`main` keeps its traceback (not a config error)."""
 
     model_ran = False
 
@@ -259,18 +250,8 @@ def _logger_configs(logger: Any) -> list[Namespace]:
     return [lg for lg in (logger if isinstance(logger, list) else [logger]) if isinstance(lg, Namespace)]
 
 
-def _is_wandb(logger: Namespace) -> bool:
-    return logger.class_path.rpartition(".")[2] == "WandbLogger"  # Lightning's, or lightning_dfa.loggers' own
-
-
 def option_hint(message: str, parser: Any) -> str:
-    """For a parser error about an unknown option, a sentence naming the closest valid options (else "").
-
-    Example::
-
-        option_hint("Group 'trainer' does not accept option 'max_stepz'", parser)
-        # "'max_stepz' is not an option of trainer; did you mean 'max_steps'? Its options: [...]."
-    """
+    """For a parser error about an unknown option, a sentence naming the closest valid options (else "")."""
     found = _compat.unknown_option(message)
     if found is None:
         return ""

@@ -1,12 +1,7 @@
-"""Loggers that may fail without taking the run down: W&B unreachable, a full disk, an unwritable run dir.
+"""Loggers that may fail without taking the run down (W&B unreachable, a full disk): docs/errors.md.
 
-:func:`guard_loggers` switches a failing logger off with a warning naming it, what it was doing and the
-cause, and, when no logger is left, writes the metrics to a ``CSVLogger`` in the run directory instead. The
-``DFA`` callback guards the loggers of every run it trains (docs/errors.md).
-
-Example::
-
-    guard_loggers(trainer, start=True)   # optional: the DFA callback guards them at setup anyway
+:func:`guard_loggers` switches a failing logger off with a warning, and when none is left writes the metrics to
+a ``CSVLogger`` in the run directory. The ``DFA`` callback guards the loggers of every run it trains.
 """
 
 from __future__ import annotations

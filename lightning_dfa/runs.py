@@ -1,11 +1,5 @@
-"""Run folders: each ``lightning-dfa`` launch writes into its own ``<root>/version_N``, with ``<root>/latest``.
-
-``<root>/latest`` points at the newest launch: a relative symlink, or a one-line text file naming the folder
-where the file system has no symlinks (docs/lightning.md).
-
-Example::
-
-    folder = latest_run("runs/quickstart")          # runs/quickstart/version_2
+"""Run folders: each ``lightning-dfa`` launch writes into its own ``<root>/version_N``, and ``<root>/latest``
+points at the newest (a symlink, or a file naming the folder where there are none; docs/lightning.md).
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """``DFAStrategy`` and its DDP and FSDP siblings: thin Lightning strategies that train with a ``DFA`` callback.
 
-Each takes every DFA setting as a keyword argument and passes the rest to the Lightning strategy it extends
-(``DFADDPStrategy(backprop_top=1, find_unused_parameters=True)``); settings it is not given come from the
-LightningModule's ``configure_dfa()``, else the defaults. The strategies also keep the global random states
-in their checkpoints and restore them on resume (Lightning itself does not save them).
+Each takes the DFA settings as keywords (the rest go to the Lightning strategy it extends; settings not given
+come from the module's ``configure_dfa()``) and keeps the global random states in its checkpoints.
 """
 
 from __future__ import annotations
@@ -118,11 +116,8 @@ def _check_typos(strategy: type, rest: dict[str, Any]) -> None:
 
 
 class DFAStrategy(_DFAStrategyMixin, SingleDeviceStrategy):
-    """Single-device training with Direct Feedback Alignment: ``Trainer(strategy="dfa", accelerator="cuda")``.
-
-    Example::
-
-        trainer = Trainer(strategy=DFAStrategy(blocks="blocks.*", output="head", mode="dfa"))
+    """Single-device training with DFA: ``Trainer(strategy="dfa", accelerator="cuda")``, or
+    ``Trainer(strategy=DFAStrategy(blocks="blocks.*", output="head"))``.
     """
 
     strategy_name = "dfa"
@@ -155,13 +150,8 @@ class DFADDPStrategy(_DFAStrategyMixin, DDPStrategy):
 class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
     """Fully sharded data parallel training with DFA: ``Trainer(strategy="dfa_fsdp", devices=8)``.
 
-    The ``DFA`` callback attaches after the model is wrapped. Wrap whole blocks (``auto_wrap_policy={GPT2Block}``):
-    each feedback point is then moved out to its FSDP unit (:func:`outer_points`); a point inside a unit is an
-    error. Runs on CPU (gloo) too. docs/distributed.md tells more.
-
-    Example::
-
-        Trainer(strategy=DFAFSDPStrategy(auto_wrap_policy={GPT2Block}), accelerator="gpu", devices=8)
+    Wrap whole blocks (``auto_wrap_policy={GPT2Block}``): each point moves out to its FSDP unit (:func:`outer_points`);
+    a point inside a unit is an error. Runs on CPU (gloo) too. docs/distributed.md tells more.
     """
 
     strategy_name = "dfa_fsdp"
@@ -215,10 +205,6 @@ WRAPPED = _compat.WRAPPED_MODULE_ATTRIBUTES
 def outer_points(model: nn.Module, blocks: str | Sequence[str]) -> str | list[str]:
     """The feedback points of ``model``, each moved out to its outermost FSDP / checkpoint wrapper: FSDP (1) hooks
     the gathering of a unit's parameters for backward on the wrapper's outputs, which a point inside would detach.
-
-    Example::
-
-        outer_points(lm, "auto")   # ["model.transformer.h.0", ...], not "...h.0._fsdp_wrapped_module"
     """
     points = resolve_points(model, blocks)
     outer = [_strip_wrapped(point) for point in points]

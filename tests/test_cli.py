@@ -10,12 +10,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from conftest import quiet_args
+from jsonargparse import Namespace, dict_to_namespace
 
-from lightning_dfa.cli import DEBUG_ENV, main, recipe_names, resolve_recipe, run
+from lightning_dfa import cli
+from lightning_dfa.cli import DEBUG_ENV, DFACLI, main, recipe_names, resolve_recipe, run
 from lightning_dfa.models import MLPClassifier
 from lightning_dfa.runs import latest_run, run_files
 
@@ -165,6 +168,26 @@ def test_config_yaml_is_the_launched_runs_config_and_each_baseline_has_its_own(t
         assert config["trainer"]["strategy"]["init_args"]["mode"] == mode, path
         # the root, not the version folder: rerunning the saved config makes a new version folder
         assert config["trainer"]["default_root_dir"] == str(two_launches["root"])
+
+
+@pytest.mark.parametrize(
+    ("logger", "named"),
+    [
+        ({"class_path": "lightning_dfa.loggers.WandbLogger", "init_args": {"name": "digits"}}, ["digits-frozen"]),
+        ({"class_path": "lightning_dfa.loggers.WandbLogger", "init_args": {"project": "p"}}, []),
+        ({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"name": "digits"}}, []),
+        (False, []),
+    ],
+)
+def test_a_baselines_wandb_run_is_named_after_its_mode(monkeypatch, logger, named):
+    """A named W&B logger: the baseline's run is ``<name>-<mode>``; any other logger keeps its arguments."""
+    launched = SimpleNamespace(cli_args=["fit"], run_dir="runs/version_0", config=Namespace())
+    launched.config["fit.trainer.logger"] = dict_to_namespace(logger) if logger else logger
+    given = []
+    monkeypatch.setattr(cli, "DFACLI", lambda cli_args, **kwargs: given.append(cli_args) or SimpleNamespace(result=1))
+    assert DFACLI._baseline(launched, "frozen") == 1
+    assert given[0][:3] == ["fit", "--trainer.strategy.mode=frozen", "--baselines=[]"]
+    assert [arg.split("=")[1] for arg in given[0][3:]] == named
 
 
 def test_unknown_baseline_mode_is_an_error(tmp_path):

@@ -1,10 +1,8 @@
 """``Alignment``: how well each block's DFA update points along its true backprop gradient.
 
-Every ``every_n_steps`` steps, just before the optimizer step, it computes the true gradient on the same
-batch with one extra backward (DFA paused, same random state; no model copy), puts the step's own gradients
-back, and logs per point ``alignment/<point>`` (their cosine) and ``grad_ratio/<point>`` (their norm ratio),
-and ``alignment/mean``. Under DDP and FSDP both are gradients of the global batch (FSDP: summed over the
-shards, nothing gathered); DTensor parameters are not probed (a warning). docs/diagnostics.md tells more.
+Every ``every_n_steps`` steps, before the optimizer step, one extra backward on the same batch (DFA paused)
+gives the true gradients; it logs ``alignment/<point>`` (cosine), ``grad_ratio/<point>`` (norm ratio) and
+``alignment/mean``. docs/diagnostics.md tells how, and under DDP and FSDP.
 
 Example::
 

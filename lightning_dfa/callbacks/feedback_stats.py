@@ -1,8 +1,6 @@
 """``FeedbackStats``: the size of the error and of each point's feedback, as training sees them.
 
-Every ``every_n_steps`` steps it logs ``feedback/error_rms``, and per point ``feedback_rms/<point>`` and
-``feedback_ratio/<point>`` (about 1 for the default Gaussian, whatever ``d_e``): with ``Alignment``'s
-``grad_ratio``, whether feedback is too large or too small.
+It logs ``feedback/error_rms``, ``feedback_rms/<point>`` and ``feedback_ratio/<point>`` (docs/diagnostics.md).
 
 Example::
 

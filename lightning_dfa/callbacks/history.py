@@ -1,7 +1,4 @@
-"""``History``: the run's curves (loss, validation metrics, alignment), saved as JSON and a PNG with the run.
-
-At the end of ``fit`` it writes ``history-<mode>.json`` and ``curves-<mode>.png`` to the run directory (so
-DFA and its baselines can share one), and logs the picture to a ``WandbLogger``.
+"""``History``: at the end of ``fit``, the run's curves as ``history-<mode>.json`` and ``curves-<mode>.png``.
 
 Example::
 
@@ -94,10 +91,6 @@ class History(Callback):
 def write_or_warn(path: Path, write: Callable[[Path], Any], what: str) -> bool:
     """Run ``write(path)``; on ``OSError`` (disk full, read-only folder) warn and return False: losing the files
     that accompany a run (history, plots, summary) must not end it.
-
-    Example::
-
-        write_or_warn(run_dir / "summary.json", lambda p: p.write_text(text), "the summary")
     """
     try:
         write(path)

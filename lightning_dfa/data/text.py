@@ -1,12 +1,10 @@
 """Text for next-token prediction: bundled pydoc corpus, local files and folders, or HF ``datasets``.
 
-Every source becomes a list of documents, split into train / validation by document (seeded), tokenized,
-joined with an end-of-text token after each document, and cut into contiguous blocks of ``block_size + 1``
-tokens: the model reads ``x[:-1]`` and predicts ``x[1:]``. docs/recipes-language.md lists the sources.
+Documents are split into train / validation (seeded), tokenized, each followed by end-of-text, and cut into
+blocks of ``block_size + 1`` tokens. docs/recipes-language.md lists the sources.
 
 Example::
 
-    dm = TextDataModule()                                               # pydoc, BPE 4096, blocks of 128
     dm = TextDataModule("notes/", block_size=256)                      # a folder of .txt files
     dm = TextDataModule("hf:wikitext", dataset_config="wikitext-2-raw-v1", tokenizer="/models/gpt2")
 """
@@ -30,11 +28,9 @@ FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "p
 class TextDataModule(SplitDataModule):
     """Blocks of ``block_size + 1`` token ids (``LongTensor[B, block_size + 1]`` batches) from one text source.
 
-    ``source``: ``"pydoc"``, a ``.txt`` file (paragraphs are documents), a folder of ``.txt`` files, a
-    ``.jsonl``/``.json``/``.csv``/``.parquet`` table (a document per row, in ``text_field``), or ``"hf:<name>"``
-    (with ``dataset_config``). ``tokenizer``: a local tokenizer folder; None trains a byte-level BPE of
-    ``bpe_vocab_size`` on the training documents (not ``vocab_size``, which the model's hparams use). The test
-    split is the validation split.
+    ``source``: ``"pydoc"``, a ``.txt`` file or folder, a ``.jsonl``/``.json``/``.csv``/``.parquet`` table
+    (``text_field``), or ``"hf:<name>"``. ``tokenizer``: a local folder; None trains a BPE of ``bpe_vocab_size``.
+    The test split is the validation split.
     """
 
     test_split = "val"  # text is tested on its held-out documents

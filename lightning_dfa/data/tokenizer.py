@@ -1,13 +1,9 @@
-"""Tokenizers with no network: a byte-level BPE trained locally on the corpus (cached), or a local path.
-
-The trained tokenizer is a ``PreTrainedTokenizerFast`` with ``<|endoftext|>`` as bos / eos and ``<|pad|>``
-as pad, cached under ``$LIGHTNING_DFA_CACHE/tokenizers`` (default ``~/.cache/lightning-dfa/tokenizers``)
-by vocabulary size and a hash of the corpus.
+"""Tokenizers with no network: a byte-level BPE trained on the corpus and cached (``$LIGHTNING_DFA_CACHE``), or a
+local path. docs/recipes-language.md tells more.
 
 Example::
 
     tok = bpe_tokenizer(["first document", "second document"], vocab_size=300)
-    tok = load_tokenizer("/models/gpt2")               # a saved HF tokenizer folder (AutoTokenizer)
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""``DFAConfig``: every DFA setting, in one place, validated once; the engine, the callback, the strategies,
-``configure_dfa()``, the models' ``dfa=`` and the command line all take these settings and nothing else.
+"""``DFAConfig``: every DFA setting, validated once; whatever takes DFA settings takes these and nothing else.
 
 Example::
 
@@ -27,28 +26,20 @@ NONFINITE = ("stop", "skip")
 
 @dataclass(frozen=True)
 class DFAConfig:
-    """The DFA settings (docs/feedback.md lists them, docs/learning.md measures the learning variants).
+    """The DFA settings, one line each (docs/feedback.md tells more, docs/learning.md measures the variants).
 
     Args:
-        blocks: module paths or glob patterns (``"transformer.h.*"``), or ``"auto"``: the blocks of HuggingFace
-            models and diffusers UNets, else the largest group of repeated sibling blocks.
-        output: module whose output's gradient is the error ``e``; ``None`` picks it for known families, else
-            the last module with parameters registered after the blocks.
-        projector: ``"gaussian"`` (default), a projector module, a ``(d_e, sum d_i)`` matrix, a class, or a
-            config ``{"class_path": ..., "init_args": {...}}``. Built at the first forward pass.
+        blocks: module paths or glob patterns (``"transformer.h.*"``), or ``"auto"``.
+        output: module whose output's gradient is the error ``e``; ``None``: chosen automatically.
+        projector: ``"gaussian"``, a projector module, a ``(d_e, sum d_i)`` matrix, a class, or a class_path config.
         seed: seed of the projection, the same on every device and rank.
-        mode: ``"dfa"``; ``"backprop"``: the identical pipeline with true gradients; ``"frozen"``: the points
-            frozen at init, so only the head learns (DFA only learns if it beats it).
+        mode: ``"dfa"``, ``"backprop"`` (true gradients) or ``"frozen"`` (points frozen: the control).
         error_rows: leading dimensions of the error that are rows (default: 2 for ``(B, T, V)``, else 1).
-        lr_scale: the points learn at ``lr_scale`` x the optimizer's rate (``mode="dfa"``); ``"auto"``:
-            ``min(0.1, 1 / sqrt(error width))``.
+        lr_scale: the points learn at ``lr_scale`` x the optimizer's rate; ``"auto"``: ``min(0.1, 1/sqrt(d_e))``.
         backprop_top: the top ``k`` blocks train with their true gradient.
-        embeddings: ``True``: the embeddings are points of their own; ``"first_block"``: they learn from the
-            first block's feedback; ``False``: only through a head tied to them.
-        spatial_feedback, spatial_patch: image errors give one row per pixel (its ``spatial_patch`` square),
-            pooled to each point's resolution.
-        nonfinite, nonfinite_patience: a NaN or infinite loss, error or gradient ``"stop"`` s the run or
-            ``"skip"`` s the step (Lightning runs), stopping after ``nonfinite_patience`` skips in a row.
+        embeddings: ``True``: embeddings are points; ``"first_block"``: they learn from block 0's feedback.
+        spatial_feedback, spatial_patch: image errors give one row per pixel (patch), pooled per point.
+        nonfinite, nonfinite_patience: at a NaN/inf, ``"stop"`` the run or ``"skip"`` the step (patience: in a row).
     """
 
     blocks: str | Sequence[str] = "auto"

@@ -1,9 +1,7 @@
 """The feedback engine: Direct Feedback Alignment on any ``nn.Module``, with hooks, no Lightning.
 
-Inside one ordinary ``loss.backward()``: pre-hooks detach every feedback point's inputs; forward hooks record
-each point's output and hand a detached copy downstream; a hook on the output point wraps its output in
-:class:`FeedbackRouter`, whose backward passes ``e`` on to the head and gives the recorded outputs the slices
-of ``projector(e)`` as gradients (docs/architecture.md draws it).
+Inside one ordinary ``loss.backward()``, :class:`FeedbackRouter` gives the points the slices of ``projector(e)``
+as gradients (docs/architecture.md draws the hooks).
 """
 
 from __future__ import annotations
@@ -33,19 +31,16 @@ from lightning_dfa.projectors.registry import check_projector_sizes
 
 
 class FeedbackEngine:
-    """Direct Feedback Alignment for a model's blocks, usable from plain PyTorch.
+    """Direct Feedback Alignment for a model's blocks, usable from plain PyTorch (docs/feedback.md).
 
-    Takes a :class:`~lightning_dfa.feedback.config.DFAConfig` and/or its settings as keywords. A NaN or
-    infinite error raises ``FloatingPointError`` in backward; the Lightning ``DFA`` callback sets
-    :attr:`defer_nonfinite` and stops or skips the step instead.
+    Takes a :class:`~lightning_dfa.feedback.config.DFAConfig` and/or its settings as keywords.
 
     Example::
 
         dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(model)
         dfa.scale_updates(optimizer)         # the blocks learn at lr_scale x lr
         loss_fn(model(x), y).backward()      # blocks get projector(e) slices, the head its true gradient
-        optimizer.step()
-        dfa.detach()                         # plain backprop (and plain optimizer steps) again
+        dfa.detach()                         # plain backprop again
     """
 
     def __init__(self, config: DFAConfig | None = None, /, **settings: Any) -> None:

@@ -1,7 +1,5 @@
-"""Choosing feedback points: module paths, glob patterns, the blocks of known model families, or repeated blocks.
-
-``blocks="auto"`` and ``output=None`` try HuggingFace models, then diffusers UNets, then any module: the largest
-group of repeated sibling blocks and the last module with parameters registered after them.
+"""Choosing feedback points: module paths, glob patterns, the blocks of known model families, or repeated blocks
+(``"auto"``: HuggingFace models, then diffusers UNets, then any module; docs/feedback.md).
 """
 
 from __future__ import annotations
@@ -17,11 +15,7 @@ UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
 
 
 def resolve_points(model: nn.Module, blocks: str | Sequence[str]) -> list[str]:
-    """Module paths selected by ``blocks``, in the model's registration (forward) order.
-
-    ``blocks`` is ``"auto"``, one path or glob pattern (``"transformer.h.*"``), or a list of them.
-    A pattern matches whole dotted paths; ``*`` does not cross dots.
-    """
+    """Module paths selected by ``blocks`` (``"auto"``, paths or glob patterns, ``*`` not crossing dots), in order."""
     if blocks == "auto":
         return auto_points(model)
     patterns = [blocks] if isinstance(blocks, str) else list(blocks)
@@ -97,8 +91,8 @@ def auto_output(model: nn.Module, blocks: Sequence[str] = ()) -> str | None:
 
 def repeated_blocks(model: nn.Module) -> list[str]:
     """The blocks of any model: the largest (by trainable parameters) group of >= 2 sibling modules of one class
-    that have submodules and trainable parameters (a nanoGPT's ``h.*``, a ResNet's ``layer1`` .. ``layer4``), in
-    registration order; ``[]`` if there is none. Leaves, containers and embeddings are not blocks."""
+    with submodules and trainable parameters (a nanoGPT's ``h.*``), in registration order; ``[]`` if none.
+    """
     embeddings = set(embedding_points(model))
     best: list[str] = []
     best_size = 0
@@ -119,8 +113,8 @@ def repeated_blocks(model: nn.Module) -> list[str]:
 
 def module_after_blocks(model: nn.Module, blocks: Sequence[str]) -> str | None:
     """The error point of any model: the last module with trainable parameters of its own registered after every
-    block, outside them (a ResNet's ``fc``). Registration stands in for execution order: the engine raises at the
-    first step if this module runs before a block or not at all."""
+    block, outside them (a ResNet's ``fc``); the engine raises if it does not run after them.
+    """
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     last_block = max(order[block] for block in blocks)
     found = None
@@ -197,8 +191,7 @@ def _join(prefix: str, name: str) -> str:
 
 
 def embedding_points(model: nn.Module) -> list[str]:
-    """Where inputs become features: ``nn.Embedding`` (tokens, positions), patch embeddings, and a UNet's
-    ``conv_in`` and ``time_embedding``. Used by ``embeddings=True`` to make them feedback points."""
+    """Where inputs become features (``embeddings=True`` points): ``nn.Embedding``, patch embeddings, a UNet's stems."""
     found = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) or type(module).__name__.endswith("PatchEmbeddings"):

@@ -1,10 +1,7 @@
-"""How an error and a feedback point's output are cut into rows of the projection.
+"""How an error and a feedback point's output are cut into rows of the projection (docs/feedback.md).
 
-The error ``e`` has shape ``(*rows, *features)``: its batch dimension is the row, and for 3-d errors
-``(B, T, V)`` batch and sequence are. A point's output shares those leading dimensions; the rest is its
-feedback size ``d_i``. Per-sample errors with per-token outputs (a ViT's ``(B, C)`` logits, ``(B, T, D)``
-blocks) give every token the same ``D`` values (flattening did far worse: docs/learning.md). Spatial feedback
-gives one row per pixel of an image error, pooled (or repeated) to each point's resolution.
+The error ``e`` is ``(*rows, *features)``: rows are the batch, and batch and sequence for ``(B, T, V)``. A
+point's output shares those rows (a per-sample error gives every token the same feedback); the rest is ``d_i``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""The feedback points learn at ``lr_scale`` x the learning rate of whatever optimizer trains them.
-
-Why: a DFA update is only partly aligned with the true gradient, and Adam-like optimizers move every parameter
-by about ``lr`` per step; at the head's rate the blocks' misaligned updates drown what the head learns
-(docs/learning.md). How: an optimizer step pre-hook moves the points' parameters into copies of their groups at
-the scaled ``lr``, and a post-hook puts them back, so schedulers, ``state_dict()`` and checkpoints never see it.
+"""The feedback points learn at ``lr_scale`` x the learning rate of whatever optimizer trains them: step hooks move
+their parameters into groups at the scaled ``lr`` for the step only (docs/feedback.md says why it is exact).
 """
 
 from __future__ import annotations
@@ -47,10 +43,7 @@ class ScaledUpdates:
         self._params = set(params)
         self._groups: list[tuple[dict[str, Any], list[nn.Parameter]]] = []
         self._scaled: list[dict[str, Any]] = []
-        self._handles = [
-            optimizer.register_step_pre_hook(self._split),
-            optimizer.register_step_post_hook(self._merge),
-        ]
+        self._handles = [optimizer.register_step_pre_hook(self._split), optimizer.register_step_post_hook(self._merge)]
 
     def _split(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         self._merge()  # a step that raised left its groups split
@@ -100,14 +93,11 @@ def check_lr_scale(scale: Any) -> None:
 
 
 def auto_lr_scale(error_shape: Sequence[int]) -> float:
-    """``min(0.1, 1 / sqrt(width))``, ``width`` the error's values per row with the default rows: the wider the
-    error, the less of a DFA update is aligned, the slower the blocks must learn; above 0.1 no recipe learned
-    better and some grew unstable (docs/learning.md measures the rule).
+    """``min(0.1, 1 / sqrt(width))``, ``width`` the error's values per row with the default rows (docs/learning.md).
 
     Example::
 
         auto_lr_scale((8, 128, 4096))   # 0.015625: a GPT's logits, per token
-        auto_lr_scale((32, 10))         # 0.1: ten classes, capped
     """
     width = math.prod(error_shape[error_row_dims(torch.Size(error_shape), None) :])
     return min(AUTO_LR_SCALE_CAP, 1.0 / math.sqrt(width))

@@ -34,13 +34,9 @@ SCHEDULES = ("cosine", "constant")
 class CausalLM(DFAModule):
     """Next-token prediction with ``self.model``, a HuggingFace causal LM built from a config or a local folder.
 
-    ``config``: ``{"model_type": "gpt2" | "llama" | ..., **config_kwargs}`` (random init); ``pretrained``: a local
-    ``save_pretrained`` folder, loaded in float32. ``vocab_size`` defaults to ``config["vocab_size"]``, else the
-    datamodule's: the model is then built in ``configure_model``. AdamW (``lr``, ``weight_decay``, ``betas``),
-    ``warmup_steps`` then a ``"cosine"`` or ``"constant"`` ``schedule``; ``dfa``: settings over
-    ``configure_dfa()``. Batches are ``LongTensor[B, T + 1]`` blocks (or dicts with ``input_ids``); ``val/ppl``
-    and ``test/ppl`` are token-weighted. After each validation a seeded top-k sample continuing
-    ``sample_prompt`` is appended to ``<log_dir>/samples.txt`` (and to a W&B table).
+    ``config``: ``{"model_type": "gpt2" | "llama" | ..., **config_kwargs}``, or ``pretrained``: a local folder;
+    ``vocab_size`` defaults to the config's, else the datamodule's. AdamW, warmup then a ``"cosine"`` or
+    ``"constant"`` ``schedule``; token-weighted ``val/ppl``; a sample of ``sample_prompt`` after each validation.
     """
 
     def __init__(
@@ -227,9 +223,8 @@ class CausalLM(DFAModule):
 
 
 def _whole_parameters(module: pl.LightningModule) -> AbstractContextManager:
-    """Under torch's FSDP (1), a context in which ``module``'s parameters are whole (a collective); else nothing.
-
-    ``generate`` calls the HF model directly, not the FSDP wrapper, so it would see only this rank's shards.
+    """Under torch's FSDP (1), a context in which ``module``'s parameters are whole (a collective): ``generate``
+    calls the HF model directly, not the FSDP wrapper, so it would see only this rank's shards.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 

@@ -1,8 +1,6 @@
 """``Diffusion``: a diffusers ``UNet2DModel`` trained as a DDPM (epsilon prediction, MSE), with samples.
 
-DFA points: the UNet's ``down_blocks.*``, ``mid_block`` and ``up_blocks.*``; the error is the gradient at
-``unet.conv_out``, one row per image. Every input of a point is detached, so the time embedding and
-``conv_in`` stay at init under DFA; ``conv_norm_out`` and ``conv_out`` train with their true gradient.
+DFA points: the UNet's down, mid and up blocks; the error is the gradient at ``unet.conv_out`` (docs/recipes-vision.md).
 """
 
 from __future__ import annotations
@@ -22,16 +20,14 @@ DATA_SIZES = {"sample_size": "image_size", "in_channels": "channels", "out_chann
 
 
 class Diffusion(DFAModule):
-    """DDPM on images: ``self.unet`` (``UNet2DModel``) predicts the noise added by ``self.scheduler``.
+    """DDPM on images in [-1, 1]: ``self.unet`` (``UNet2DModel``) predicts the noise added by ``self.scheduler``.
 
-    ``val/loss`` and ``test/loss`` use noise and timesteps fixed by ``eval_seed``, so they compare across runs.
-    Every ``sample_every_n_epochs`` validations, ``num_samples`` images from ``sample_seed`` go to
-    ``<log_dir>/samples/epoch_XXX.png`` (and W&B). Data in [-1, 1]; ``dfa``: settings over ``configure_dfa()``.
+    ``val/loss`` and ``test/loss`` use noise fixed by ``eval_seed``; every ``sample_every_n_epochs`` validations,
+    ``num_samples`` images go to ``<log_dir>/samples/epoch_XXX.png`` (and W&B).
 
     Example::
 
         model = Diffusion({"block_out_channels": [32, 64], "norm_num_groups": 8})
-        Trainer(strategy="dfa").fit(model, datamodule=ImageDataModule("digits", normalize="symmetric"))
     """
 
     def __init__(

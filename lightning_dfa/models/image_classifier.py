@@ -1,7 +1,6 @@
 """``ImageClassifier``: HuggingFace ViT image classification, built from a config or a local checkpoint.
 
-DFA points: HF's own block classes (``ViTEmbeddings`` and every ``ViTLayer``); the error is the gradient at
-the logits (``model.classifier``), one row per image, so every token of a block gets the same feedback.
+DFA points: ``ViTEmbeddings`` and every ``ViTLayer``; the error is the gradient at the logits, one row per image.
 """
 
 from __future__ import annotations
@@ -21,15 +20,12 @@ DATA_SIZES = {"num_labels": "classes", "image_size": "image_size", "num_channels
 class ImageClassifier(DFAModule, Classification):
     """A ``ViTForImageClassification`` (``self.model``) trained with cross-entropy; logs loss and accuracy.
 
-    ``config``: ``ViTConfig`` arguments; ``pretrained``: a local ``save_pretrained`` folder (``num_labels``
-    replaces its head when it differs). ``num_labels``, ``image_size`` and ``num_channels`` override ``config``;
-    when neither gives them they come from the datamodule in ``configure_model``. ``dfa``: settings over
-    ``configure_dfa()``.
+    ``config``: ``ViTConfig`` arguments, or ``pretrained``: a local ``save_pretrained`` folder. ``num_labels``,
+    ``image_size`` and ``num_channels`` override ``config``, else come from the datamodule (``configure_model``).
 
     Example::
 
         model = ImageClassifier({"patch_size": 2, "hidden_size": 64, "num_hidden_layers": 2})
-        Trainer(strategy="dfa").fit(model, datamodule=ImageDataModule("digits"))   # sizes from the data
     """
 
     def __init__(

@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 
 class Projector(nn.Module):
-    """Base class of the projector kinds: subclasses implement :meth:`forward` and may add to :meth:`settings`
-    the constructor arguments that define them (saved and checked on load).
+    """Base class of the projector kinds: subclasses implement :meth:`forward`; :meth:`settings` lists what defines one.
 
     Example::
 

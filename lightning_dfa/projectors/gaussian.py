@@ -18,13 +18,11 @@ def default_std(in_features: int) -> float:
 
 
 class Gaussian(Projector):
-    """``B`` with i.i.d. entries ``N(0, std^2)``, ``std = 1/sqrt(in_features)`` by default, drawn once on the CPU
-    from ``seed`` (the same on every device and rank) and not saved: the state dict holds the seed and shapes.
+    """``B`` with i.i.d. entries ``N(0, std^2)`` (``std = 1/sqrt(in_features)``), drawn once on the CPU from ``seed``.
 
     Example::
 
-        >>> B = Gaussian(10, 300, seed=0)
-        >>> B(torch.randn(4, 10)).shape
+        >>> Gaussian(10, 300, seed=0)(torch.randn(4, 10)).shape
         torch.Size([4, 300])
     """
 

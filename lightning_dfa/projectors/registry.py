@@ -35,8 +35,7 @@ def register_projector(name: str, factory: Callable[..., nn.Module]) -> None:
 
 
 def build_projector(spec: ProjectorSpec, in_features: int, out_features: int, seed: int) -> nn.Module:
-    """Build the projector that ``spec`` describes: a registered name, a class or factory, a config
-    ``{"class_path": ..., "init_args": {...}}`` (``class_path`` may be a name), a module, or a matrix.
+    """Build the projector ``spec`` describes: a name, a class or factory, a class_path config, a module or a matrix.
 
     Example::
 

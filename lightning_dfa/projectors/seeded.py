@@ -21,13 +21,11 @@ def round_tile(tile: int) -> int:
 class SeededGaussian(Projector):
     """``e @ B`` with ``B`` i.i.d. ``N(0, std^2)`` (``std = 1/sqrt(in_features)``), regenerated on every call.
 
-    ``B`` is never stored: each call computes it again, ``tile x tile`` entries at a time, with the generator of
-    :mod:`lightning_dfa.projectors.tiles` on the error's device. Memory is one tile (64 MB at ``tile=4096``) plus
-    an ``N x tile`` accumulator; the matrix depends on ``seed`` (and ``generator``) only, not on ``tile``.
+    ``B`` is never stored: each call regenerates it ``tile x tile`` entries at a time (:mod:`~.tiles`, on the error's
+    device), in one tile of memory plus an ``N x tile`` accumulator; ``tile`` does not change the matrix.
 
     Example::
 
-        >>> B = SeededGaussian(50257, 49152, seed=0)           # 9.9 GB if stored; here 64 MB at a time
         >>> small = SeededGaussian(10, 300, seed=0)
         >>> torch.allclose(small(torch.eye(10)), small.materialize())
         True

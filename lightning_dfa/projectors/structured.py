@@ -1,9 +1,7 @@
 """Structured feedback: random signs, fast Walsh-Hadamard mixing and Gaussian diagonals (Fastfood-like).
 
-For errors padded to ``n = 2^ceil(log2 d_e)``, output block ``b`` is ``y_b = s H G_b P_b H D x``
-(``s = 1 / sqrt(n d_e)``; ``D`` signs, ``H`` the +-1 Walsh-Hadamard transform, ``P_b`` a permutation,
-``G_b`` ``N(0, 1)`` gains): ``O(N (d_e + d_fb) log d_e)`` time, ``O(d_e + d_fb)`` memory. Every entry is
-exactly ``N(0, 1/d_e)``, but entries are not independent (docs/emulator.md).
+Output block ``b`` is ``y_b = s H G_b P_b H D x`` on errors padded to a power of two: ``O(N (d_e + d_fb) log d_e)``
+time, ``O(d_e + d_fb)`` memory; entries are ``N(0, 1/d_e)`` but not independent (docs/emulator.md).
 
 Example::
 
@@ -54,18 +52,14 @@ def hadamard(
 ) -> Tensor:
     """The unnormalised Walsh-Hadamard transform of the rows of ``x`` (width ``n``, a power of two): ``x @ H_n``.
 
-    One batched product ``(N, rest, f) @ H_f`` per Kronecker factor, on a transposed view that rotates the axes
-    back to the original layout after all factors. ``x`` and ``out`` are overwritten as alternate buffers; the
-    result is whichever the last factor wrote. ``factors``: the Sylvester matrices, prebuilt. ``columns=m``: only
-    the first ``m`` output columns are needed, so the first (most significant) factor is cut short; the result
-    has at least ``m`` columns.
+    One batched product per Kronecker factor (``factors``: the prebuilt Sylvester matrices); ``x`` and ``out`` are
+    overwritten as alternate buffers. ``columns=m``: only the first ``m`` output columns are needed (at least
+    ``m`` are returned).
 
     Example::
 
         >>> hadamard(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
         tensor([[1., 1., 1., 1.]])
-        >>> hadamard(torch.tensor([[1.0, 0.0, 0.0, 0.0]]), columns=1)[:, :1]
-        tensor([[1.]])
     """
     rows, n = x.shape
     sizes = hadamard_factors(n)
@@ -87,10 +81,7 @@ def hadamard(
 
 
 class Structured(Projector):
-    """Fast structured random feedback (signs, Hadamard, permutation, Gaussian diagonal); see the module doc.
-
-    ``std`` defaults to ``1/sqrt(in_features)`` like every kind.
-    """
+    """Fast structured random feedback (see the module doc); ``std`` defaults to ``1/sqrt(in_features)``."""
 
     def __init__(self, in_features: int, out_features: int, *, seed: int = 0, std: float | None = None) -> None:
         super().__init__(in_features, out_features, seed=seed)
@@ -144,10 +135,8 @@ class Structured(Projector):
         return out
 
     def _mix(self, u: Tensor, free: list, wide: Tensor | None, gains: Tensor, factors: list, out: Tensor) -> None:
-        """``out = [s H G_b P_b u]_b``, cut to ``out_features``: full blocks by groups, a partial last one cut short.
-
-        ``free`` holds one or two scratch buffers shaped like ``u``; ``wide`` two buffers of ``group`` blocks (None:
-        one block at a time, ``u`` itself the scratch of the last one).
+        """``out = [s H G_b P_b u]_b``, cut to ``out_features``. ``free``: one or two scratch buffers like ``u``;
+        ``wide``: two buffers of ``group`` blocks (None: one block at a time, ``u`` the scratch of the last one).
         """
         n, size = u.shape
         blocks, full = len(self.gains), self.out_features // size

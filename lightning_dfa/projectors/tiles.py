@@ -1,11 +1,9 @@
 """Counter-based Gaussian matrices: any rectangle of a huge random matrix, regenerated on demand, on any device.
 
-Entry ``(2p or 2p + 1, c)`` of stream ``s`` is Box-Muller on the 64-bit hash
-``mix64(mix64(mix_seed(seed, s) + p * GAMMA) + c * GAMMA)`` (SplitMix64's output function), in plain torch
-integer operations: it depends only on ``(seed, stream, row, column)``, never on the rectangle asked for, the
-tile size, the process or the device. The integer stream is exact everywhere; the float32 ``log``/``cos``/``sin``
-may differ in the last bit between CPU and GPU. The legacy ``"cpu"`` and ``"device"`` generators (``torch.randn``
-blocks) remain to resume runs started with them. docs/emulator.md gives the details and properties.
+Entry ``(2p or 2p + 1, c)`` of stream ``s`` is Box-Muller on a SplitMix64 hash of ``(seed, s, p, c)`` in torch
+integer operations: it never depends on the rectangle, tile, process or device (the float32 transcendentals may
+differ in the last bit between CPU and GPU). docs/emulator.md gives the details; ``"cpu"`` and ``"device"`` are
+the legacy ``torch.randn`` block generators.
 
 Example::
 
@@ -103,10 +101,7 @@ def counter_bits_reference(seed: int, stream: int, pair: int, col: int) -> int:
 
 
 def _gaussian_pairs(bits: Tensor, half: Tensor, out_cos: Tensor, out_sin: Tensor, std: float) -> None:
-    """Box-Muller from the hashes ``bits`` (int64, ``(P, W)``) into ``out_cos`` and ``out_sin`` (float32 ``(P, W)``).
-
-    ``half`` is contiguous int32 scratch of the same shape.
-    """
+    """Box-Muller from the int64 hashes ``bits`` ``(P, W)`` into float32 ``out_cos``, ``out_sin``; ``half``: scratch."""
     words = bits.view(torch.int32).view(*bits.shape, 2)  # little-endian: [..., 0] low, [..., 1] high word
     # Uniforms from 23 bits: OR-ed into the mantissa of 1.0 they give a float32 in [1, 2), exactly.
     high = out_sin.view(torch.int32)
@@ -158,10 +153,8 @@ def _counter_region(seed: int, stream: int, rows: tuple[int, int], cols: tuple[i
 def gaussian_rows(
     seed: int, stream: int, rows: Tensor, cols: tuple[int, int], std: float = 1.0, *, out: Tensor | None = None
 ) -> Tensor:
-    """Rows ``rows`` (int64 indices, any order) and columns ``[c0, c1)`` of the counter generator's matrix.
-
-    The entries of :func:`gaussian_region`, bit for bit on one device, at ``2 len(rows)`` normals per column instead
-    of the whole height (the lit pixels of sparse DMD frames). ``out`` (float32, contiguous) is filled if given.
+    """Rows ``rows`` (int64 indices, any order) and columns ``[c0, c1)`` of the counter generator's matrix: the
+    entries of :func:`gaussian_region` bit for bit, generating only those rows (``out``: filled if given).
     """
     (c0, c1), device = cols, rows.device
     if not 0 <= c0 < c1:
@@ -195,10 +188,8 @@ def gaussian_region(
     generator: str = DEFAULT_GENERATOR,
     out: Tensor | None = None,
 ) -> Tensor:
-    """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of the virtual ``N(0, std^2)`` matrix, float32 on ``device``.
-
-    The legacy ``"cpu"`` and ``"device"`` generators draw ``torch.randn`` blocks on the CPU or on ``device``.
-    ``out`` (float32, contiguous, on ``device``) is filled and returned instead of a new tensor.
+    """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of the virtual ``N(0, std^2)`` matrix, float32 on ``device``
+    (filled into ``out`` if given: float32, contiguous, on ``device``).
     """
     (r0, r1), (c0, c1) = rows, cols
     if not (0 <= r0 < r1 and 0 <= c0 < c1):
