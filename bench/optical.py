@@ -50,6 +50,10 @@ def optical_cells(spec: dict, sequence: bool) -> dict[str, dict]:
     }
     if sequence:
         cells.update({f"opu sample_rows {f}": opu(spec, sample_rows=f) for f in (0.25, 0.0625, 0.015625)})
+        dithered = {"encoding": "bitplanes", "bits": 1, "dither": True}
+        cells.update(
+            {f"opu bitplanes 1 dithered, sample_rows {f}": opu(spec, **dithered, sample_rows=f) for f in (0.0625,)}
+        )
     return cells
 
 
