@@ -24,6 +24,9 @@ from pathlib import Path
 import learning  # bench/learning.py: the run machinery and the Gaussian references
 
 OPU_DEFAULT: dict = {}  # the OPU projector's own defaults
+#: The former defaults: ternary input (threshold 0.5 x the row's rms), no blank-frame offset.
+UNCALIBRATED = {"blank_frames": 0}
+TERNARY = {"encoding": "ternary", **UNCALIBRATED}
 
 
 def opu(spec: dict, **settings: object) -> dict:
@@ -33,27 +36,30 @@ def opu(spec: dict, **settings: object) -> dict:
 
 
 def optical_cells(spec: dict, sequence: bool) -> dict[str, dict]:
-    """The study design: one axis at a time around the OPU's defaults (ternary, 8-bit camera with noise)."""
+    """The study design: one axis at a time around the OPU's defaults (a dithered bit plane per sign, 8-bit camera
+    with noise, blank-frame offset), and around the former defaults (ternary input, no offset calibration)."""
     cells = {
         "opu": opu(spec),
-        "opu ideal (analog input, no camera)": opu(spec, encoding=None, camera=False),
-        "opu analog input": opu(spec, encoding=None),
-        "opu no camera": opu(spec, camera=False),
         "opu no noise": opu(spec, shot_noise=False, read_noise=0.0),
-        **{f"opu ternary {t}": opu(spec, threshold=t) for t in (0.1, 0.25, 1.0)},
-        **{f"opu ternary sign {t}": opu(spec, threshold=t, threshold_of="sign") for t in (0.25, 0.5, 1.0)},
-        **{f"opu ternary peak {t}": opu(spec, threshold=t, threshold_of="peak") for t in (0.25, 0.5)},
-        **{f"opu bitplanes {k}": opu(spec, encoding="bitplanes", bits=k) for k in (1, 2, 4, 8)},
-        **{f"opu bitplanes {k} dithered": opu(spec, encoding="bitplanes", bits=k, dither=True) for k in (1, 2)},
-        "opu bitplanes 1 dithered, no camera": opu(spec, encoding="bitplanes", bits=1, dither=True, camera=False),
         **{f"opu camera {b} bits": opu(spec, bit_depth=b) for b in (6, 10, 12)},
+        "opu ideal (analog input, no camera)": opu(spec, encoding=None, camera=False),
+        "opu bitplanes 1 dithered, no camera": opu(spec, camera=False),
+        "opu bitplanes 2 dithered": opu(spec, bits=2),
+        # without the blank-frame offset (as before it existed)
+        "opu bitplanes 1 dithered": opu(spec, blank_frames=0),
+        "opu bitplanes 1 dithered, no noise": opu(spec, blank_frames=0, shot_noise=False, read_noise=0.0),
+        "opu bitplanes 1 dithered, camera 12 bits": opu(spec, blank_frames=0, bit_depth=12),
+        **{f"opu bitplanes {k}": opu(spec, **UNCALIBRATED, bits=k, dither=False) for k in (1, 2, 4, 8)},
+        "opu ternary": opu(spec, **TERNARY),
+        "opu ternary, no camera": opu(spec, **TERNARY, camera=False),
+        "opu ternary, no noise": opu(spec, **TERNARY, shot_noise=False, read_noise=0.0),
+        **{f"opu ternary {t}": opu(spec, **TERNARY, threshold=t) for t in (0.1, 0.25, 1.0)},
+        "opu ternary, blank_frames 64": opu(spec, **TERNARY | {"blank_frames": 64}),
     }
     if sequence:
-        cells.update({f"opu sample_rows {f}": opu(spec, sample_rows=f) for f in (0.25, 0.0625, 0.015625)})
-        dithered = {"encoding": "bitplanes", "bits": 1, "dither": True}
-        cells.update(
-            {f"opu bitplanes 1 dithered, sample_rows {f}": opu(spec, **dithered, sample_rows=f) for f in (0.0625,)}
-        )
+        cells.update({f"opu, sample_rows {f}": opu(spec, sample_rows=f) for f in (0.25, 0.0625, 0.015625)})
+        cells.update({f"opu ternary, sample_rows {f}": opu(spec, **TERNARY, sample_rows=f) for f in (0.25, 0.0625)})
+        cells["opu bitplanes 1 dithered, sample_rows 0.0625"] = opu(spec, blank_frames=0, sample_rows=0.0625)
     return cells
 
 
@@ -67,7 +73,11 @@ def register() -> None:
         study["variants"].update(optical_cells(spec, sequence=recipe == "quickstart"))
     hidden = learning.variant("dfa", HIDDEN_STATE)
     learning.STUDY["quickstart"]["variants"].update(
-        {"gaussian, error at the last hidden state": hidden, "opu, error at the last hidden state": opu(hidden)}
+        {
+            "gaussian, error at the last hidden state": hidden,
+            "opu, error at the last hidden state": opu(hidden),
+            "opu ternary, error at the last hidden state": opu(hidden, **TERNARY),
+        }
     )
 
 

@@ -35,7 +35,7 @@ def test_ideal_opu_is_exactly_a_real_linear_gaussian_projection(errors):
 
 
 def test_ideal_opu_projects_the_ternarised_error_and_reports_the_encoding_error(errors):
-    opu = OPU(D_E, D_FB, seed=1, camera=False)
+    opu = OPU(D_E, D_FB, seed=1, camera=False, encoding="ternary")
     frames = ternarize(errors, 0.5)
     assert torch.allclose(opu(errors), frames.decode() @ opu.ideal_matrix(), atol=1e-4)
     assert opu.stats["encoding_error"] == pytest.approx(encoding_error(errors, frames))
@@ -67,17 +67,9 @@ def test_ternary_weights_each_sign_by_the_mean_magnitude_of_its_lit_entries():
     assert torch.allclose(frames.decode(), torch.tensor([[0.3, 0.0, -0.9, 0.0, 0.0]]))
 
 
-def test_sign_threshold_thresholds_each_sign_on_its_own_magnitude():
-    e = torch.tensor([[0.3, 0.1, -0.9, 0.2, 0.0]])
-    # Positive entries' rms = sqrt((0.09 + 0.01 + 0.04) / 3) = 0.216: threshold 0.108 keeps 0.3 and 0.2.
-    frames = ternarize(e, 0.5, threshold_of="sign")
-    assert torch.equal(frames.frames[0, 0], torch.tensor([True, False, False, True, False]))
-    assert torch.allclose(frames.decode(), torch.tensor([[0.25, 0.0, -0.9, 0.25, 0.0]]))
-
-
 def test_bad_threshold_reference_names_the_choices():
     with pytest.raises(ValueError, match="threshold_of must be one of"):
-        OPU(8, 16, threshold_of="max")
+        OPU(8, 16, threshold_of="sign")
 
 
 def test_binary_frames_are_bool():
@@ -107,7 +99,9 @@ def test_more_bit_planes_give_a_smaller_encoding_error():
 
 
 def test_linearity_error_falls_with_bit_depth_and_is_zero_without_a_camera(errors):
-    quiet = dict(shot_noise=False, read_noise=0.0, seed=0, exposure=0.05)  # exposure low enough not to saturate
+    quiet = dict(
+        shot_noise=False, read_noise=0.0, seed=0, exposure=0.05, encoding="ternary"
+    )  # exposure low enough not to saturate
     errs = [linearity_error(OPU(D_E, D_FB, bit_depth=b, **quiet), errors) for b in (2, 4, 6, 8, 10, 12, 16)]
     # A seed whose anchor has no dark pixel at 16 bits (a speckle zero of |Rr|^2 leaves its output pixel
     # unretrievable, counted in stats["dark_pixels"], and floors the error; seed 3 has two).
@@ -117,7 +111,7 @@ def test_linearity_error_falls_with_bit_depth_and_is_zero_without_a_camera(error
     assert all(later < earlier for earlier, later in zip(errs, errs[1:])), errs
     assert errs[-1] < 0.01 and errs[0] / errs[-1] > 100  # about 4x less per 2 bits
     assert linearity_error(OPU(D_E, D_FB, bit_depth=None, **quiet), errors) < 1e-4
-    assert linearity_error(OPU(D_E, D_FB, camera=False, seed=3), errors) < 1e-5
+    assert linearity_error(OPU(D_E, D_FB, camera=False, seed=3, encoding="ternary"), errors) < 1e-5
 
 
 def test_linearity_error_grows_with_noise(errors):
@@ -128,14 +122,17 @@ def test_linearity_error_grows_with_noise(errors):
         dict(shot_noise=True, read_noise=50.0),
     ]
     # Seed 0: an anchor without near-dark pixels (dividing by a dim |Rr| amplifies noise; seed 3 has two).
-    errs = [linearity_error(OPU(D_E, D_FB, seed=0, bit_depth=None, exposure=0.05, **s), errors) for s in settings]
+    errs = [
+        linearity_error(OPU(D_E, D_FB, seed=0, bit_depth=None, exposure=0.05, encoding="ternary", **s), errors)
+        for s in settings
+    ]
     assert errs[0] < 1e-4 and all(later > earlier for earlier, later in zip(errs, errs[1:])), errs
     assert errs[-1] < 1.0  # still a usable projection at 50 electrons of read noise
 
 
 def test_more_light_means_less_relative_shot_noise(errors):
-    dim = OPU(D_E, D_FB, seed=3, bit_depth=None, read_noise=0.0, full_well=1_000.0, exposure=0.05)
-    bright = OPU(D_E, D_FB, seed=3, bit_depth=None, read_noise=0.0, full_well=100_000.0, exposure=0.05)
+    ternary = dict(seed=3, bit_depth=None, read_noise=0.0, exposure=0.05, encoding="ternary")
+    dim, bright = OPU(D_E, D_FB, full_well=1_000.0, **ternary), OPU(D_E, D_FB, full_well=100_000.0, **ternary)
     assert linearity_error(bright, errors) < linearity_error(dim, errors) / 5  # sqrt(100) = 10 expected
 
 
@@ -258,18 +255,6 @@ def test_sample_rows_outside_0_1_is_an_error(share):
         OPU(D_E, D_FB, sample_rows=share)
 
 
-def test_peak_threshold_keeps_each_signs_entries_near_its_largest():
-    e = torch.tensor([[0.3, 0.1, -0.9, 0.2, 0.0, -0.3]])
-    frames = ternarize(e, 0.5, threshold_of="peak")  # positives above 0.15, negatives below -0.45
-    assert torch.equal(frames.frames[:, 0], torch.tensor([[1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool))
-    assert torch.allclose(frames.decode(), torch.tensor([[0.25, 0.0, -0.9, 0.25, 0.0, 0.0]]))
-
-
-def test_peak_threshold_of_one_or_more_is_an_error():
-    with pytest.raises(ValueError, match=r"relative to the peak must be in \[0, 1\)"):
-        OPU(8, 16, threshold=1.0, threshold_of="peak")
-
-
 def test_auto_anchor_lights_twice_the_mean_lit_pixels_of_the_first_call():
     e = torch.zeros(8, 400)
     e[:, :5], e[:, 5:10] = 1.0, -1.0  # ternary: 5 lit pixels in each of the 2 frames
@@ -312,4 +297,20 @@ def test_dithered_bit_planes_decode_to_the_error_on_average():
 
 def test_dither_is_for_bit_planes_only():
     with pytest.raises(ValueError, match="dither=True applies to encoding='bitplanes'"):
-        OPU(8, 16, dither=True)
+        OPU(8, 16, encoding="ternary", dither=True)
+
+
+def test_blank_frames_remove_most_of_the_offset_shared_by_every_vector():
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.eye(10)[torch.randint(0, 10, (1024,), generator=generator)]
+    errors = (2 * torch.randn(1024, 10, generator=generator)).softmax(1) - targets  # classifier errors, mean ~0
+    exact = OPU(10, 256, seed=0, camera=False)(errors)
+
+    def shared_offset(blank_frames: int) -> float:  # the mean error over the vectors, against the mean feedback
+        opu = OPU(10, 256, seed=0, blank_frames=blank_frames)
+        return float((opu(errors) - exact).mean(0).norm() / exact.mean(0).norm())
+
+    assert shared_offset(64) < 0.7 * shared_offset(0)
+    opu = OPU(10, 256, seed=0, blank_frames=8)
+    opu(errors[:1])
+    assert opu.totals["frames"] == 1 + 2 * 8 + opu.frames_per_vector()  # anchor, blank frames (x, x + r), vector

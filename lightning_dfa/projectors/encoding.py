@@ -7,14 +7,8 @@ softmax minus a one-hot (one large negative entry, many small positive ones) kee
 
 * ``"ternary"``: ``e ~ a_p p - a_n n``, ``p = [e > t_p]``, ``n = [e < -t_n]``, two frames. ``a_p`` and
   ``a_n`` are least-squares weights (the mean of ``|e|`` over each frame's pixels: the best fit with that
-  support). The thresholds are ``threshold`` times a reference chosen by ``threshold_of``:
-
-  - ``"row"`` (default): the row's root-mean-square, the same for both signs;
-  - ``"sign"``: the root-mean-square of the row's entries of that sign (the nonzero ones), so the small
-    part of a lopsided error is thresholded on its own magnitude;
-  - ``"peak"``: the largest magnitude of that sign in the row (``threshold`` in ``[0, 1)``: the peak is always
-    lit), so each part keeps its entries within a factor ``1 / threshold`` of its largest;
-  - ``"absolute"``: ``threshold`` itself.
+  support). The threshold is ``threshold`` times the row's root-mean-square (``threshold_of="row"``) or
+  ``threshold`` itself (``"absolute"``).
 * ``"bitplanes"``: ``k`` bit planes of the positive and of the negative part, ``2k`` frames: each part's
   ``|e_i|`` is rounded to ``k`` bits of that part's peak, so every entry is within ``peak / (2 (2^k - 1))``.
   With a ``dither`` generator the rounding is stochastic (up with probability the fractional part): every
@@ -39,7 +33,7 @@ import torch
 from torch import Tensor
 
 ENCODINGS = ("ternary", "bitplanes", None)
-THRESHOLD_REFERENCES = ("row", "sign", "peak", "absolute")
+THRESHOLD_REFERENCES = ("row", "absolute")
 
 
 @dataclass
@@ -75,8 +69,6 @@ def check_encoding(encoding: str | None, bits: int = 4, threshold: float = 0.5, 
         raise ValueError(f"threshold_of must be one of {THRESHOLD_REFERENCES}, got {threshold_of!r}.")
     if not threshold >= 0:
         raise ValueError(f"threshold must be non-negative, got {threshold}.")
-    if threshold_of == "peak" and not threshold < 1:
-        raise ValueError(f"threshold relative to the peak must be in [0, 1), got {threshold}.")
 
 
 def encode(
@@ -119,21 +111,16 @@ def bitplanes(error: Tensor, bits: int = 4) -> Frames:
 
 def _ternary(error: Tensor, frames: Tensor, weights: Tensor, threshold: float, threshold_of: str) -> None:
     for i, part in enumerate((error.clamp_min(0), error.neg().clamp_min(0))):
-        torch.gt(part, _threshold(error, part, threshold, threshold_of), out=frames[i])
+        torch.gt(part, _threshold(error, threshold, threshold_of), out=frames[i])
         lit = frames[i].sum(1, keepdim=True)
         weights[i] = part.mul_(frames[i]).sum(1, keepdim=True) / lit.clamp_min(1)
     weights[1].neg_()
 
 
-def _threshold(error: Tensor, part: Tensor, threshold: float, threshold_of: str) -> Tensor | float:
+def _threshold(error: Tensor, threshold: float, threshold_of: str) -> Tensor | float:
     if threshold_of == "absolute":
         return threshold
-    if threshold_of == "row":
-        return torch.linalg.vector_norm(error, dim=1, keepdim=True).mul_(threshold / error.shape[1] ** 0.5)
-    if threshold_of == "peak":
-        return part.amax(1, keepdim=True).mul_(threshold)
-    count = torch.count_nonzero(part, dim=1).unsqueeze(1).clamp_min(1)
-    return torch.linalg.vector_norm(part, dim=1, keepdim=True).div_(count.sqrt()).mul_(threshold)
+    return torch.linalg.vector_norm(error, dim=1, keepdim=True).mul_(threshold / error.shape[1] ** 0.5)
 
 
 def _bitplanes(error: Tensor, frames: Tensor, weights: Tensor, bits: int, dither: torch.Generator | None) -> None:

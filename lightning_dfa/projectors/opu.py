@@ -2,8 +2,9 @@
 
 Stages, each switchable (docs/emulator.md has the physics and its measured errors):
 
-1. **Encoding** (:mod:`.encoding`): the real error becomes binary DMD frames, ternary (default) or
-   bit planes; ``encoding=None`` feeds the real error (non-physical, for audits). The encoding error
+1. **Encoding** (:mod:`.encoding`): the real error becomes binary DMD frames: one dithered bit plane per
+   sign by default (2 frames; unbiased: the expected projection is the exact one), more bit planes, or
+   ternary; ``encoding=None`` feeds the real error (non-physical, for audits). The encoding error
    ``|e - decode(frames)| / |e|`` is reported in :attr:`OPU.stats`. With ``sample_rows=f < 1`` only a
    random ``f`` of the error vectors (rows) of a call is sent to the device, the others get no feedback and
    the sent ones are scaled by ``N / sent``: the expected feedback is unchanged, the optical time is ``f`` x.
@@ -15,8 +16,10 @@ Stages, each switchable (docs/emulator.md has the physics and its measured error
    (counted in ``stats["saturated"]``, warned above 1 %), ``bit_depth``-bit quantisation.
 5. **Retrieval** (anchor scheme, Ohana et al. 2023): ``(|R(x+r)|^2 - |Rx|^2 - |Rr|^2) / (2 |Rr|)
    = Re[(Rx) conj(Rr)] / |Rr| = x @ W`` with ``W = Re[R e^{-i angle(Rr)}]``, i.i.d. ``N(0, 1/d_e)``:
-   the library's scale convention. ``|Rr|^2`` is measured once (one camera frame per device pass).
-   Output pixels where the measured anchor reads 0 cannot be retrieved; they give 0 and are counted
+   the library's scale convention. ``|Rr|^2`` is measured once (one frame per device pass), and the mean
+   retrieval of ``blank_frames`` blank frames is subtracted from every output: the anchor's reading error is
+   the same offset for every vector and would add up over a step's vectors. Output pixels where the measured
+   anchor reads 0 cannot be retrieved; they give 0 and are counted
    (``stats["dark_pixels"]``).
 
 With ``camera=False`` (or no noise and ``bit_depth=None``) the map is exactly ``decode(frames) @ W``
@@ -29,10 +32,10 @@ the projection is then split over ``tiles = (input passes, output passes)`` devi
 
 Example::
 
-    >>> opu = OPU(10, 300, seed=0)                                # ternary input, 8-bit noisy camera
+    >>> opu = OPU(10, 300, seed=0)                 # dithered bit plane per sign, 8-bit noisy camera
     >>> y = opu(torch.randn(32, 10))
-    >>> opu.stats["frames"], round(opu.stats["encoding_error"], 2) # 32 vectors x 2 frames x (x, x + r)
-    (128, 0.41)
+    >>> opu.stats["frames"], opu.stats["vectors"]  # 32 vectors x 2 frames x (x, x + r)
+    (128, 32)
     >>> ideal = OPU(10, 300, seed=0, camera=False, encoding=None)
     >>> torch.allclose(ideal.materialize(), ideal.ideal_matrix(), atol=1e-5)
     True
@@ -55,7 +58,7 @@ from lightning_dfa.projectors.encoding import Frames, check_encoding, encode, en
 from lightning_dfa.projectors.seeded import round_tile
 from lightning_dfa.projectors.tiles import DEFAULT_GENERATOR, GENERATORS, gaussian_region, gaussian_rows, mix_seed
 
-_REAL, _IMAG, _NOISE, _ANCHOR_NOISE, _SAMPLE, _DITHER = 1, 2, 3, 4, 5, 6  # random streams
+_REAL, _IMAG, _NOISE, _ANCHOR_NOISE, _SAMPLE, _DITHER, _BLANK = 1, 2, 3, 4, 5, 6, 7  # random streams
 SATURATION_WARNING = 0.01
 #: When at most this fraction of the input pixels is lit in any frame of a call (sparse errors such as a softmax
 #: minus one-hot, ternarised), only the medium's rows at those pixels are generated and multiplied.
@@ -75,7 +78,8 @@ class OPU(Projector):
     (ternary), ``bits`` (bit planes per sign) and ``dither`` (stochastic rounding); ``sample_rows`` (share of the
     error vectors sent); ``camera`` (False: ideal detector), ``bit_depth`` (8; None: no quantisation; 0 is an
     error), ``full_well`` electrons, ``exposure`` (mean signal / full well), ``shot_noise``, ``read_noise``
-    (electrons rms); ``anchor_pixels`` (``"auto"``: chosen at the first call, :meth:`calibrate`); device limits
+    (electrons rms); ``blank_frames`` (the offset's calibration); ``anchor_pixels`` (``"auto"``: chosen at the
+    first call, :meth:`calibrate`); device limits
     ``max_input``, ``max_output``, ``frame_time``, ``power_w`` and ``allow_tiling``; ``tile`` (memory of the matrix
     generation) and ``generator`` as in :class:`SeededGaussian`.
 
@@ -89,12 +93,13 @@ class OPU(Projector):
         out_features: int,
         *,
         seed: int = 0,
-        encoding: str | None = "ternary",
+        encoding: str | None = "bitplanes",
         threshold: float = 0.5,
         threshold_of: str = "row",
-        bits: int = 4,
-        dither: bool = False,
+        bits: int = 1,
+        dither: bool | None = None,
         sample_rows: float = 1.0,
+        blank_frames: int = 64,
         camera: bool = True,
         bit_depth: int | None = 8,
         full_well: float = 10_000.0,
@@ -117,8 +122,11 @@ class OPU(Projector):
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}.")
         self.encoding, self.threshold, self.threshold_of, self.bits = encoding, threshold, threshold_of, bits
-        self.sample_rows, self.dither = float(sample_rows), bool(dither)
-        if dither and encoding != "bitplanes":
+        self.sample_rows = float(sample_rows)
+        self.dither = encoding == "bitplanes" if dither is None else bool(dither)  # None: bit planes dither
+        self.blank_frames = int(blank_frames)
+        self._offset: Tensor | None = None  # the blank frames' mean retrieval, measured at first use
+        if self.dither and encoding != "bitplanes":
             raise ValueError(f"dither=True applies to encoding='bitplanes' (stochastic rounding), got {encoding!r}.")
         self.camera = Camera(camera, bit_depth, full_well, exposure, shot_noise, read_noise)
         if anchor_pixels != "auto" and (isinstance(anchor_pixels, (bool, str)) or not int(anchor_pixels) >= 1):
@@ -161,6 +169,7 @@ class OPU(Projector):
             "shot_noise": cam.shot_noise,
             "read_noise": cam.read_noise,
             "anchor_pixels": self.anchor_setting,
+            "blank_frames": self.blank_frames,
             "max_input": self.max_input,
             "max_output": self.max_output,
             "generator": self.generator,
@@ -179,7 +188,7 @@ class OPU(Projector):
         anchor = state.pop("chosen_anchor_pixels", None)
         check_saved_state(state, super().get_extra_state())
         self.calls, self.gain, self.anchor_pixels = calls, gain, anchor
-        self._anchor = self._anchor_reading = None
+        self._anchor = self._anchor_reading = self._offset = None
 
     def _check_limits(self) -> tuple[int, int]:
         tiles = device_tiles(self.in_features, self.out_features, self.anchor_bound, self.max_input, self.max_output)
@@ -281,7 +290,7 @@ class OPU(Projector):
                 self.anchor_pixels, self._anchor = min(self.anchor_bound, chosen), None
             mean_intensity = 2.0 * (lit + self.anchor_pixels) / self.in_features
             self.gain = self.camera.exposure * self.camera.full_well / mean_intensity
-            self._anchor_reading = None
+            self._anchor_reading = self._offset = None
         return self.gain
 
     def anchor_reading(self, device: torch.device) -> dict[str, Any]:
@@ -356,7 +365,7 @@ class OPU(Projector):
             sat, pixels = self._project_frames(frames, out[v0 : v0 + VECTORS_PER_PASS], generator)
             saturated, read = saturated + sat, read + pixels
             residual += encoding_error(errors, frames, relative=False) ** 2
-        norm = float(clean.norm())
+        norm, anchor = float(clean.norm()), self._anchor_reading["intensity"]
         self.stats = {
             "vectors": clean.shape[0],
             "encoding_error": residual**0.5 / norm if norm else 0.0,
@@ -364,7 +373,7 @@ class OPU(Projector):
             "saturated_fraction": saturated / max(read, 1),
             "pixels": read,
             "anchor_saturated": self._anchor_reading["saturated"],
-            "dark_pixels": int((self._anchor_reading["intensity"] <= 0).sum()),
+            "dark_pixels": int((anchor <= 0).sum()),
         }
         return out
 
@@ -393,10 +402,32 @@ class OPU(Projector):
                 i1 = min(i0 + chunk, self.in_features)
                 self._field(flat, (i0, i1), (c0, c1), anchor["scale"], field, lit)
                 y, sat = self._retrieve(field, anchor, (c0, c1), generator, views)
+                y -= self._blank_offset(anchor, out)[c0:c1]
                 for weight, part in zip(frames.weights, y.view(count, vectors, c1 - c0)):
                     out[:, c0:c1].addcmul_(weight, part)
                 saturated, read = saturated + sat, read + 2 * rows * (c1 - c0)
         return saturated, read
+
+    def _blank_offset(self, anchor: dict, like: Tensor) -> Tensor:
+        """What the camera retrieves, on average over ``blank_frames`` blank frames, for no input at all.
+
+        Measured once: the anchor's reading error and the camera's rounding near the anchor's intensity make the
+        same offset on an output pixel for every frame. Left in, it would add up over the vectors of a step (their
+        errors, of both signs, average out; the offset does not) and pull every block the same way.
+        """
+        if self._offset is None or self._offset.device != like.device or self._offset.dtype != like.dtype:
+            offset = torch.zeros(self.out_features, dtype=like.dtype, device=like.device)
+            if self.camera.enabled and self.blank_frames:
+                generator = torch.Generator(device=like.device).manual_seed(mix_seed(self.seed, _BLANK))
+                for c0 in range(0, self.out_features, self.tile):
+                    c1 = min(c0 + self.tile, self.out_features)
+                    field = torch.zeros(self.blank_frames, 2 * (c1 - c0), dtype=like.dtype, device=like.device)
+                    alone = torch.empty(self.blank_frames, c1 - c0, dtype=like.dtype, device=like.device)
+                    y, _ = self._retrieve(field, anchor, (c0, c1), generator, [alone])
+                    offset[c0:c1] = y.mean(0)
+                self.totals["frames"] += 2 * self.blank_frames * self.tiles[0] * self.tiles[1]
+            self._offset = offset
+        return self._offset
 
     def _anchor_counts(self, device: torch.device, work: torch.dtype) -> dict[str, Any]:
         """The anchor field and reading in camera counts, and what the retrieval needs, for this call.
