@@ -1,8 +1,9 @@
 """Learning with each projector kind on the digits quick start (about a minute and a half on 2 CPU cores).
 
 The dense Gaussian sets the bar; SeededGaussian, Structured and the ideal OPU (camera off, analog input:
-exactly a real Gaussian projection) must come within 2 points of it. The physical OPU (ternary input,
-8-bit camera with shot and read noise) must still learn: clearly above chance. The accuracies are
+exactly a real Gaussian projection) must come within 2 points of it, the physical OPU with its defaults
+(a dithered bit plane per sign, 8-bit camera with shot and read noise) within 3, and at the plugin's
+defaults it must beat the frozen-blocks control. The accuracies are
 printed (``pytest -s``) so the degradation is measured, not assumed.
 """
 
@@ -24,13 +25,13 @@ EPOCHS = 8
 RESULTS: dict[str, float] = {}
 
 
-def test_accuracy(projector) -> float:
+def test_accuracy(projector, lr_scale: float | str = 1.0, mode: str = "dfa", epochs: int = EPOCHS) -> float:
     pl.seed_everything(0, workers=True)
     model = MLPClassifier(hidden=128, depth=2, lr=1e-3)
     # The full rate: the projectors are compared where the blocks learn fastest (at lr_scale="auto", 0.1 here,
     # 8 epochs leave the blocks mid-way and the comparison noisy; docs/emulator.md has both).
-    dfa = DFA(blocks="blocks.*", output="head", projector=projector, seed=0, lr_scale=1.0)
-    trainer = quiet_trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[dfa])
+    dfa = DFA(blocks="blocks.*", output="head", projector=projector, seed=0, lr_scale=lr_scale, mode=mode)
+    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=[dfa])
     data = DigitsDataModule(batch_size=32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # camera saturation warnings (counted by the OPU)
@@ -62,10 +63,18 @@ def test_memory_light_and_ideal_optical_projectors_learn_as_well_as_the_dense_ga
     assert RESULTS[name] >= dense_accuracy - 0.02
 
 
-def test_the_physical_opu_with_an_8_bit_noisy_camera_still_learns(dense_accuracy):
-    RESULTS["opu"] = test_accuracy("opu")  # ternary input, 8-bit camera, shot and read noise
+def test_the_physical_opu_with_an_8_bit_noisy_camera_learns_close_to_the_dense_gaussian(dense_accuracy):
+    RESULTS["opu"] = test_accuracy("opu")  # its defaults: dithered bit planes, 8-bit camera with noise, offset
     print(
-        f"\nOPU (ternary, 8-bit, noise): test accuracy {RESULTS['opu']:.3f}, "
+        f"\nOPU (defaults): test accuracy {RESULTS['opu']:.3f}, "
         f"{100 * (dense_accuracy - RESULTS['opu']):.1f} points below the dense Gaussian ({dense_accuracy:.3f})"
     )
-    assert RESULTS["opu"] > 0.75  # chance is 0.10
+    assert RESULTS["opu"] >= dense_accuracy - 0.03
+
+
+def test_the_physical_opu_at_the_plugins_defaults_beats_the_frozen_control():
+    # 20 epochs: at lr_scale="auto" (0.1 here) the blocks need longer than at the full rate
+    opu = test_accuracy("opu", lr_scale="auto", epochs=20)
+    frozen = test_accuracy("opu", lr_scale="auto", mode="frozen", epochs=20)
+    print(f"\nOPU at lr_scale='auto': test accuracy {opu:.3f} (frozen-blocks control {frozen:.3f})")
+    assert opu > frozen + 0.03
