@@ -10,6 +10,8 @@ import sys
 from importlib import import_module
 from typing import Any
 
+from lightning_dfa._lazy import lazy_getattr
+
 _EXPORTS = {
     "DFA": "lightning_dfa.callback",
     "DFAConfig": "lightning_dfa.feedback",
@@ -22,10 +24,7 @@ __version__ = "0.1.0"
 __all__ = [*_EXPORTS, "__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lightning_dfa' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 class _RegisterWithLightning(importlib.abc.MetaPathFinder):

@@ -203,6 +203,13 @@ def _projector_name(spec: Any) -> str:
     return spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
 
 
+def check_every_n_steps(every_n_steps: int) -> int:
+    """``every_n_steps`` of a diagnostic callback, or a clear error if it is not a positive integer."""
+    if every_n_steps < 1:
+        raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps}.")
+    return every_n_steps
+
+
 def find_dfa(trainer: pl.Trainer) -> FeedbackEngine | None:
     """The DFA engine of a run: the strategy's, or a ``DFA`` among the callbacks; ``None`` without DFA."""
     callback = getattr(trainer.strategy, "dfa", None) or next(

@@ -129,7 +129,7 @@ def test_missing_pretrained_folder_and_bad_arguments_are_clear_errors(tmp_path):
         CausalLM()
     with pytest.raises(ValueError, match="needs a 'model_type'"):
         CausalLM(config={"n_layer": 2})
-    with pytest.raises(RuntimeError, match="has no model yet"):
+    with pytest.raises(RuntimeError, match="CausalLM is not built yet"):
         CausalLM(config=GPT2)(torch.zeros(1, 4, dtype=torch.long))
 
 

@@ -22,16 +22,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_dfa import _compat
-from lightning_dfa.callback import find_dfa
+from lightning_dfa.callback import check_every_n_steps, find_dfa
 
 
 class Alignment(Callback):
     """Cosine between DFA updates and true gradients per feedback point (see the module docstring)."""
 
     def __init__(self, every_n_steps: int = 50) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps}.")
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_every_n_steps(every_n_steps)
         self.history: list[dict[str, float]] = []
         self._batch: tuple[Any, int, dict[str, Any]] | None = None
         self._warned = False

@@ -15,16 +15,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_dfa.callback import find_dfa
+from lightning_dfa.callback import check_every_n_steps, find_dfa
 
 
 class FeedbackStats(Callback):
     """Error and feedback RMS per point, logged every ``every_n_steps`` steps (see the module docstring)."""
 
     def __init__(self, every_n_steps: int = 50) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps}.")
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_every_n_steps(every_n_steps)
         self.latest: dict[str, float] = {}
         self._due = False
         self._dfa: Any = None

@@ -1,6 +1,6 @@
 """Data modules with bundled defaults that need no network (imported on first use)."""
 
-from importlib import import_module
+from lightning_dfa._lazy import lazy_getattr
 
 _EXPORTS = {
     "DigitsDataModule": "lightning_dfa.data.images",
@@ -8,9 +8,4 @@ _EXPORTS = {
     "ImageDataModule": "lightning_dfa.data.images",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lightning_dfa.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

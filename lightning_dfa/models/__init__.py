@@ -1,6 +1,6 @@
 """LightningModules used by the recipes (imported on first use: HF and diffusers load slowly)."""
 
-from importlib import import_module
+from lightning_dfa._lazy import lazy_getattr
 
 _EXPORTS = {
     "MLPClassifier": "lightning_dfa.models.mlp",
@@ -9,9 +9,4 @@ _EXPORTS = {
     "Diffusion": "lightning_dfa.models.diffusion",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lightning_dfa.models' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -26,6 +26,19 @@ def local_checkpoint(path: str) -> str:
     return str(folder)
 
 
+def check_config_or_pretrained(config: Any, pretrained: Any, new: str) -> None:
+    """A model is new (``config``) or loaded (``pretrained``), not both."""
+    if config is not None and pretrained is not None:
+        raise ValueError(f"Give either config (a new {new}) or pretrained (a local checkpoint), not both.")
+
+
+def built(model: torch.nn.Module | None, owner: str, how: str) -> torch.nn.Module:
+    """``model`` once built by ``configure_model``; a clear error saying how to build it otherwise."""
+    if model is None:
+        raise RuntimeError(f"{owner} is not built yet: {how}")
+    return model
+
+
 class DFAModule(pl.LightningModule):
     """A LightningModule whose ``configure_dfa()`` is its :meth:`dfa_defaults` with its ``dfa=`` hyperparameter
     (e.g. ``{"backprop_top": 1}``) over them; strategy arguments still win. Optimizer: ``optimizer`` (AdamW) over

@@ -25,7 +25,7 @@ from transformers.optimization import get_constant_schedule_with_warmup, get_cos
 
 from lightning_dfa import _compat
 from lightning_dfa.callback import find_dfa
-from lightning_dfa.models.base import DFAModule, local_checkpoint
+from lightning_dfa.models.base import DFAModule, built, local_checkpoint
 from lightning_dfa.optim import param_groups
 
 SCHEDULES = ("cosine", "constant")
@@ -126,12 +126,8 @@ class CausalLM(DFAModule):
 
     # -- training ------------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor) -> Tensor:
-        if self.model is None:
-            raise RuntimeError(
-                "CausalLM has no model yet: give vocab_size=... (or config['vocab_size']), or let a Trainer with a "
-                "TextDataModule build it."
-            )
-        return self.model(input_ids=input_ids).logits
+        how = "give vocab_size=... (or config['vocab_size']), or let a Trainer with a TextDataModule build it."
+        return built(self.model, "CausalLM", how)(input_ids=input_ids).logits
 
     def _loss(self, batch: Tensor | dict[str, Tensor]) -> tuple[Tensor, int]:
         ids = batch["input_ids"] if isinstance(batch, dict) else batch

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_dfa.models.base import DFAModule, local_checkpoint
+from lightning_dfa.models.base import DFAModule, check_config_or_pretrained, local_checkpoint
 from lightning_dfa.models.image_classifier import check_data_sizes, sizes_from_data
 
 #: UNet2DModel config keys taken from the datamodule when not given -> datamodule reading.
@@ -47,8 +47,7 @@ class Diffusion(DFAModule):
         dfa: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if config is not None and pretrained is not None:
-            raise ValueError("Give either config (a new UNet2DModel) or pretrained (a local checkpoint), not both.")
+        check_config_or_pretrained(config, pretrained, "UNet2DModel")
         from diffusers import DDPMScheduler
 
         self.save_hyperparameters()

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 
 from lightning_dfa import _compat
-from lightning_dfa.models.base import Classification, DFAModule, local_checkpoint
+from lightning_dfa.models.base import Classification, DFAModule, built, check_config_or_pretrained, local_checkpoint
 
 #: Sizes the model takes from the datamodule when they are not given: ViTConfig key -> datamodule reading.
 DATA_SIZES = {"num_labels": "classes", "image_size": "image_size", "num_channels": "channels"}
@@ -41,8 +41,7 @@ class ImageClassifier(DFAModule, Classification):
         dfa: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if config is not None and pretrained is not None:
-            raise ValueError("Give either config (a new ViT) or pretrained (a local checkpoint), not both.")
+        check_config_or_pretrained(config, pretrained, "ViT")
         self.save_hyperparameters()
         self.model = None
         sizes = self._given_sizes()
@@ -79,12 +78,11 @@ class ImageClassifier(DFAModule, Classification):
 
     # ------------------------------------------------------------------ steps
     def forward(self, pixel_values: Tensor) -> Tensor:
-        if self.model is None:
-            raise RuntimeError(
-                "ImageClassifier is not built yet: give num_labels, image_size and num_channels, or train it with a "
-                "datamodule that has num_classes and image_shape (ImageDataModule)."
-            )
-        return self.model(pixel_values=pixel_values).logits
+        how = (
+            "give num_labels, image_size and num_channels, or train it with a datamodule that has num_classes and "
+            "image_shape (ImageDataModule)."
+        )
+        return built(self.model, "ImageClassifier", how)(pixel_values=pixel_values).logits
 
 
 # ---------------------------------------------------------------------- shared with Diffusion
