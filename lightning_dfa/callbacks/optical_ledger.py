@@ -8,7 +8,7 @@ a summary table at the end of ``fit``.
 
 * With an electronic projector (``gaussian``, ``seeded``, ``structured``...), the electronic time is the
   projector's own wall time, measured with forward hooks (CUDA-synchronised); the optical side is what an
-  OPU would take with ``encoding`` (ternary by default).
+  OPU would take with ``encoding`` (2 binary frames per vector by default, as the OPU's default encoding).
 * With the ``OPU`` emulator, the optical side is the emulator's own frame count and settings; its wall
   time is the emulation, not an electronic projection, so the electronic side is a reference projector
   (dense ``Gaussian`` when its matrix takes at most 1 GiB, else ``SeededGaussian``) timed once at the
