@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -306,28 +307,40 @@ frozen control and DFA with the plugin's defaults, mean over seeds; right, the f
 lines."""
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def study_parser(description: str, out: str, seeds: list[int]) -> argparse.ArgumentParser:
+    """The command line shared by the studies: which recipes and seeds, parallel runs, where runs and page go."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--recipes", nargs="+", default=list(STUDY))
-    parser.add_argument("--variants", nargs="+", help="variant names (default: all of each recipe)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=seeds)
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
-    parser.add_argument("--root", default="runs/learning")
-    parser.add_argument("--out", default="docs/learning-results.md")
+    parser.add_argument("--root", default="runs/learning", help="finished runs are kept here and reused")
+    parser.add_argument("--out", default=out)
     parser.add_argument("--page-only", action="store_true", help="only rebuild the page from saved runs")
-    args = parser.parse_args()
+    return parser
+
+
+def run_study(args: argparse.Namespace, keep: Callable[[str], bool]) -> list[dict]:
+    """Run (or reuse) every (recipe, variant, seed) whose variant ``keep`` accepts; return every saved run."""
     root = Path(args.root)
     cells = [
         (recipe, name, seed)
         for seed in args.seeds
         for recipe in args.recipes
         for name in STUDY[recipe]["variants"]
-        if args.variants is None or name in args.variants
+        if keep(name)
     ]
     if not args.page_only:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda cell: run(*cell, root), cells))
-    results = [json.loads(p.read_text()) for p in sorted(root.glob("*/*/seed*/result.json"))]
+    return [json.loads(p.read_text()) for p in sorted(root.glob("*/*/seed*/result.json"))]
+
+
+def main() -> None:
+    parser = study_parser(__doc__.splitlines()[0], "docs/learning-results.md", [0, 1, 2])
+    parser.add_argument("--variants", nargs="+", help="variant names (default: all of each recipe)")
+    args = parser.parse_args()
+    root = Path(args.root)
+    results = run_study(args, lambda name: args.variants is None or name in args.variants)
     results = [r for r in results if r["recipe"] in STUDY and r["variant"] in STUDY[r["recipe"]]["variants"]]
     (root / "learning.json").write_text(json.dumps(results, indent=1))
     out = Path(args.out)

@@ -15,10 +15,8 @@ against optical time per step (the Pareto figure of docs/emulator.md).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import learning  # bench/learning.py: the run machinery and the Gaussian references
@@ -81,6 +79,10 @@ def register() -> None:
     )
 
 
+def is_optical(name: str) -> bool:
+    return "opu" in name or "gaussian," in name
+
+
 def optical_ms_per_step(result: dict) -> tuple[float, float]:
     """The optical and electronic projection time per training step (ms) that the run's ledger recorded."""
     ledger = result.get("ledger") or {}
@@ -91,7 +93,7 @@ def optical_ms_per_step(result: dict) -> tuple[float, float]:
 def rows(results: list[dict], recipe: str) -> list[dict]:
     """Per cell: metric mean/sd over seeds, optical and electronic ms per step (the OPU cells and the reference)."""
     metric, out = learning.STUDY[recipe]["metric"], []
-    names = ["dfa", *[n for n in learning.STUDY[recipe]["variants"] if "opu" in n or "gaussian," in n]]
+    names = ["dfa", *filter(is_optical, learning.STUDY[recipe]["variants"])]
     for name in names:
         runs = [r for r in results if r["recipe"] == recipe and r["variant"] == name and "metrics" in r]
         if not runs:
@@ -174,27 +176,10 @@ on this machine (2-core CPU)."""
 
 def main() -> None:
     register()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=list(learning.STUDY))
+    parser = learning.study_parser(__doc__.splitlines()[0], "docs/optical-results.md", [0])
     parser.add_argument("--cells", nargs="+", help="cell names (default: every OPU cell of each recipe)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
-    parser.add_argument("--root", default="runs/learning", help="shared with bench/learning.py (references reused)")
-    parser.add_argument("--out", default="docs/optical-results.md")
-    parser.add_argument("--page-only", action="store_true", help="only rebuild the page from saved runs")
     args = parser.parse_args()
-    root = Path(args.root)
-    cells = [
-        (recipe, name, seed)
-        for seed in args.seeds
-        for recipe in args.recipes
-        for name in learning.STUDY[recipe]["variants"]
-        if (name in args.cells if args.cells else "opu" in name or "gaussian," in name)
-    ]
-    if not args.page_only:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda cell: learning.run(*cell, root), cells))
-    results = [json.loads(p.read_text()) for p in sorted(root.glob("*/*/seed*/result.json"))]
+    results = learning.run_study(args, lambda name: name in args.cells if args.cells else is_optical(name))
     out = Path(args.out)
     lines = [INTRO, ""]
     for recipe in learning.STUDY:
