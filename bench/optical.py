@@ -40,6 +40,8 @@ def optical_cells(spec: dict, sequence: bool) -> dict[str, dict]:
         "opu": opu(spec),
         "opu no noise": opu(spec, shot_noise=False, read_noise=0.0),
         **{f"opu camera {b} bits": opu(spec, bit_depth=b) for b in (6, 10, 12)},
+        "opu exposure 0.1": opu(spec, exposure=0.1),
+        "opu no noise, no quantisation": opu(spec, shot_noise=False, read_noise=0.0, bit_depth=None),
         "opu ideal (analog input, no camera)": opu(spec, encoding=None, camera=False),
         "opu bitplanes 1 dithered, no camera": opu(spec, camera=False),
         "opu bitplanes 2 dithered": opu(spec, bits=2),
