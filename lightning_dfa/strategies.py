@@ -146,6 +146,13 @@ class DFADDPStrategy(_DFAStrategyMixin, DDPStrategy):
 
     strategy_name = "dfa_ddp"
 
+    def teardown(self) -> None:
+        super().teardown()
+        # A spawned rank ends with fit: close its process group now, while the interpreter is whole, rather than in
+        # the exit handler, where tearing gloo down aborted a rank now and then ("terminate called ...").
+        if torch.distributed.is_initialized() and _compat.launcher_spawns(self.lightning_module.trainer):
+            torch.distributed.destroy_process_group()
+
 
 class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
     """Fully sharded data parallel training with DFA: ``Trainer(strategy="dfa_fsdp", devices=8)``.
