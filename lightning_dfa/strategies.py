@@ -148,8 +148,7 @@ class DFADDPStrategy(_DFAStrategyMixin, DDPStrategy):
 
     def teardown(self) -> None:
         super().teardown()
-        # A spawned rank ends with fit: close its process group now, while the interpreter is whole, rather than in
-        # the exit handler, where tearing gloo down aborted a rank now and then ("terminate called ...").
+        # A spawned rank ends with fit: closing gloo in its exit handler instead aborted a rank now and then.
         if torch.distributed.is_initialized() and _compat.launcher_spawns(self.lightning_module.trainer):
             torch.distributed.destroy_process_group()
 

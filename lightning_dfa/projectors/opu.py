@@ -350,8 +350,7 @@ class OPU(Projector):
         if self.dither:
             dither = torch.Generator(device=clean.device).manual_seed(mix_seed(self.seed, _DITHER, self.calls))
         out = torch.zeros(clean.shape[0], self.out_features, dtype=clean.dtype, device=clean.device)
-        saturated = read = 0
-        residual = 0.0
+        saturated, read, residual = 0, 0, 0.0
         for v0 in range(0, clean.shape[0], VECTORS_PER_PASS):
             errors = clean[v0 : v0 + VECTORS_PER_PASS]
             frames = encode(
@@ -409,12 +408,8 @@ class OPU(Projector):
         return saturated, read
 
     def _blank_offset(self, anchor: dict, like: Tensor) -> Tensor:
-        """What the camera retrieves, on average over ``blank_frames`` blank frames, for no input at all.
-
-        Measured once: the anchor's reading error and the camera's rounding near the anchor's intensity make the
-        same offset on an output pixel for every frame. Left in, it would add up over the vectors of a step (their
-        errors, of both signs, average out; the offset does not) and pull every block the same way.
-        """
+        """The mean retrieval of ``blank_frames`` blank frames, measured once: the offset that the anchor's reading
+        error makes on each output pixel for every frame, which would add up over a step's vectors (module doc)."""
         if self._offset is None or self._offset.device != like.device or self._offset.dtype != like.dtype:
             offset = torch.zeros(self.out_features, dtype=like.dtype, device=like.device)
             if self.camera.enabled and self.blank_frames:
