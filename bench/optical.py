@@ -21,7 +21,6 @@ from pathlib import Path
 
 import learning  # bench/learning.py: the run machinery and the Gaussian references
 
-OPU_DEFAULT: dict = {}  # the OPU projector's own defaults
 #: The former defaults: ternary input (threshold 0.5 x the row's rms), no blank-frame offset.
 UNCALIBRATED = {"blank_frames": 0}
 TERNARY = {"encoding": "ternary", **UNCALIBRATED}
@@ -29,7 +28,7 @@ TERNARY = {"encoding": "ternary", **UNCALIBRATED}
 
 def opu(spec: dict, **settings: object) -> dict:
     """The recipe's DFA variant ``spec`` with the OPU emulator (``settings`` on top of its defaults) as projector."""
-    projector = json.dumps({"class_path": "opu", "init_args": {**OPU_DEFAULT, **settings}})
+    projector = json.dumps({"class_path": "opu", "init_args": settings})
     return {**spec, "args": [*spec["args"], f"--trainer.strategy.init_args.projector={projector}"]}
 
 

@@ -314,3 +314,9 @@ def test_blank_frames_remove_most_of_the_offset_shared_by_every_vector():
     opu = OPU(10, 256, seed=0, blank_frames=8)
     opu(errors[:1])
     assert opu.totals["frames"] == 1 + 2 * 8 + opu.frames_per_vector()  # anchor, blank frames (x, x + r), vector
+
+
+def test_an_empty_batch_gives_empty_feedback_and_calibrates():
+    opu = OPU(D_E, D_FB, seed=0)
+    assert opu(torch.zeros(0, D_E)).shape == (0, D_FB)
+    assert opu.stats["vectors"] == 0 and opu.gain is not None

@@ -40,6 +40,8 @@ from lightning_dfa.projectors.cost import (
 )
 from lightning_dfa.projectors.opu import OPU
 
+#: What a step's projector calls add up to before the step's ledger entry is written.
+NOTHING_PENDING = {"rows": 0, "vectors": 0, "seconds": 0.0, "frames": 0}
 KEYS = ("vectors", "frames", "optical_time_s", "optical_energy_j", "electronic_time_s", "electronic_energy_j")
 
 
@@ -70,7 +72,7 @@ class OpticalLedger(Callback):
         self._engine: Any = None
         self._hooked: nn.Module | None = None
         self._handles: list = []
-        self._pending = self._nothing_pending()
+        self._pending = dict(NOTHING_PENDING)
         self._started = 0.0
         self._reference_s_per_vector: float | None = None
 
@@ -158,12 +160,8 @@ class OpticalLedger(Callback):
             "electronic_energy_j": seconds * power,
         }
 
-    @staticmethod
-    def _nothing_pending() -> dict[str, Any]:
-        return {"rows": 0, "vectors": 0, "seconds": 0.0, "frames": 0}
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        pending, self._pending = self._pending, self._nothing_pending()
+        pending, self._pending = self._pending, dict(NOTHING_PENDING)
         if self._hooked is None or pending["rows"] == 0:
             return
         entry = self.step_cost(

@@ -122,9 +122,8 @@ class OPU(Projector):
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}.")
         self.encoding, self.threshold, self.threshold_of, self.bits = encoding, threshold, threshold_of, bits
-        self.sample_rows = float(sample_rows)
+        self.sample_rows, self.blank_frames = float(sample_rows), int(blank_frames)
         self.dither = encoding == "bitplanes" if dither is None else bool(dither)  # None: bit planes dither
-        self.blank_frames = int(blank_frames)
         self._offset: Tensor | None = None  # the blank frames' mean retrieval, measured at first use
         if self.dither and encoding != "bitplanes":
             raise ValueError(f"dither=True applies to encoding='bitplanes' (stochastic rounding), got {encoding!r}.")
@@ -298,7 +297,7 @@ class OPU(Projector):
         if self._anchor_reading is None:
             field = self.anchor(torch.device("cpu"))
             intensity = field["real"].double() ** 2 + field["imag"].double() ** 2
-            generator = torch.Generator().manual_seed(mix_seed(self.seed, _ANCHOR_NOISE))
+            generator = self._stream(_ANCHOR_NOISE, torch.device("cpu"))
             reading = self.camera.read(intensity, self.gain, generator)
             self.totals["frames"] += self.tiles[0] * self.tiles[1]
             self._anchor_reading = {"intensity": reading.intensity.float(), "saturated": reading.saturated}
@@ -332,11 +331,15 @@ class OPU(Projector):
             out[bad_rows] = float("nan")
         return out.to(error.dtype)
 
+    def _stream(self, stream: int, device: torch.device, *index: int) -> torch.Generator:
+        """The generator of one random stream of this OPU (camera noise, dither, sampling...), at ``index``."""
+        return torch.Generator(device=device).manual_seed(mix_seed(self.seed, stream, *index))
+
     def _sampled_rows(self, rows: int, device: torch.device) -> Tensor | None:
         """The rows sent to the device in this call (sorted), or None for all of them (``sample_rows=1``)."""
         if self.sample_rows >= 1 or rows == 0:
             return None
-        generator = torch.Generator(device=device).manual_seed(mix_seed(self.seed, _SAMPLE, self.calls))
+        generator = self._stream(_SAMPLE, device, self.calls)
         count = max(1, round(self.sample_rows * rows))
         return torch.randperm(rows, generator=generator, device=device)[:count].sort().values
 
@@ -345,13 +348,12 @@ class OPU(Projector):
 
         ``VECTORS_PER_PASS`` vectors at a time, so that their frames, fields and camera buffers stay small.
         """
-        generator = torch.Generator(device=clean.device).manual_seed(mix_seed(self.seed, _NOISE, self.calls))
-        dither = None
-        if self.dither:
-            dither = torch.Generator(device=clean.device).manual_seed(mix_seed(self.seed, _DITHER, self.calls))
+        generator = self._stream(_NOISE, clean.device, self.calls)
+        dither = self._stream(_DITHER, clean.device, self.calls) if self.dither else None
         out = torch.zeros(clean.shape[0], self.out_features, dtype=clean.dtype, device=clean.device)
         saturated, read, residual = 0, 0, 0.0
-        for v0 in range(0, clean.shape[0], VECTORS_PER_PASS):
+        anchor = None
+        for v0 in range(0, max(clean.shape[0], 1), VECTORS_PER_PASS):  # no rows: one empty pass, for the stats
             errors = clean[v0 : v0 + VECTORS_PER_PASS]
             frames = encode(
                 errors,
@@ -361,25 +363,28 @@ class OPU(Projector):
                 bits=self.bits,
                 dither=dither,
             )
-            sat, pixels = self._project_frames(frames, out[v0 : v0 + VECTORS_PER_PASS], generator)
+            if anchor is None:  # the first frames of the first call set the anchor's size and the exposure
+                self.calibrate(frames.frames)
+                anchor = self._anchor_counts(clean.device, clean.dtype)
+                anchor["offset"] = self._blank_offset(anchor, out)
+            sat, pixels = self._project_frames(frames, out[v0 : v0 + VECTORS_PER_PASS], generator, anchor)
             saturated, read = saturated + sat, read + pixels
             residual += encoding_error(errors, frames, relative=False) ** 2
-        norm, anchor = float(clean.norm()), self._anchor_reading["intensity"]
+        norm = float(clean.norm())
         self.stats = {
             "vectors": clean.shape[0],
             "encoding_error": residual**0.5 / norm if norm else 0.0,
             "saturated": saturated,
             "saturated_fraction": saturated / max(read, 1),
             "pixels": read,
-            "anchor_saturated": self._anchor_reading["saturated"],
-            "dark_pixels": int((anchor <= 0).sum()),
+            "anchor_saturated": anchor["saturated"],
+            "dark_pixels": int((anchor["intensity"] <= 0).sum()),
         }
         return out
 
-    def _project_frames(self, frames: Frames, out: Tensor, generator: torch.Generator) -> tuple[int, int]:
-        """Add the retrieved projection of ``frames`` to ``out``; return the saturated and read pixel counts."""
-        self.calibrate(frames.frames)
-        anchor = self._anchor_counts(out.device, out.dtype)
+    def _project_frames(self, frames: Frames, out: Tensor, generator: torch.Generator, anchor: dict) -> tuple[int, int]:
+        """Add the retrieved projection of ``frames``, less the blank offset, to ``out``; return the saturated and
+        read pixel counts."""
         count, vectors = frames.frames.shape[:2]
         flat = frames.frames.reshape(count * vectors, self.in_features)
         # Working buffers, reused for every tile: the fields [Re | Im], the intensities of the frames alone, and
@@ -401,7 +406,7 @@ class OPU(Projector):
                 i1 = min(i0 + chunk, self.in_features)
                 self._field(flat, (i0, i1), (c0, c1), anchor["scale"], field, lit)
                 y, sat = self._retrieve(field, anchor, (c0, c1), generator, views)
-                y -= self._blank_offset(anchor, out)[c0:c1]
+                y -= anchor["offset"][c0:c1]
                 for weight, part in zip(frames.weights, y.view(count, vectors, c1 - c0)):
                     out[:, c0:c1].addcmul_(weight, part)
                 saturated, read = saturated + sat, read + 2 * rows * (c1 - c0)
@@ -410,19 +415,18 @@ class OPU(Projector):
     def _blank_offset(self, anchor: dict, like: Tensor) -> Tensor:
         """The mean retrieval of ``blank_frames`` blank frames, measured once: the offset that the anchor's reading
         error makes on each output pixel for every frame, which would add up over a step's vectors (module doc)."""
-        if self._offset is None or self._offset.device != like.device or self._offset.dtype != like.dtype:
-            offset = torch.zeros(self.out_features, dtype=like.dtype, device=like.device)
+        if self._offset is None:
+            self._offset = torch.zeros(self.out_features, dtype=like.dtype, device=like.device)
             if self.camera.enabled and self.blank_frames:
-                generator = torch.Generator(device=like.device).manual_seed(mix_seed(self.seed, _BLANK))
+                generator = self._stream(_BLANK, like.device)
                 for c0 in range(0, self.out_features, self.tile):
                     c1 = min(c0 + self.tile, self.out_features)
                     field = torch.zeros(self.blank_frames, 2 * (c1 - c0), dtype=like.dtype, device=like.device)
                     alone = torch.empty(self.blank_frames, c1 - c0, dtype=like.dtype, device=like.device)
                     y, _ = self._retrieve(field, anchor, (c0, c1), generator, [alone])
-                    offset[c0:c1] = y.mean(0)
+                    self._offset[c0:c1] = y.mean(0)
                 self.totals["frames"] += 2 * self.blank_frames * self.tiles[0] * self.tiles[1]
-            self._offset = offset
-        return self._offset
+        return self._offset.to(like)
 
     def _anchor_counts(self, device: torch.device, work: torch.dtype) -> dict[str, Any]:
         """The anchor field and reading in camera counts, and what the retrieval needs, for this call.
@@ -437,13 +441,12 @@ class OPU(Projector):
         lit = intensity > 0
         denominator = torch.where(lit, 2.0 * k * intensity.sqrt(), torch.ones_like(intensity))
         return {
+            **reading,  # "intensity" and "saturated", as the camera read the anchor
             "scale": math.sqrt(k),
             "real": field["real"].to(work) * math.sqrt(k),
             "imag": field["imag"].to(work) * math.sqrt(k),
             "counts": intensity * k,
             "inverse": lit / denominator,  # 0 on dark pixels: they cannot be retrieved
-            "intensity": reading["intensity"],
-            "saturated": reading["saturated"],
         }
 
     def _lit_pixels(self, flat: Tensor) -> Tensor | None:
