@@ -220,7 +220,8 @@ class Variant:
 
         projector.register_forward_pre_hook(before)
         projector.register_forward_hook(lambda *_: timer.stop())
-        self.engine._feedback = timed(self.engine._feedback, self.timers["feedback"])
+        projection = self.engine.projection
+        projection.gradients = timed(projection.gradients, self.timers["feedback"])
 
 
 def timed(fn: Callable, timer: Timer) -> Callable:

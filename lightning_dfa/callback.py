@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,9 +12,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_dfa.feedback import DFAConfig, FeedbackEngine
-from lightning_dfa.feedback.config import with_settings_signature
 from lightning_dfa.loggers import guard_loggers
 from lightning_dfa.projectors.registry import check_projector_spec
+from lightning_dfa.random_state import random_states, set_random_states
+
+#: Key of the global random states in the callback's checkpoint state.
+RANDOM_KEY = "random_states"
 
 #: The metric that counts skipped steps (logged through the LightningModule's loggers with ``nonfinite="skip"``).
 SKIPPED_METRIC = "dfa/nonfinite_steps"
@@ -37,8 +40,30 @@ class DFA(Callback):
         trainer.callbacks[0].engine.projector   # after fit: the projection, as in plain PyTorch
     """
 
-    def __init__(self, config: DFAConfig | None = None, /, **settings: Any) -> None:
-        self.engine = FeedbackEngine(config, **settings)
+    def __init__(
+        self,
+        config: DFAConfig | None = None,
+        /,
+        *,
+        blocks: str | Sequence[str] | None = None,
+        output: str | None = None,
+        projector: Any = None,
+        seed: int | None = None,
+        mode: str | None = None,
+        error_rows: int | None = None,
+        lr_scale: float | str | None = None,
+        backprop_top: int | None = None,
+        embeddings: bool | str | None = None,
+        spatial_feedback: bool | None = None,
+        spatial_patch: int | None = None,
+        nonfinite: str | None = None,
+        nonfinite_patience: int | None = None,
+    ) -> None:
+        # The settings given here (None: not given); the rest come from the module's configure_dfa() at setup.
+        given = {name: value for name, value in locals().items() if name in DFAConfig.names() and value is not None}
+        self._given = DFAConfig.of(config).settings() if config is not None else {}
+        self._given.update(given)
+        self.engine = FeedbackEngine(DFAConfig(**self._given))
         #: Optimizer steps skipped for non-finite values (kept in checkpoints).
         self.nonfinite_steps = 0
         #: What the last skipped (or stopping) step found, e.g. ``"step 12: the loss is nan"``.
@@ -46,6 +71,7 @@ class DFA(Callback):
         self._consecutive = 0
         self._told_scale = False
         self._losses: list[Tensor] = []  # this step's losses (one per micro-batch), checked at the optimizer step
+        self._random_states: dict[str, Any] | None = None  # a checkpoint's, restored when training starts
 
     @property
     def config(self) -> DFAConfig:
@@ -58,6 +84,9 @@ class DFA(Callback):
     # ------------------------------------------------------------------ fit lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            config = merged_config(self._given, pl_module)
+            if self.engine.model is None and config != self.config:
+                self.engine.config = config
             check_projector_spec(self.config.projector)  # a typo fails now, not at the first forward pass
         guard_loggers(trainer)  # a failing logger (W&B down, disk full) warns and is switched off
 
@@ -69,7 +98,7 @@ class DFA(Callback):
         engine.attach(pl_module)
         engine.scale_updates(*trainer.optimizers)  # the optimizers exist now (strategy.setup ran)
         rank_zero_info(_chosen(engine))  # automatic choices must be visible before the run goes far
-        engine.defer_nonfinite = True  # a non-finite error is stopped or skipped at the optimizer step
+        engine.projection.defer_nonfinite = True  # a non-finite error is stopped or skipped at the optimizer step
         self._told_scale = False
         self._reset_step()
 
@@ -81,7 +110,7 @@ class DFA(Callback):
             return
         if self.engine.model is not None:  # also when fit was interrupted by an exception
             self.engine.detach()
-        self.engine.defer_nonfinite = False
+        self.engine.projection.defer_nonfinite = False
         self._reset_step()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
@@ -102,7 +131,7 @@ class DFA(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        losses, bad_error = self._losses, self.engine.nonfinite_error
+        losses, bad_error = self._losses, self.engine.projection.nonfinite_error
         self._reset_step()
         # One float32 sum per tensor, one device sync in all: a NaN or inf entry (or an absurd overflow) shows.
         totals = [_local(t).detach().sum(dtype=torch.float32) for t in [*losses, *(p.grad for p in params)]]
@@ -161,16 +190,33 @@ class DFA(Callback):
             pl_module.log(SKIPPED_METRIC, float(self.nonfinite_steps), on_step=True, on_epoch=False, logger=logger)
 
     def _reset_step(self) -> None:
-        self._losses, self.engine.nonfinite_error = [], False
+        self._losses, self.engine.projection.nonfinite_error = [], False
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {**self.engine.state_dict(), "nonfinite_steps": self.nonfinite_steps}
+        # The global random states too: a resumed run draws (dropout, sampling) exactly as the original did.
+        return {**self.engine.state_dict(), "nonfinite_steps": self.nonfinite_steps, RANDOM_KEY: random_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         self.nonfinite_steps = int(state.pop("nonfinite_steps", 0))
+        self._random_states = state.pop(RANDOM_KEY, None)
         self.engine.load_state_dict(state)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the loaders' iterators are made (which draw from the generators), as when the state was saved.
+        if self._random_states is not None:
+            set_random_states(self._random_states)
+            self._random_states = None
+
+
+def merged_config(given: Mapping[str, Any], module: pl.LightningModule) -> DFAConfig:
+    """The run's DFA settings, per setting: given to ``DFA`` / the strategy, else the module's ``configure_dfa()``,
+    else the default."""
+    hook = getattr(module, "configure_dfa", None)
+    if hook is None:
+        return DFAConfig(**given)
+    return DFAConfig.of(hook(), f"{type(module).__name__}.configure_dfa()").replace(**given)
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -201,21 +247,3 @@ def _projector_name(spec: Any) -> str:
     if isinstance(spec, Mapping | Tensor):
         return str(spec["class_path"]) if isinstance(spec, Mapping) else f"matrix {tuple(spec.shape)}"
     return spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
-
-
-def check_every_n_steps(every_n_steps: int) -> int:
-    """``every_n_steps`` of a diagnostic callback, or a clear error if it is not a positive integer."""
-    if every_n_steps < 1:
-        raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps}.")
-    return every_n_steps
-
-
-def find_dfa(trainer: pl.Trainer) -> FeedbackEngine | None:
-    """The DFA engine of a run: the strategy's, or a ``DFA`` among the callbacks; ``None`` without DFA."""
-    callback = getattr(trainer.strategy, "dfa", None) or next(
-        (c for c in trainer.callbacks if isinstance(c, DFA)), None
-    )
-    return callback.engine if callback is not None else None
-
-
-with_settings_signature(DFA.__init__)

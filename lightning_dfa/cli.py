@@ -298,12 +298,14 @@ def _group_options(path: str, dests: list[str]) -> tuple[str, str, list[str]]:
 
 
 def _init_options(class_path: str) -> list[str]:
+    """The options of ``class_path``'s ``init_args``, as jsonargparse resolves them (``**kwargs`` included)."""
+    parser = LightningArgumentParser(exit_on_error=False)
     try:
-        parameters = inspect.signature(pydoc.locate(class_path).__init__).parameters.values()
+        parser.add_class_arguments(pydoc.locate(class_path), "init", fail_untyped=False)
     except (ImportError, AttributeError, TypeError, ValueError):
         return []
-    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    return [p.name for p in parameters if p.name != "self" and p.kind not in variadic]
+    names = [dest.split(".")[1] for dest in _compat.parser_dests(parser) if dest.startswith("init.")]
+    return list(dict.fromkeys(names))
 
 
 def _check_baselines(baselines: list[str], trainer: Any) -> None:

@@ -1,93 +1,62 @@
 """``DFAStrategy`` and its DDP and FSDP siblings: thin Lightning strategies that train with a ``DFA`` callback.
 
-Each takes the DFA settings as keywords (the rest go to the Lightning strategy it extends; settings not given
-come from the module's ``configure_dfa()``) and keeps the global random states in its checkpoints.
+Each takes the DFA settings as keywords (the rest go to the Lightning strategy it extends) and hands them to its
+``DFA`` callback, which merges them with the module's ``configure_dfa()`` and keeps the run's state.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-import random
 from collections.abc import Sequence
-from types import FunctionType
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from lightning_dfa import _compat
 from lightning_dfa.callback import DFA
 from lightning_dfa.feedback import DFAConfig
-from lightning_dfa.feedback.config import with_settings_signature
 from lightning_dfa.feedback.points import resolve_points
-
-#: Checkpoint key of the global random states saved by the DFA strategies.
-RNG_KEY = "lightning_dfa.rng_states"
-
-
-def rng_states() -> dict[str, Any]:
-    """The global random states of torch, CUDA, numpy and Python, readable by ``torch.load(weights_only=True)``."""
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
-        "python": random.getstate(),
-    }
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore what :func:`rng_states` returned (CUDA states only onto the same number of devices)."""
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    name, keys, position, has_gauss, gauss = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    version, state, python_gauss = states["python"]
-    random.setstate((version, tuple(state), python_gauss))
 
 
 class _DFAStrategyMixin:
-    """Shared machinery: take the DFA settings out of the keyword arguments, resolve the ``DFA`` at connect time
-    and run it as the first callback; keep the global random states in checkpoints and restore them on resume."""
+    """Shared machinery: take the DFA settings out of the keyword arguments (``None``: not given here) and run
+    a ``DFA`` callback with them as the first callback."""
 
     dfa: DFA | None
 
-    def __init__(self, **kwargs: Any) -> None:
-        settings = {name: kwargs.pop(name) for name in DFAConfig.names() if name in kwargs}
+    def __init__(
+        self,
+        *,
+        blocks: str | Sequence[str] | None = None,
+        output: str | None = None,
+        projector: Any = None,
+        seed: int | None = None,
+        mode: str | None = None,
+        error_rows: int | None = None,
+        lr_scale: float | str | None = None,
+        backprop_top: int | None = None,
+        embeddings: bool | str | None = None,
+        spatial_feedback: bool | None = None,
+        spatial_patch: int | None = None,
+        nonfinite: str | None = None,
+        nonfinite_patience: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        given = {name: value for name, value in locals().items() if name in DFAConfig.names() and value is not None}
         _check_typos(type(self), kwargs)
-        self._dfa_settings = {k: v for k, v in settings.items() if v is not None}
-        DFAConfig(**self._dfa_settings)  # a bad value fails here, not when fit starts
+        DFAConfig(**given)  # a bad value fails here, not when fit starts
         super().__init__(**kwargs)
+        self._dfa_settings = given
         self.dfa = None
-        self._rng_to_restore: dict[str, Any] | None = None
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        checkpoint[RNG_KEY] = rng_states()
-        super().save_checkpoint(checkpoint, *args, **kwargs)
-
-    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(*args, **kwargs)
-        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        self._rng_to_restore = checkpoint.get(RNG_KEY) if fitting else None
-        return checkpoint
-
-    def on_train_start(self) -> None:
-        # After the loaders' iterators are made (which draw from the RNG), as they were when the state was saved.
-        super().on_train_start()
-        if self._rng_to_restore is not None:
-            set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
 
     def connect(self, model: pl.LightningModule) -> None:
         super().connect(model)
         if self.dfa is None:
-            self.dfa = DFA(self._config(model))
+            self.dfa = DFA(**self._dfa_settings)
         callbacks = model.trainer.callbacks
         others = [c for c in callbacks if isinstance(c, DFA) and c is not self.dfa]
         if others:
@@ -97,12 +66,6 @@ class _DFAStrategyMixin:
             )
         if self.dfa not in callbacks:
             callbacks.insert(0, self.dfa)
-
-    def _config(self, model: pl.LightningModule) -> DFAConfig:
-        hook = getattr(model, "configure_dfa", None)
-        if "blocks" in self._dfa_settings or hook is None:
-            return DFAConfig(**self._dfa_settings)
-        return DFAConfig.of(hook(), f"{type(model).__name__}.configure_dfa()").replace(**self._dfa_settings)
 
 
 def _check_typos(strategy: type, rest: dict[str, Any]) -> None:
@@ -190,18 +153,6 @@ class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
             engine = self.dfa.engine
             engine.config = engine.config.replace(blocks=outer_points(self.lightning_module, engine.config.blocks))
         return model
-
-
-# Command lines (jsonargparse) and help() read the DFA settings and the Lightning strategy's arguments.
-for _strategy, _lightning in (
-    (DFAStrategy, SingleDeviceStrategy),
-    (DFADDPStrategy, DDPStrategy),
-    (DFAFSDPStrategy, FSDPStrategy),
-):
-    if "__init__" not in vars(_strategy):  # a copy of the mixin's __init__, to carry this strategy's signature
-        _init = _strategy.__init__
-        _strategy.__init__ = FunctionType(_init.__code__, _init.__globals__, "__init__", None, _init.__closure__)
-    with_settings_signature(_strategy.__init__, _lightning.__init__, unset=True)
 
 
 #: Attribute names under which torch's FSDP (1) and activation checkpointing keep the module they wrap.

@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_dfa.callback import find_dfa
+from lightning_dfa.callbacks.common import find_dfa
 from lightning_dfa.callbacks.history import History
 
 #: Metric families shown in the summary (per-point diagnostics stay in the logs and plots).

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dfa import DFA, DFADDPStrategy, DFAFSDPStrategy, DFAStrategy
 from lightning_dfa.feedback import FeedbackEngine
-from lightning_dfa.feedback.engine import point_parameters
+from lightning_dfa.feedback.points import point_parameters
 from lightning_dfa.feedback.update_scale import ScaledUpdates
 
 SCALE = 0.1

@@ -7,7 +7,8 @@ kills itself with SIGKILL after step ``KILL_AT`` (checkpoints every ``EVERY`` st
 mid-epoch); and its resumption from ``last.ckpt``. Each writes its per-step losses as exact hex floats.
 
 What makes it exact:
-- the DFA strategy saves and restores the global RNG states (dropout goes on with the same masks);
+- the DFA callback (the strategy's, or one given under another strategy) saves and restores the global random
+  states (dropout goes on with the same masks);
 - the feedback state (seed, layout, projector state, OPU call counter) is in the checkpoint;
 - the loader is resumable (``state_dict``/``load_state_dict``, which Lightning saves and restores): it shuffles
   from ``seed + epoch`` and starts mid-epoch where the checkpoint left off. A plain ``DataLoader(shuffle=True)``
@@ -32,10 +33,11 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 import lightning_dfa  # noqa: F401  (registers the strategies)
-from lightning_dfa import DFAStrategy
+from lightning_dfa import DFA, DFAStrategy
+from lightning_dfa.callback import RANDOM_KEY
 from lightning_dfa.data.splits import train_loader
 from lightning_dfa.models import MLPClassifier
-from lightning_dfa.strategies import RNG_KEY, rng_states, set_rng_states
+from lightning_dfa.random_state import random_states, set_random_states
 
 SAMPLES, BATCH = 40, 4  # 10 steps per epoch
 EPOCHS = 3
@@ -62,16 +64,19 @@ def dataset() -> TensorDataset:
     )
 
 
-def train(folder: Path, checkpoints: Path, kill_at: int | None = None, ckpt_path: str | None = None) -> None:
-    """One run of the recipe; losses, weights and feedback state go to ``folder``."""
+def train(folder: Path, checkpoints: Path, form: str, kill_at: int | None = None, ckpt_path: str | None = None) -> None:
+    """One run of the recipe (``form``: DFA as the strategy or as a callback); losses, weights and feedback state
+    go to ``folder``."""
     torch.set_num_threads(1)  # the same arithmetic in every run (and no OpenMP pool across fork)
     folder.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0, verbose=False)
     callbacks = [StepLog(folder), ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=EVERY, save_last=True)]
     if kill_at is not None:
         callbacks.insert(1, KillAt(kill_at))
+    if form == "callback":
+        callbacks.insert(0, DFA(projector="opu", seed=0))
     trainer = quiet_trainer(
-        strategy=DFAStrategy(projector="opu", seed=0),
+        strategy=DFAStrategy(projector="opu", seed=0) if form == "strategy" else "auto",
         max_epochs=EPOCHS,
         deterministic=True,
         callbacks=callbacks,
@@ -82,14 +87,18 @@ def train(folder: Path, checkpoints: Path, kill_at: int | None = None, ckpt_path
     trainer.fit(DropoutMLP(), train_loader(data, batch_size=BATCH, seed=0), ckpt_path=ckpt_path)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("resume")
-    reference = in_child(train, folder=root / "reference", checkpoints=root / "reference-ckpts")
-    killed = in_child(train, folder=root / "killed", checkpoints=root / "ckpts", kill_at=KILL_AT)
+@pytest.fixture(scope="module", params=["strategy", "callback"])
+def runs(tmp_path_factory, request) -> dict[str, Any]:
+    root, form = tmp_path_factory.mktemp(f"resume-{request.param}"), request.param
+    reference = in_child(train, folder=root / "reference", checkpoints=root / "reference-ckpts", form=form)
+    killed = in_child(train, folder=root / "killed", checkpoints=root / "ckpts", form=form, kill_at=KILL_AT)
     last = torch.load(root / "ckpts" / "last.ckpt", weights_only=False)
     resumed = in_child(
-        train, folder=root / "resumed", checkpoints=root / "ckpts", ckpt_path=str(root / "ckpts" / "last.ckpt")
+        train,
+        folder=root / "resumed",
+        checkpoints=root / "ckpts",
+        form=form,
+        ckpt_path=str(root / "ckpts" / "last.ckpt"),
     )
     return {"root": root, "exit": (reference, killed, resumed), "last": last}
 
@@ -135,12 +144,13 @@ def test_resumed_run_ends_with_the_same_feedback_state(runs):
 
 @pytest.mark.slow
 def test_checkpoint_holds_the_global_random_states(runs):
-    assert set(runs["last"][RNG_KEY]) == {"torch", "cuda", "numpy", "python"}
+    states = runs["last"]["callbacks"]["lightning_dfa.DFA"][RANDOM_KEY]
+    assert set(states) == {"torch", "cuda", "numpy", "python"}
 
 
 def test_random_states_survive_a_weights_only_load(tmp_path):
-    torch.save(rng_states(), tmp_path / "rng.pt")
+    torch.save(random_states(), tmp_path / "rng.pt")
     draws = (torch.rand(3), np.random.rand(3), random.random())
-    set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    set_random_states(torch.load(tmp_path / "rng.pt", weights_only=True))
     torch.testing.assert_close(torch.rand(3), draws[0], rtol=0, atol=0)
     assert (np.random.rand(3) == draws[1]).all() and random.random() == draws[2]

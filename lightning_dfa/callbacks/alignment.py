@@ -11,8 +11,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +21,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_dfa import _compat
-from lightning_dfa.callback import check_every_n_steps, find_dfa
+from lightning_dfa.callbacks.common import check_every_n_steps, find_dfa
+from lightning_dfa.random_state import isolated, random_states
 
 
 class Alignment(Callback):
@@ -40,7 +40,7 @@ class Alignment(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         due = trainer.global_step % self.every_n_steps == 0
-        self._batch = (batch, idx, _rng_state()) if due and _probed(trainer) and self._supported(pl_module) else None
+        self._batch = (batch, idx, random_states()) if due and _probed(trainer) and self._supported(pl_module) else None
 
     def _supported(self, pl_module: pl.LightningModule) -> bool:
         if not any(_is_dtensor(p) for p in pl_module.parameters()):
@@ -145,7 +145,7 @@ def _gradients(trainer, pl_module, batch, idx, rng, params, dfa, pause: bool) ->
         step = trainer.strategy.training_step if sharded else pl_module.training_step
         paused = dfa.paused() if pause else nullcontext()
         # From the batch's random state (the same dropout and noise); the step's own state goes on afterwards.
-        with _replayed(rng), paused, no_sync(), _compat.logging_muted(pl_module):
+        with isolated(rng), paused, no_sync(), _compat.logging_muted(pl_module):
             output = step(batch, idx)
             loss = output["loss"] if isinstance(output, dict) else output
             loss.backward()
@@ -156,19 +156,3 @@ def _gradients(trainer, pl_module, batch, idx, rng, params, dfa, pause: bool) ->
     finally:
         for p, grad in saved.items():
             p.grad = grad
-
-
-def _rng_state() -> tuple[Tensor, list[Tensor]]:
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    return torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else []
-
-
-@contextmanager
-def _replayed(state: tuple[Tensor, list[Tensor]]) -> Iterator[None]:
-    """Run from the random ``state`` (CPU, CUDA devices); afterwards the random state is what it was before."""
-    cpu, cuda = state
-    with torch.random.fork_rng(devices=range(len(cuda))):
-        torch.random.set_rng_state(cpu)
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-        yield

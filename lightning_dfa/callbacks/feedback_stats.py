@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_dfa.callback import check_every_n_steps, find_dfa
+from lightning_dfa.callbacks.common import check_every_n_steps, find_dfa
 
 
 class FeedbackStats(Callback):

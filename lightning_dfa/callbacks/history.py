@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_dfa.callback import find_dfa
 from lightning_dfa.callbacks.alignment import Alignment
+from lightning_dfa.callbacks.common import find_dfa
 
 
 class History(Callback):

@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_dfa.callback import find_dfa
+from lightning_dfa.callbacks.common import find_dfa
 from lightning_dfa.projectors.cost import (
     FRAME_TIME,
     OPU_POWER_W,

@@ -1,11 +1,6 @@
-"""Data modules with bundled defaults that need no network (imported on first use)."""
+"""Data modules with bundled defaults that need no network: digits and other images, text corpora."""
 
-from lightning_dfa._lazy import lazy_getattr
+from lightning_dfa.data.images import DigitsDataModule, ImageDataModule
+from lightning_dfa.data.text import TextDataModule
 
-_EXPORTS = {
-    "DigitsDataModule": "lightning_dfa.data.images",
-    "TextDataModule": "lightning_dfa.data.text",
-    "ImageDataModule": "lightning_dfa.data.images",
-}
-__all__ = list(_EXPORTS)
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__all__ = ["DigitsDataModule", "ImageDataModule", "TextDataModule"]

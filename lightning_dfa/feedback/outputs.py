@@ -1,10 +1,14 @@
-"""Reading and rewriting module inputs and outputs: tensors, tuples (HF 4.x blocks), nested skips."""
+"""Reading and rewriting module inputs and outputs (tensors, tuples of HF 4.x blocks, nested skips): the hooks
+that cut a block's inputs from the graph."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
+
+from lightning_dfa import _compat
 
 
 def first_tensor(output: Any, where: str) -> Tensor:
@@ -62,3 +66,51 @@ def detach_inputs(args: tuple, kwargs: dict, which: str) -> tuple[tuple, dict]:
         return (args[0], *detach_all(args[1:])), detach_all(kwargs)
     main = next(iter(kwargs), None)
     return args, {k: v if k == main else detach_all(v) for k, v in kwargs.items()}
+
+
+def cut_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """A DFA point's forward pre-hook: detach every input, so no gradient crosses into the block from outside."""
+    if torch.is_grad_enabled():
+        args, kwargs = detach_inputs(args, kwargs, "all")
+        if args and isinstance(args[0], Tensor) and torch.is_floating_point(args[0]) and reentrant(module):
+            # Reentrant checkpointing only runs backward through positional inputs that require grad:
+            # here (and only here) the block input must require grad, at the cost of its unused gradient.
+            args = (args[0].requires_grad_(), *args[1:])
+        return args, kwargs
+    if any_requires_grad((args, kwargs)):
+        raise RuntimeError(
+            "A feedback point runs without grad on inputs that require grad: this is reentrant activation "
+            "checkpointing, which DFA cannot route feedback through. Use non-reentrant checkpointing: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+            "or torch.utils.checkpoint.checkpoint(..., use_reentrant=False)."
+        )
+    return None
+
+
+def cut_side_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The pre-hook of a block whose hidden state keeps its gradient (``backprop_top``, ``"first_block"``):
+    inputs from DFA blocks (skips, time embeddings) are detached."""
+    return detach_inputs(args, kwargs, "side") if torch.is_grad_enabled() else None
+
+
+def reentrant(module: nn.Module) -> bool:
+    """Whether a HuggingFace layer checkpoints its ``forward`` with reentrant checkpointing."""
+    if not (getattr(module, "gradient_checkpointing", False) and module.training):
+        return False
+    return _compat.hf_reentrant_checkpointing(module)
+
+
+def swap_copies(value: Any, handed: dict[int, tuple[Tensor, Tensor]]) -> Any:
+    """``value`` with every detached copy of a point's output replaced by the output itself (in place in dicts,
+    e.g. a HuggingFace ``ModelOutput``)."""
+    if isinstance(value, Tensor):
+        copy, original = handed.get(id(value), (None, None))
+        return original if copy is value else value
+    if isinstance(value, list) or isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return type(value)(swap_copies(item, handed) for item in value)
+    if isinstance(value, dict):
+        for key, item in list(value.items()):
+            swapped = swap_copies(item, handed)
+            if swapped is not item:
+                value[key] = swapped
+    return value

@@ -7,11 +7,81 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Sequence
+from typing import NamedTuple
 
-from torch import nn
+from torch import Tensor, nn
 
 #: Attribute names of diffusers UNets' block containers, in forward order.
 UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
+
+
+class Selection(NamedTuple):
+    """What DFA trains in a model: the DFA ``points``, the top blocks kept on backprop, and the error point."""
+
+    points: list[str]
+    backprop_points: list[str]
+    output: str
+
+
+def select(
+    model: nn.Module, blocks: str | Sequence[str], output: str | None, backprop_top: int, embeddings: bool | str
+) -> Selection:
+    """The feedback points of ``model`` (with its embeddings if ``embeddings is True``), the top ``backprop_top``
+    blocks, and the error point (``output``, or the one found for the blocks)."""
+    found = resolve_points(model, blocks)
+    if backprop_top >= len(found):
+        raise ValueError(
+            f"backprop_top={backprop_top} leaves no block to train with DFA among the {len(found)} "
+            f"blocks {found}; use at most {len(found) - 1}, or mode='backprop' for plain backprop."
+        )
+    points, top = found[: len(found) - backprop_top], found[len(found) - backprop_top :]
+    if embeddings is True:
+        extra = [e for e in embedding_points(model) if not any(inside(e, p) or inside(p, e) for p in found)]
+        if not extra:
+            raise ValueError(
+                f"embeddings=True found no embedding module outside the blocks of {type(model).__name__} "
+                "(nn.Embedding, patch embeddings, a UNet's conv_in/time_embedding); name them in blocks instead."
+            )
+        order = module_order(model)
+        points = sorted(points + extra, key=order.__getitem__)
+    output = output if output is not None else auto_output(model, found)
+    if output is None:
+        raise ValueError(
+            f"output=None and no error point found in {type(model).__name__}: it holds no HuggingFace model or "
+            f"UNet, and no module with trainable parameters is registered after the last block {found[-1]!r}. "
+            "Name the module whose output the loss uses (its gradient is the error), e.g. the head "
+            f"(top-level children: {[n for n, _ in model.named_children()]}), with DFA(output=...), "
+            "DFAStrategy(output=...) or configure_dfa()."
+        )
+    resolve_module(model, output, role="output")
+    for point in found:
+        if inside(output, point):
+            raise ValueError(
+                f"The output point {output!r} lies inside the feedback point {point!r}: the error must be taken "
+                "after every block. Choose an output outside the blocks that runs after them, e.g. the head."
+            )
+    return Selection(points, top, output)
+
+
+def inside(path: str, point: str) -> bool:
+    """Whether module ``path`` is ``point`` or one of its submodules."""
+    return path == point or path.startswith(point + ".")
+
+
+def point_parameters(model: nn.Module, points: Sequence[str]) -> tuple[dict[Tensor, str], dict[Tensor, str]]:
+    """The parameters of the feedback points alone, and all the others, each with the module that owns it. A
+    parameter shared with a module outside the points (a head tied to the token embedding) is one of the others."""
+    own: dict[Tensor, str] = {}
+    others: dict[Tensor, str] = {}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        owner = path.rpartition(".")[0]
+        (own if any(inside(owner, p) for p in points) else others).setdefault(param, owner)
+    return {param: owner for param, owner in own.items() if param not in others}, others
+
+
+def module_order(model: nn.Module) -> dict[str, int]:
+    """Each module path's position in ``model.named_modules()``: forward order for models built in order."""
+    return {name: i for i, (name, _) in enumerate(model.named_modules())}
 
 
 def resolve_points(model: nn.Module, blocks: str | Sequence[str]) -> list[str]:

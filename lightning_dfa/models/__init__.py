@@ -1,12 +1,8 @@
-"""LightningModules used by the recipes (imported on first use: HF and diffusers load slowly)."""
+"""LightningModules used by the recipes: an MLP, HuggingFace causal LMs, ViT classifiers and diffusers UNets."""
 
-from lightning_dfa._lazy import lazy_getattr
+from lightning_dfa.models.causal_lm import CausalLM
+from lightning_dfa.models.diffusion import Diffusion
+from lightning_dfa.models.image_classifier import ImageClassifier
+from lightning_dfa.models.mlp import MLPClassifier
 
-_EXPORTS = {
-    "MLPClassifier": "lightning_dfa.models.mlp",
-    "CausalLM": "lightning_dfa.models.causal_lm",
-    "ImageClassifier": "lightning_dfa.models.image_classifier",
-    "Diffusion": "lightning_dfa.models.diffusion",
-}
-__all__ = list(_EXPORTS)
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__all__ = ["CausalLM", "Diffusion", "ImageClassifier", "MLPClassifier"]

@@ -24,9 +24,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from lightning_dfa import _compat
-from lightning_dfa.callback import find_dfa
+from lightning_dfa.callbacks.common import find_dfa
 from lightning_dfa.models.base import DFAModule, built, local_checkpoint
 from lightning_dfa.optim import param_groups
+from lightning_dfa.random_state import isolated
 
 SCHEDULES = ("cosine", "constant")
 
@@ -182,10 +183,7 @@ class CausalLM(DFAModule):
         Under FSDP every rank must call it: the parameters are gathered whole for the generation."""
         hp = self.hparams
         ids = tokenizer(hp.sample_prompt, return_tensors="pt")["input_ids"].to(self.device)
-        cuda = self.device.type == "cuda"
-        rng = torch.random.fork_rng(devices=[self.device] if cuda else [], device_type="cuda" if cuda else None)
-        with rng, _whole_parameters(self):
-            torch.manual_seed(hp.sample_seed)
+        with isolated(seed=hp.sample_seed), _whole_parameters(self):
             out = self.model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),

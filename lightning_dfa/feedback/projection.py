@@ -1,0 +1,187 @@
+"""The path of ``B e``: in backward, the error at the output point becomes every block's gradient.
+
+:class:`FeedbackRouter` is the identity on the output point's output. In backward it passes the error ``e`` on to
+the head unchanged, and asks the :class:`Projection` for the blocks' gradients: the error is cut into rows, checked
+for NaN and inf, projected once (``f = projector(e)``, one row per error row), and each point's columns of ``f``
+(its slice of the layout) are shaped into the gradient of that point's output.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_dfa.feedback.config import DFAConfig
+from lightning_dfa.feedback.guard import RoutingGuard
+from lightning_dfa.feedback.rows import PointShape, SpatialShape, error_row_dims, spatial_error_rows
+from lightning_dfa.projectors import build_projector
+from lightning_dfa.projectors.checks import check_fits_in_memory
+from lightning_dfa.projectors.registry import check_projector_sizes
+
+#: ``observe(error_rows, {point: feedback_rows})``, called in every backward that projects (diagnostics).
+Observer = Callable[[Tensor, dict[str, Tensor]], None]
+
+
+class FeedbackRouter(torch.autograd.Function):
+    """Identity on the error point's output; in backward, ``e`` flows on unchanged to the head while the
+    projection's slices become the gradients of the routed block outputs."""
+
+    @staticmethod
+    def forward(ctx, projection: Projection, guard: RoutingGuard, routed: list, error_point: Tensor, *outputs: Tensor):
+        ctx.projection, ctx.guard, ctx.routed = projection, guard, routed
+        # The identity without a copy: a new tensor on the same memory. Not a view (FSDP2 warns on views returned
+        # by custom Functions) and not a clone (a copy of the logits, B x T x vocabulary, every step).
+        return error_point.detach()
+
+    @staticmethod
+    def backward(ctx, error: Tensor) -> tuple:
+        ctx.guard.router_ran()
+        grads = ctx.projection.gradients(error, ctx.routed, ctx.needs_input_grad[4:])
+        return (None, None, None, error, *grads)
+
+
+class Projection:
+    """The projector and the layout (point -> its columns of ``f``), built from the first error's shape."""
+
+    def __init__(self, config: DFAConfig, output: str) -> None:
+        self.config, self.output = config, output
+        self.projector: nn.Module | None = None
+        self.layout: dict[str, slice] = {}
+        self.observers: list[Observer] = []
+        #: Set by the Lightning callback: a non-finite error gives no feedback and sets :attr:`nonfinite_error`.
+        self.defer_nonfinite = False
+        self.nonfinite_error = False
+        self._saved: dict[str, Any] | None = None  # a checkpoint's state, checked and loaded once built
+
+    # ------------------------------------------------------------------ forward: rows, layout, projector
+    def shapes(self, points: Sequence[str], records: dict[str, Tensor], error_point: Tensor) -> dict[str, PointShape]:
+        """Each point's rows and features; the layout and projector are built at the first call."""
+        if self.config.spatial_feedback:
+            shapes = {name: SpatialShape.of(name, records[name].shape, error_point.shape) for name in points}
+            error_features = error_point.shape[1] * self.config.spatial_patch**2
+        else:
+            rows = error_row_dims(error_point.shape, self.config.error_rows)
+            shapes = {name: PointShape.of(name, records[name].shape, error_point.shape, rows) for name in points}
+            error_features = math.prod(error_point.shape[rows:])
+        if self.projector is None:
+            self._build(shapes, error_features, error_point.device)
+        for name, shape in shapes.items():
+            have = self.layout[name].stop - self.layout[name].start
+            if shape.features != have:
+                raise ValueError(
+                    f"Feedback point {name!r} now needs {shape.features} features per row, but the layout gave it "
+                    f"{have} (output shape {tuple(shape.shape)}). Keep feature sizes fixed between steps."
+                )
+        if error_features != self.projector.in_features:
+            raise ValueError(
+                f"The error at {self.output!r} has {error_features} features per row, the projector takes "
+                f"{self.projector.in_features} (error shape {tuple(error_point.shape)}). The projector is built at "
+                "the first step: Keep the output's size fixed between steps, or set error_rows so that the varying "
+                "dimension is a row."
+            )
+        return shapes
+
+    def _build(self, shapes: dict[str, PointShape], error_features: int, device: torch.device) -> None:
+        layout, start = {}, 0
+        for name, shape in shapes.items():
+            layout[name] = slice(start, start + shape.features)
+            start += shape.features
+        if self._saved is not None:
+            check_saved_layout(self._saved, layout, error_features)
+        projector = build_projector(self.config.projector, error_features, start, self.config.seed)
+        if device.type != "cpu":  # built on the CPU: check the device can hold it before moving it there
+            tensors = [*projector.parameters(), *projector.buffers()]
+            check_fits_in_memory(f"Projector {type(projector).__name__}", sum(t.nbytes for t in tensors), device)
+        self.projector, self.layout = projector.to(device), layout
+        if self._saved is not None:
+            self.projector.load_state_dict(self._saved["projector"])
+            self._saved = None
+
+    # ------------------------------------------------------------------ backward: B e, sliced
+    def gradients(self, error: Tensor, routed: list[tuple[str, PointShape]], needed: Sequence[bool]) -> list:
+        """The gradients of the routed points' outputs: their slices of one projection of the error."""
+        if self.config.spatial_feedback:
+            rows = spatial_error_rows(error, self.config.spatial_patch)
+        else:
+            rows = error.reshape(-1, self.projector.in_features)
+        # A meta tensor has no values to check (a model traced on the meta device, e.g. to count memory).
+        if not rows.is_meta and not all_finite(rows):
+            return self._nonfinite(len(routed))
+        feedback = self.projector(rows.float())
+        slices = {name: feedback[:, self.layout[name]] for name, _ in routed}
+        for observe in self.observers:
+            observe(rows, slices)
+        return [
+            shape.gradient(slices[name]).to(error.dtype) if need else None
+            for (name, shape), need in zip(routed, needed)
+        ]
+
+    def _nonfinite(self, points: int) -> list[None]:
+        """A NaN or inf error raises, or with :attr:`defer_nonfinite` (Lightning runs) gives no feedback and is
+        recorded in :attr:`nonfinite_error`: the projector never sees it."""
+        if not self.defer_nonfinite:
+            raise FloatingPointError(
+                f"The error at {self.output!r} holds NaN or inf values; no feedback was applied. Check the loss "
+                "and learning rate, or use bf16/fp32 instead of fp16."
+            )
+        self.nonfinite_error = True
+        return [None] * points
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Seed, layout and projector state: enough to prove a resumed run uses the same projection."""
+        if self.projector is None:
+            return dict(self._saved) if self._saved else {"seed": self.config.seed}
+        return {
+            "seed": self.config.seed,
+            "error_features": self.projector.in_features,
+            "layout": {name: (s.start, s.stop) for name, s in self.layout.items()},
+            "projector": self.projector.state_dict(),
+            "lr_scale": self.config.lr_scale,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the feedback state; before the first step it is checked and loaded when the projector is built."""
+        if state.get("seed", self.config.seed) != self.config.seed:
+            raise ValueError(
+                f"The checkpoint's feedback seed is {state['seed']}, this DFA's is {self.config.seed}: resume with "
+                f"seed={state['seed']} so the run keeps its projection."
+            )
+        if "layout" not in state:
+            return
+        saved_scale, scale = state.get("lr_scale", self.config.lr_scale), self.config.lr_scale
+        if saved_scale != scale:
+            warnings.warn(
+                f"The checkpoint was trained with lr_scale={saved_scale}, this run uses lr_scale={scale}: the "
+                f"feedback points' learning rate changes from here on (set lr_scale={saved_scale} to resume the "
+                "same trajectory).",
+                stacklevel=3,
+            )
+        if self.projector is None:
+            self._saved = dict(state)
+            return
+        check_saved_layout(state, self.layout, self.projector.in_features)
+        check_projector_sizes(self.projector, state["error_features"], self.projector.out_features)
+        self.projector.load_state_dict(state["projector"])
+
+
+def all_finite(rows: Tensor) -> bool:
+    """Whether every value is finite: NaN and inf reach the row sums, so the full check runs only on overflow
+    (one read of the error and a reduction of N values instead of a mask of N x d_e)."""
+    return bool(torch.isfinite(rows.sum(dim=1)).all()) or bool(torch.isfinite(rows).all())
+
+
+def check_saved_layout(state: dict[str, Any], layout: dict[str, slice], error_features: int) -> None:
+    saved = {name: tuple(span) for name, span in state["layout"].items()}
+    current = {name: (s.start, s.stop) for name, s in layout.items()}
+    if saved != current or state["error_features"] != error_features:
+        raise ValueError(
+            "The checkpoint's feedback layout does not match this model: saved "
+            f"{saved} with error size {state['error_features']}, now {current} with error size {error_features}. "
+            "Resume with the same model and feedback points."
+        )
