@@ -6,7 +6,6 @@ configuration error prints its message alone (``LIGHTNING_DFA_DEBUG=1``: with th
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import json
 import math
@@ -31,6 +30,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_dfa import _compat
+from lightning_dfa._checks import closest
 from lightning_dfa.callbacks.history import plot_history, write_or_warn
 from lightning_dfa.feedback import MODES
 from lightning_dfa.loggers import guard_loggers
@@ -261,7 +261,7 @@ def option_hint(message: str, parser: Any) -> str:
     else:
         where, key, options = _group_options(key, _compat.parser_dests(parser))
         where = where or "the config"
-    close = difflib.get_close_matches(key, options, n=3)
+    close = closest(key, options, n=3)
     guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     listed = f" Its options: {options}." if options and len(options) <= 40 else ""
     return f"{key!r} is not an option of {where}{guess}{listed}"

@@ -6,7 +6,6 @@ Each takes the DFA settings as keywords (the rest go to the Lightning strategy i
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from torch import nn
 
 from lightning_dfa import _compat
+from lightning_dfa._checks import closest
 from lightning_dfa.callback import DFA
 from lightning_dfa.feedback import DFAConfig
 from lightning_dfa.feedback.points import resolve_points
@@ -73,7 +73,7 @@ def _check_typos(strategy: type, rest: dict[str, Any]) -> None:
     parents = [c for c in strategy.__mro__ if c.__module__.startswith("lightning.")]
     named = set(inspect.signature(parents[0].__init__).parameters)
     for key in rest.keys() - named:
-        close = difflib.get_close_matches(key, DFAConfig.names(), n=1, cutoff=0.8)
+        close = closest(key, DFAConfig.names(), cutoff=0.8)
         if close:
             raise TypeError(f"{strategy.__name__} got {key!r}, which is not a DFA setting: did you mean {close[0]!r}?")
 

@@ -7,10 +7,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import quiet_trainer
+from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_dfa  # noqa: F401  (registers the strategies)
-from lightning_dfa import DFA, DFADDPStrategy, DFAFSDPStrategy, DFAStrategy, FeedbackEngine
+from lightning_dfa import DFA, DFAConfig, DFADDPStrategy, DFAFSDPStrategy, DFAStrategy, FeedbackEngine
 from lightning_dfa.data import DigitsDataModule
 from lightning_dfa.models import MLPClassifier
 
@@ -56,13 +57,37 @@ def test_strategy_arguments_override_configure_dfa():
     )
 
 
-def test_strategy_blocks_replace_configure_dfa():
+class SeededMLP(MLPClassifier):
+    """An MLP whose configure_dfa() sets a seed besides its blocks and error point."""
+
+    def configure_dfa(self):
+        return {**super().configure_dfa(), "seed": 3}
+
+
+def test_strategy_blocks_override_only_the_blocks_of_configure_dfa():
     recorder = Recorder()
-    strategy = DFAStrategy(blocks=["blocks.1"], output="head")
-    trainer(strategy=strategy, callbacks=[recorder]).fit(MLPClassifier(hidden=16, depth=2), DigitsDataModule())
+    strategy = DFAStrategy(blocks=["blocks.1"])
+    trainer(strategy=strategy, callbacks=[recorder]).fit(SeededMLP(hidden=16, depth=2), DigitsDataModule())
     assert recorder.dfa.points == ["blocks.1"]
+    assert (recorder.dfa.output, recorder.dfa.config.seed) == ("head", 3), "the other settings: configure_dfa()'s"
     assert "blocks.0.0.weight" not in recorder.grads, "modules below the first point get no gradient"
     assert recorder.grads["blocks.1.0.weight"].abs().sum() > 0
+
+
+def test_the_dfa_callback_merges_its_settings_over_configure_dfa():
+    dfa = DFA(seed=5)
+    trainer(strategy="auto", callbacks=[dfa]).fit(SeededMLP(hidden=16, depth=2), DigitsDataModule())
+    assert (dfa.config.seed, dfa.config.blocks, dfa.config.output) == (5, "blocks.*", "head")
+
+
+def test_configure_dfa_may_return_a_dfa_config():
+    class Configured(MLPClassifier):
+        def configure_dfa(self):
+            return DFAConfig(blocks="blocks.0", output="head", seed=9)
+
+    dfa = DFA()
+    trainer(strategy="auto", callbacks=[dfa]).fit(Configured(hidden=16, depth=2), DigitsDataModule())
+    assert (dfa.engine.points, dfa.config.seed) == (["blocks.0"], 9)
 
 
 def test_dfa_callback_works_under_another_strategy():
@@ -224,3 +249,13 @@ def test_dfa_ddp_strategy_trains_with_a_dfa_setting_given_as_keyword():
         MLPClassifier(hidden=16, depth=2), datamodule=DigitsDataModule()
     )
     assert recorder.dfa.points == ["blocks.0"] and recorder.dfa.backprop_points == ["blocks.1"]
+
+
+@pytest.mark.parametrize("takes_settings", [DFA, DFAStrategy, DFADDPStrategy, DFAFSDPStrategy])
+def test_the_command_line_lists_every_dfa_setting_of(takes_settings):
+    parser = LightningArgumentParser()
+    parser.add_class_arguments(takes_settings, "init")
+    defaults = parser.get_defaults()["init"]
+    missing = [name for name in DFAConfig.names() if name not in defaults]
+    assert not missing, f"{takes_settings.__name__} lacks the DFA settings {missing}"
+    assert all(defaults[name] is None for name in DFAConfig.names()), "None means: not given"

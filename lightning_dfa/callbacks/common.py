@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
+from lightning_dfa._checks import check_int
 from lightning_dfa.callback import DFA
 from lightning_dfa.feedback import FeedbackEngine
 
@@ -18,6 +19,4 @@ def find_dfa(trainer: pl.Trainer) -> FeedbackEngine | None:
 
 def check_every_n_steps(every_n_steps: int) -> int:
     """``every_n_steps`` of a diagnostic callback, or a clear error if it is not a positive integer."""
-    if every_n_steps < 1:
-        raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps}.")
-    return every_n_steps
+    return check_int("every_n_steps", every_n_steps, 1)

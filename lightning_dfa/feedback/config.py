@@ -9,13 +9,13 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_dfa._checks import check_int, closest
 from lightning_dfa.feedback.update_scale import DEFAULT_LR_SCALE, check_lr_scale
 
 MODES = ("dfa", "backprop", "frozen")
@@ -65,9 +65,9 @@ class DFAConfig:
         ):
             if getattr(self, setting) not in allowed:
                 raise ValueError(f"{setting} must be one of {allowed}, got {getattr(self, setting)!r}{why}.")
-        _check_int("backprop_top", self.backprop_top, 0, "a non-negative integer (0 is pure DFA)")
-        _check_int("seed", self.seed, 0, "a non-negative integer")
-        _check_int("nonfinite_patience", self.nonfinite_patience, 1, "a positive integer")
+        check_int("backprop_top", self.backprop_top, 0)
+        check_int("seed", self.seed, 0)
+        check_int("nonfinite_patience", self.nonfinite_patience, 1)
         if not isinstance(self.spatial_patch, int) or self.spatial_patch < 1 or self.spatial_patch % 2 == 0:
             raise ValueError(
                 f"spatial_patch must be an odd positive integer (1, 3, 5, ...), got {self.spatial_patch!r}."
@@ -109,7 +109,7 @@ def check_names(settings: Mapping[str, Any], where: str) -> None:
     unknown = [key for key in settings if key not in valid]
     if not unknown:
         return
-    close = {key: difflib.get_close_matches(str(key), valid, n=1) for key in unknown}
+    close = {key: closest(key, valid) for key in unknown}
     hints = ", ".join(f"{key!r} -> {match[0]!r}" for key, match in close.items() if match)
     raise TypeError(
         f"{where} got unknown DFA settings {unknown}"
@@ -140,8 +140,3 @@ def with_settings_signature(init: Any, base: Any = None, unset: bool = False) ->
             named[p.name] = p.replace(kind=p.KEYWORD_ONLY)
     init.__signature__ = inspect.Signature(list(named.values()))
     return init
-
-
-def _check_int(name: str, value: Any, low: int, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be {what}, got {value!r}.")

@@ -4,12 +4,13 @@
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from torch import Tensor, nn
+
+from lightning_dfa._checks import closest
 
 #: Attribute names of diffusers UNets' block containers, in forward order.
 UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
@@ -237,7 +238,7 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def _no_match_message(pattern: str, names: list[str], model: nn.Module, role: str = "blocks") -> str:
-    close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+    close = closest(pattern, names, n=5, cutoff=0.5)
     hint = f" Closest paths: {close}." if close else ""
     return (
         f"{role}: {pattern!r} matches no module of {type(model).__name__}.{hint} "

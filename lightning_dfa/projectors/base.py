@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_dfa._checks import check_int
+
 
 class Projector(nn.Module):
     """Base class of the projector kinds: subclasses implement :meth:`forward`; :meth:`settings` lists what defines one.
@@ -25,14 +27,10 @@ class Projector(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, seed: int = 0) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {value!r}.")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"{type(self).__name__}: seed must be a non-negative integer, got {seed!r}.")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.seed = seed
+        where = f"{type(self).__name__}: "
+        self.in_features = check_int("in_features", in_features, 1, where=where)
+        self.out_features = check_int("out_features", out_features, 1, where=where)
+        self.seed = check_int("seed", seed, 0, where=where)
 
     def settings(self) -> dict[str, Any]:
         """The arguments that define this projector (saved in checkpoints, checked on load)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import pydoc
 from collections.abc import Callable, Mapping
@@ -10,6 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_dfa._checks import did_you_mean
 from lightning_dfa.projectors.gaussian import Gaussian
 from lightning_dfa.projectors.matrix import Matrix, check_matrix
 from lightning_dfa.projectors.opu import OPU
@@ -108,8 +108,7 @@ def _check_settings(name: str, factory: Callable[..., nn.Module], settings: dict
     ]
     for key in settings:
         if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(key, accepted)
             raise ValueError(
                 f"Projector {name!r} has no setting {key!r}.{hint} Its settings: {accepted} (in_features, "
                 "out_features and seed are set by DFA)."
@@ -126,8 +125,7 @@ def _factory(name: str) -> Callable[..., nn.Module]:
             f"Cannot import projector class_path {name!r}: give a registered name ({sorted(PROJECTORS)}) or the "
             "full dotted path of an importable class, e.g. 'lightning_dfa.projectors.SeededGaussian'."
         )
-    close = difflib.get_close_matches(name, list(PROJECTORS), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(name, PROJECTORS)
     raise ValueError(
         f"Unknown projector {name!r}; known names: {sorted(PROJECTORS)}.{hint} Or give the dotted path of a "
         "projector class, or register_projector(name, factory) first."
