@@ -29,7 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_dfa import _compat
+from lightning_dfa import _lightning_compat
 from lightning_dfa._checks import closest
 from lightning_dfa.callbacks.history import plot_history, write_or_warn
 from lightning_dfa.feedback import MODES
@@ -39,6 +39,9 @@ from lightning_dfa.runs import LATEST, new_version, run_files
 from lightning_dfa.summary import RunResult, summary_table
 
 RECIPES = resources.files("lightning_dfa") / "recipes"
+
+#: The jsonargparse parser mode of this CLI's configs: YAML, projector names resolved (:func:`_load_yaml`).
+YAML_MODE = "lightning_dfa"
 
 #: Set (to anything) to see the traceback of a configuration error.
 DEBUG_ENV = "LIGHTNING_DFA_DEBUG"
@@ -85,6 +88,8 @@ class DFACLI(LightningCLI):
         self.cli_args, self.print_summary = list(cli_args or []), summary
         self.run_dir = run_dir  # None: a new version folder; a baseline is given <its DFA run's folder>/<mode>
         self.result: RunResult | None = None
+        # This CLI's parsers read YAML with projector names as import paths (their own parser_mode, no other's).
+        set_loader(YAML_MODE, _load_yaml, exceptions=(yaml.YAMLError,))
         defaults = kwargs.pop("trainer_defaults", {})
         callbacks = [MarkModelErrors(), EpochsOfMaxSteps()]  # fresh per run: the baselines get their own
         super().__init__(*args, args=cli_args, trainer_defaults={**defaults, "callbacks": callbacks}, **kwargs)
@@ -100,7 +105,7 @@ class DFACLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse as LightningCLI does; an unknown option's error also names the closest valid ones."""
         subcommand = next((a for a in args or [] if isinstance(a, str) and not a.startswith("-")), None)
-        parsers = [parser, *_compat.subcommand_parsers(self).values()]
+        parsers = [parser, *_lightning_compat.subcommand_parsers(self).values()]
         for each in parsers:
             each.exit_on_error = False
         try:
@@ -108,7 +113,7 @@ class DFACLI(LightningCLI):
             # passes its own sys.argv on purpose (recipe names resolved), and its baselines add options to it.
             self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
         except ArgumentError as err:
-            sub_parser = _compat.subcommand_parsers(self).get(subcommand, parser)
+            sub_parser = _lightning_compat.subcommand_parsers(self).get(subcommand, parser)
             hint = option_hint(str(err), sub_parser)
             command = f"lightning-dfa {subcommand} --help" if subcommand else "lightning-dfa --help"
             # An unknown option: the hint says it in one line; jsonargparse's account of it only with DEBUG_ENV.
@@ -151,7 +156,7 @@ class DFACLI(LightningCLI):
         _check_baselines(self.config.fit.baselines, self.trainer)
         # Start W&B (or any logger) now: one that cannot start is replaced by a CSVLogger before training.
         # Spawned processes get a pickled trainer: there the DFA callback guards the loggers in each process.
-        if not _compat.launcher_spawns(self.trainer):
+        if not _lightning_compat.launcher_spawns(self.trainer):
             guard_loggers(self.trainer, start=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -230,7 +235,7 @@ class EpochsOfMaxSteps(Callback):
 def _finish_wandb(trainer: Any) -> None:
     """Close this run's W&B run, so that a baseline (or the next run in this process) gets its own."""
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and _compat.wandb_started(logger):
+        if isinstance(logger, WandbLogger) and _lightning_compat.wandb_started(logger):
             try:
                 logger.experiment.finish()
             except Exception as err:  # noqa: BLE001 - the run is over; its results are already saved
@@ -252,14 +257,14 @@ def _logger_configs(logger: Any) -> list[Namespace]:
 
 def option_hint(message: str, parser: Any) -> str:
     """For a parser error about an unknown option, a sentence naming the closest valid options (else "")."""
-    found = _compat.unknown_option(message)
+    found = _lightning_compat.unknown_option(message)
     if found is None:
         return ""
     class_path, key = found
     if class_path:
         where, options = class_path, _init_options(class_path)
     else:
-        where, key, options = _group_options(key, _compat.parser_dests(parser))
+        where, key, options = _group_options(key, _lightning_compat.parser_dests(parser))
         where = where or "the config"
     close = closest(key, options, n=3)
     guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
@@ -304,7 +309,7 @@ def _init_options(class_path: str) -> list[str]:
         parser.add_class_arguments(pydoc.locate(class_path), "init", fail_untyped=False)
     except (ImportError, AttributeError, TypeError, ValueError):
         return []
-    names = [dest.split(".")[1] for dest in _compat.parser_dests(parser) if dest.startswith("init.")]
+    names = [dest.split(".")[1] for dest in _lightning_compat.parser_dests(parser) if dest.startswith("init.")]
     return list(dict.fromkeys(names))
 
 
@@ -320,10 +325,9 @@ def _check_baselines(baselines: list[str], trainer: Any) -> None:
 
 
 _YAML = get_loader("yaml")
-set_loader("lightning_dfa", _load_yaml, exceptions=(yaml.YAMLError,))
 
 _CLI_OPTIONS: dict[str, Any] = dict(
-    parser_kwargs={"parser_mode": "lightning_dfa"},
+    parser_kwargs={"parser_mode": YAML_MODE},
     subclass_mode_model=True,
     subclass_mode_data=True,
     save_config_kwargs={"overwrite": True},

@@ -15,7 +15,7 @@ from lightning.pytorch import loggers
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_dfa import _compat
+from lightning_dfa import _lightning_compat
 
 #: Logger methods that touch the network or the disk; each is guarded.
 GUARDED = (
@@ -64,7 +64,7 @@ def _guard(trainer: pl.Trainer, logger: Logger) -> None:
         return call
 
     _guarded.add(logger)
-    _compat.wrap_methods(logger, GUARDED, wrap)
+    _lightning_compat.wrap_methods(logger, GUARDED, wrap)
 
 
 def _switch_off(trainer: pl.Trainer, logger: Logger, action: str, err: Exception) -> None:
@@ -103,4 +103,4 @@ class WandbLogger(loggers.WandbLogger):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _compat.drop_unset_anonymous(self)
+        _lightning_compat.drop_unset_anonymous(self)

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from torch import nn
 
-from lightning_dfa import _compat
+from lightning_dfa import _compat, _lightning_compat
 from lightning_dfa._checks import closest
 from lightning_dfa.callback import DFA
 from lightning_dfa.feedback import DFAConfig
@@ -112,7 +112,7 @@ class DFADDPStrategy(_DFAStrategyMixin, DDPStrategy):
     def teardown(self) -> None:
         super().teardown()
         # A spawned rank ends with fit: closing gloo in its exit handler instead aborted a rank now and then.
-        if torch.distributed.is_initialized() and _compat.launcher_spawns(self.lightning_module.trainer):
+        if torch.distributed.is_initialized() and _lightning_compat.launcher_spawns(self.lightning_module.trainer):
             torch.distributed.destroy_process_group()
 
 

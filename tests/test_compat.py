@@ -1,5 +1,6 @@
-"""Each private API of another library that lightning_dfa uses (all in lightning_dfa/_compat.py) still does what
-the package relies on: an upgrade that changes one fails here, by name."""
+"""Each private API of another library that lightning_dfa uses (torch and transformers: lightning_dfa/_compat.py;
+Lightning, W&B and jsonargparse: lightning_dfa/_lightning_compat.py) still does what the package relies on: an
+upgrade that changes one fails here, by name."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lightning_dfa import _compat
+from lightning_dfa import _compat, _lightning_compat
 from lightning_dfa.loggers import WandbLogger
 
 
@@ -69,21 +70,23 @@ def test_hf_reentrant_checkpointing_reads_the_use_reentrant_hf_was_given(reentra
 
 def test_attached_trainer_is_none_before_the_module_is_attached_and_the_trainer_after():
     module = pl.LightningModule()
-    assert _compat.attached_trainer(module) is None
+    assert _lightning_compat.attached_trainer(module) is None
     module.trainer = trainer = pl.Trainer(logger=False)
-    assert _compat.attached_trainer(module) is trainer
+    assert _lightning_compat.attached_trainer(module) is trainer
 
 
 @pytest.mark.parametrize("use", [True, False])
 def test_sampler_ranks_follow_lightnings_distributed_sampler_setting(use):
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, logger=False, use_distributed_sampler=use)
-    assert _compat.sampler_ranks(trainer) == ({"num_replicas": 2, "rank": 0} if use else {"num_replicas": 1, "rank": 0})
+    assert _lightning_compat.sampler_ranks(trainer) == (
+        {"num_replicas": 2, "rank": 0} if use else {"num_replicas": 1, "rank": 0}
+    )
 
 
 @pytest.mark.parametrize(("strategy", "spawns"), [("ddp_spawn", True), ("ddp", False)])
 def test_launcher_spawns_reads_the_start_method_of_the_launcher(strategy, spawns):
     trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, logger=False)
-    assert _compat.launcher_spawns(trainer) is spawns
+    assert _lightning_compat.launcher_spawns(trainer) is spawns
 
 
 def test_subcommand_parsers_are_the_lightning_cli_parser_of_each_subcommand():
@@ -93,7 +96,7 @@ def test_subcommand_parsers_are_the_lightning_cli_parser_of_each_subcommand():
 
     class Probe(LightningCLI):
         def parse_arguments(self, parser, args):  # the parsers exist by now; stop before anything runs
-            seen.update(_compat.subcommand_parsers(self))
+            seen.update(_lightning_compat.subcommand_parsers(self))
             raise SystemExit(0)
 
     with pytest.raises(SystemExit):
@@ -107,7 +110,7 @@ def test_lightnings_fsdp_setup_still_calls_the_setup_model_hook_dfa_fsdp_overrid
 
 def test_logging_muted_makes_log_a_no_op_and_gives_it_back():
     module = pl.LightningModule()
-    with _compat.logging_muted(module):
+    with _lightning_compat.logging_muted(module):
         module.log("x", 1.0)  # would raise: no trainer attached
     assert module.log.__func__ is pl.LightningModule.log
 
@@ -118,20 +121,20 @@ def test_wrap_methods_wraps_one_object_and_not_its_class():
             return "done"
 
     thing = Thing()
-    _compat.wrap_methods(thing, ["act", "absent"], lambda name, method: lambda: f"{name}: {method()}")
+    _lightning_compat.wrap_methods(thing, ["act", "absent"], lambda name, method: lambda: f"{name}: {method()}")
     assert thing.act() == "act: done" and Thing().act() == "done"
 
 
 def test_our_wandb_logger_hands_wandb_init_no_anonymous_setting(tmp_path):
     logger = WandbLogger(project="p", save_dir=str(tmp_path))
     assert "anonymous" not in logger._wandb_init and logger._wandb_init["project"] == "p"
-    assert not _compat.wandb_started(logger)
+    assert not _lightning_compat.wandb_started(logger)
 
 
 def test_parser_dests_lists_nested_options():
     parser = ArgumentParser()
     parser.add_argument("--trainer.max_steps", type=int)
-    assert "trainer.max_steps" in _compat.parser_dests(parser)
+    assert "trainer.max_steps" in _lightning_compat.parser_dests(parser)
 
 
 def test_unknown_option_finds_the_key_in_jsonargparse_errors():
@@ -139,5 +142,5 @@ def test_unknown_option_finds_the_key_in_jsonargparse_errors():
     parser.add_argument("--trainer.max_steps", type=int)
     with pytest.raises(ArgumentError) as err:
         parser.parse_object({"trainer": {"max_stepz": 3}})
-    assert _compat.unknown_option(str(err.value)) == (None, "trainer.max_stepz")
-    assert _compat.unknown_option("some other error") is None
+    assert _lightning_compat.unknown_option(str(err.value)) == (None, "trainer.max_stepz")
+    assert _lightning_compat.unknown_option("some other error") is None

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_dfa import _compat
+from lightning_dfa import _lightning_compat
 from lightning_dfa.callbacks.common import check_every_n_steps, find_dfa
 from lightning_dfa.random_state import isolated, random_states
 
@@ -145,7 +145,7 @@ def _gradients(trainer, pl_module, batch, idx, rng, params, dfa, pause: bool) ->
         step = trainer.strategy.training_step if sharded else pl_module.training_step
         paused = dfa.paused() if pause else nullcontext()
         # From the batch's random state (the same dropout and noise); the step's own state goes on afterwards.
-        with isolated(rng), paused, no_sync(), _compat.logging_muted(pl_module):
+        with isolated(rng), paused, no_sync(), _lightning_compat.logging_muted(pl_module):
             output = step(batch, idx)
             loss = output["loss"] if isinstance(output, dict) else output
             loss.backward()

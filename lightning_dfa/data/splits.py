@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
-from lightning_dfa import _compat
+from lightning_dfa import _lightning_compat
 
 
 class EpochSampler(StatefulDistributedSampler):
@@ -70,7 +70,7 @@ class SplitDataModule(pl.LightningDataModule):
         if not self.splits:
             self.setup()
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        ranks = _compat.sampler_ranks(self.trainer) if self.trainer is not None else {}
+        ranks = _lightning_compat.sampler_ranks(self.trainer) if self.trainer is not None else {}
         return train_loader(self.splits["train"], self.hparams.batch_size, seed, self.hparams.num_workers, **ranks)
 
     def val_dataloader(self) -> DataLoader:

@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from lightning_dfa import _compat
+from lightning_dfa import _lightning_compat
 from lightning_dfa.callbacks.common import find_dfa
 from lightning_dfa.models.base import DFAModule, built, local_checkpoint
 from lightning_dfa.optim import param_groups
@@ -222,7 +222,7 @@ def _whole_parameters(module: pl.LightningModule) -> AbstractContextManager:
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    wrapper = getattr(getattr(_compat.attached_trainer(module), "strategy", None), "model", None)
+    wrapper = getattr(getattr(_lightning_compat.attached_trainer(module), "strategy", None), "model", None)
     if isinstance(wrapper, FullyShardedDataParallel):
         return FullyShardedDataParallel.summon_full_params(wrapper, writeback=False)
     return nullcontext()

@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
-from lightning_dfa import _compat
+from lightning_dfa import _lightning_compat
 from lightning_dfa.models.base import Classification, DFAModule, built, check_config_or_pretrained, local_checkpoint
 
 #: Sizes the model takes from the datamodule when they are not given: ViTConfig key -> datamodule reading.
@@ -88,7 +88,7 @@ class ImageClassifier(DFAModule, Classification):
 # ---------------------------------------------------------------------- shared with Diffusion
 def data_sizes(module: pl.LightningModule) -> dict[str, int] | None:
     """The datamodule's ``{"classes", "channels", "image_size"}``, or ``None`` without one that tells them."""
-    trainer = _compat.attached_trainer(module)
+    trainer = _lightning_compat.attached_trainer(module)
     datamodule = getattr(trainer, "datamodule", None)
     if datamodule is None or not hasattr(datamodule, "image_shape"):
         return None
