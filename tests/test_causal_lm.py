@@ -97,7 +97,7 @@ def test_a_checkpoint_reloads_with_the_vocabulary_resolved_from_the_data(data, t
 def test_configure_dfa_selects_every_block_and_the_lm_head(config):
     lm = CausalLM(config=config, vocab_size=64)
     spec = lm.configure_dfa()
-    assert spec == {"blocks": "auto", "output": "model.lm_head"}
+    assert spec == {"blocks": "auto"}, "the LM head is found as HF's output embeddings"
     with FeedbackEngine(**spec).attach(lm) as dfa:
         assert dfa.points == BLOCKS[config["model_type"]]
         assert dfa.output == "model.lm_head"

@@ -111,19 +111,10 @@ class CausalLM(DFAModule):
         self._build_from_trainer()
 
     def dfa_defaults(self) -> dict[str, Any]:
-        """Feedback at every transformer block (HF's ``_no_split_modules``), error at the logits (the LM head).
-
-        The embeddings are not points: they learn only where tied to the head (``embeddings=`` adds them)."""
-        if self.model is None and self._trainer is not None:
-            self._build_from_trainer()
-        return {"blocks": "auto", "output": self.head_path()}
-
-    def head_path(self) -> str:
-        """Path of the LM head inside this module (``model.lm_head`` for GPT-2 and Llama)."""
-        head = self.model.get_output_embeddings() if self.model is not None else None
-        if head is not None:
-            return next(name for name, module in self.named_modules() if module is head)
-        return "model.lm_head"
+        """Feedback at every transformer block (HF's ``_no_split_modules``), error at the logits: the LM head,
+        found by ``blocks="auto"`` as HF's output embeddings. The embeddings are not points: they learn only
+        where tied to the head (``embeddings=`` adds them)."""
+        return {"blocks": "auto"}
 
     # -- training ------------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor) -> Tensor:
