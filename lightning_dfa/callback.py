@@ -32,7 +32,7 @@ class DFA(Callback):
     """Direct Feedback Alignment for a LightningModule under any strategy: runs a
     :class:`~lightning_dfa.feedback.FeedbackEngine` (:attr:`engine`) during ``fit``, saves its state in
     checkpoints, and stops (``nonfinite="stop"``) or skips (``"skip"``) a step with a NaN or infinite loss, error
-    or gradient. docs/lightning.md and docs/errors.md tell more.
+    or gradient.
 
     Example::
 

@@ -1,4 +1,5 @@
-"""Loggers that may fail without taking the run down (W&B unreachable, a full disk): docs/errors.md.
+"""Loggers that may fail without taking the run down (W&B unreachable, a full disk): a failing call warns once
+and switches that logger off; training goes on.
 
 :func:`guard_loggers` switches a failing logger off with a warning, and when none is left writes the metrics to
 a ``CSVLogger`` in the run directory. The ``DFA`` callback guards the loggers of every run it trains.

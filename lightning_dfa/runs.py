@@ -1,5 +1,5 @@
 """Run folders: each ``lightning-dfa`` launch writes into its own ``<root>/version_N``, and ``<root>/latest``
-points at the newest (a symlink, or a file naming the folder where there are none; docs/lightning.md).
+points at the newest (a symlink, or a file naming the folder where there are none).
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
     """Fully sharded data parallel training with DFA: ``Trainer(strategy="dfa_fsdp", devices=8)``.
 
     Wrap whole blocks (``auto_wrap_policy={GPT2Block}``): each point moves out to its FSDP unit (:func:`outer_points`);
-    a point inside a unit is an error. Runs on CPU (gloo) too. docs/distributed.md tells more.
+    a point inside a unit is an error. Runs on CPU (gloo) too.
     """
 
     strategy_name = "dfa_fsdp"

@@ -2,7 +2,7 @@
 
 Every ``every_n_steps`` steps, before the optimizer step, one extra backward on the same batch (DFA paused)
 gives the true gradients; it logs ``alignment/<point>`` (cosine), ``grad_ratio/<point>`` (norm ratio) and
-``alignment/mean``. docs/diagnostics.md tells how, and under DDP and FSDP.
+``alignment/mean`` (under DDP and FSDP too).
 
 Example::
 

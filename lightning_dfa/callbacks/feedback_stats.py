@@ -1,6 +1,7 @@
 """``FeedbackStats``: the size of the error and of each point's feedback, as training sees them.
 
-It logs ``feedback/error_rms``, ``feedback_rms/<point>`` and ``feedback_ratio/<point>`` (docs/diagnostics.md).
+It logs ``feedback/error_rms``, ``feedback_rms/<point>`` and ``feedback_ratio/<point>`` (the feedback's rms over
+the error's).
 
 Example::
 

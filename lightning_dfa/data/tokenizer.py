@@ -1,5 +1,5 @@
 """Tokenizers with no network: a byte-level BPE trained on the corpus and cached (``$LIGHTNING_DFA_CACHE``), or a
-local path. docs/recipes-language.md tells more.
+local path.
 
 Example::
 

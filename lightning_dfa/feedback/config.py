@@ -26,7 +26,7 @@ NONFINITE = ("stop", "skip")
 
 @dataclass(frozen=True)
 class DFAConfig:
-    """The DFA settings, one line each (docs/feedback.md tells more, docs/learning.md measures the variants).
+    """The DFA settings, one line each.
 
     Args:
         blocks: module paths or glob patterns (``"transformer.h.*"``), or ``"auto"``.

@@ -1,5 +1,5 @@
 """Choosing feedback points: module paths, glob patterns, the blocks of known model families, or repeated blocks
-(``"auto"``: HuggingFace models, then diffusers UNets, then any module; docs/feedback.md).
+(``"auto"``: HuggingFace models, then diffusers UNets, then any module's repeated blocks).
 """
 
 from __future__ import annotations

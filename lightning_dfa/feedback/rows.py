@@ -1,4 +1,4 @@
-"""How an error and a feedback point's output are cut into rows of the projection (docs/feedback.md).
+"""How an error and a feedback point's output are cut into rows of the projection.
 
 The error ``e`` is ``(*rows, *features)``: rows are the batch, and batch and sequence for ``(B, T, V)``. A
 point's output shares those rows (a per-sample error gives every token the same feedback); the rest is ``d_i``.

@@ -1,5 +1,6 @@
 """The feedback points learn at ``lr_scale`` x the learning rate of whatever optimizer trains them: step hooks move
-their parameters into groups at the scaled ``lr`` for the step only (docs/feedback.md says why it is exact).
+their parameters into groups at the scaled ``lr`` for the step only: the optimizer then sees exactly the groups
+a user would write, so it is exact for any optimizer and scheduler.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 
 from lightning_dfa.feedback.rows import error_row_dims
 
-#: The default: ``"auto"``, one over the square root of the error's width (:func:`auto_lr_scale`; docs/learning.md).
+#: The default: ``"auto"``, one over the square root of the error's width (:func:`auto_lr_scale`).
 DEFAULT_LR_SCALE = "auto"
 
 #: The largest share ``"auto"`` gives (narrow errors: ten classes, a small image).
@@ -93,7 +94,7 @@ def check_lr_scale(scale: Any) -> None:
 
 
 def auto_lr_scale(error_shape: Sequence[int]) -> float:
-    """``min(0.1, 1 / sqrt(width))``, ``width`` the error's values per row with the default rows (docs/learning.md).
+    """``min(0.1, 1 / sqrt(width))``, ``width`` the error's values per row with the default rows.
 
     Example::
 

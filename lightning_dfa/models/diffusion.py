@@ -1,6 +1,6 @@
 """``Diffusion``: a diffusers ``UNet2DModel`` trained as a DDPM (epsilon prediction, MSE), with samples.
 
-DFA points: the UNet's down, mid and up blocks; the error is the gradient at ``unet.conv_out`` (docs/recipes-vision.md).
+DFA points: the UNet's down, mid and up blocks; the error is the gradient at ``unet.conv_out``.
 """
 
 from __future__ import annotations
