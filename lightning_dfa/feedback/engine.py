@@ -21,8 +21,8 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dfa import _compat
 from lightning_dfa.feedback.config import DFAConfig
-from lightning_dfa.feedback.guard import RoutingGuard
-from lightning_dfa.feedback.outputs import cut_inputs, cut_side_inputs, first_tensor, replace_first, swap_copies
+from lightning_dfa.feedback.guard import RoutingGuard, in_backward
+from lightning_dfa.feedback.outputs import cut_inputs, cut_side_inputs, first_tensor, replace_first, swap_copies, trains
 from lightning_dfa.feedback.points import point_parameters, select
 from lightning_dfa.feedback.projection import FeedbackRouter, Observer, Projection
 from lightning_dfa.feedback.update_scale import ScaledUpdates, auto_lr_scale
@@ -236,7 +236,7 @@ class FeedbackEngine:
         # gradient), so it pays for no projection. With embeddings="first_block" the control still feeds the
         # (frozen) first block: the embeddings learn as in the DFA run, so the control isolates the blocks' updates.
         fed = [name for name in self.points if self.mode != "frozen" or self._feeds_embeddings(name)]
-        routed = [(name, shapes[name]) for name in fed if self._trains(name, records[name])]
+        routed = [(name, shapes[name]) for name in fed if trains(self.model.get_submodule(name), name, records[name])]
         if not routed:
             return None
         self.guard.router_applied()
@@ -254,22 +254,6 @@ class FeedbackEngine:
         # detached copies the model ran on, so a loss term on them reaches the block (added to its feedback).
         handed, self._handed = self._handed, {}
         return swap_copies(output, handed) if handed and torch.is_grad_enabled() else None
-
-    def _trains(self, name: str, hidden: Tensor) -> bool:
-        if hidden.requires_grad:
-            return True
-        if not any(p.requires_grad for p in self.model.get_submodule(name).parameters()):
-            return False  # a frozen block: nothing to train
-        if not (hidden.is_floating_point() or hidden.is_complex()):
-            raise TypeError(
-                f"Feedback point {name!r} has trainable parameters but returns a {hidden.dtype} tensor, which "
-                "cannot carry a gradient. Select as point the module whose output is the floating-point hidden "
-                "state (a tuple may carry other values after it)."
-            )
-        raise RuntimeError(
-            f"Feedback point {name!r} has trainable parameters but its output does not require grad; was it "
-            "run under torch.no_grad() or reentrant checkpointing?"
-        )
 
     def check_routed(self) -> None:
         """Raise if block outputs were recorded but the output point never ran, or if the loss did not use the
@@ -319,11 +303,6 @@ class _Hook:
 
 def _no_op(*args: Any) -> None:
     return None
-
-
-def in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. when non-reentrant checkpointing recomputes)."""
-    return _compat.current_graph_task_id() != -1
 
 
 def attached_engine(model: nn.Module) -> FeedbackEngine | None:

@@ -19,6 +19,11 @@ from collections.abc import Callable, Sequence
 from lightning_dfa import _compat
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. when non-reentrant checkpointing recomputes a block)."""
+    return _compat.current_graph_task_id() != -1
+
+
 class RoutingGuard:
     """The routing state of one attachment: ``output`` and ``points`` name the error point and the blocks."""
 

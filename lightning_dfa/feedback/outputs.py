@@ -114,3 +114,22 @@ def swap_copies(value: Any, handed: dict[int, tuple[Tensor, Tensor]]) -> Any:
             if swapped is not item:
                 value[key] = swapped
     return value
+
+
+def trains(block: nn.Module, name: str, hidden: Tensor) -> bool:
+    """Whether point ``name``'s output ``hidden`` carries a gradient into ``block``; a clear error where it cannot
+    although the block has trainable parameters."""
+    if hidden.requires_grad:
+        return True
+    if not any(p.requires_grad for p in block.parameters()):
+        return False  # a frozen block: nothing to train
+    if not (hidden.is_floating_point() or hidden.is_complex()):
+        raise TypeError(
+            f"Feedback point {name!r} has trainable parameters but returns a {hidden.dtype} tensor, which "
+            "cannot carry a gradient. Select as point the module whose output is the floating-point hidden "
+            "state (a tuple may carry other values after it)."
+        )
+    raise RuntimeError(
+        f"Feedback point {name!r} has trainable parameters but its output does not require grad; was it "
+        "run under torch.no_grad() or reentrant checkpointing?"
+    )
