@@ -125,9 +125,7 @@ class DFAFSDPStrategy(_DFAStrategyMixin, FSDPStrategy):
 
     strategy_name = "dfa_fsdp"
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._wrapper: nn.Module | None = None
+    _wrapper: nn.Module | None = None  # the FSDP wrapper of the module, made once
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         """Wrap in FSDP, on CPU too, and only once: ``trainer.test()`` after ``fit`` reuses the wrapper."""

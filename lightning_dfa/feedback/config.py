@@ -9,8 +9,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,27 +114,3 @@ def check_names(settings: Mapping[str, Any], where: str) -> None:
         + (f" (did you mean {hints}?)" if hints else "")
         + f"; valid settings: {sorted(valid)}."
     )
-
-
-def with_settings_signature(init: Any, base: Any = None, unset: bool = False) -> Any:
-    """Give ``init`` (an ``__init__(self, ..., **kwargs)``) the signature: its named parameters, ``base``'s, then
-    the DFA settings, so that jsonargparse (LightningCLI) and ``help()`` list them all; with ``unset`` the
-    settings default to ``None``, meaning "not given here"."""
-    hints = typing.get_type_hints(DFAConfig)
-    settings = [
-        inspect.Parameter(
-            field.name,
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None if unset else field.default,
-            annotation=typing.Optional[hints[field.name]] if unset else hints[field.name],  # noqa: UP045
-        )
-        for field in dataclasses.fields(DFAConfig)
-    ]
-    own = [p for p in inspect.signature(init).parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    inherited = list(inspect.signature(base).parameters.values())[1:] if base is not None else []
-    named = {p.name: p for p in own}
-    for p in inherited + settings:
-        if p.name not in named and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-            named[p.name] = p.replace(kind=p.KEYWORD_ONLY)
-    init.__signature__ = inspect.Signature(list(named.values()))
-    return init
