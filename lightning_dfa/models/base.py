@@ -1,5 +1,5 @@
 """What the recipes' models share: DFA settings (``dfa=`` over ``configure_dfa()``), AdamW, classification steps,
-local checkpoints."""
+local checkpoints, sizes read from the datamodule."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from lightning_dfa import _lightning_compat
 from lightning_dfa.optim import param_groups
 
 
@@ -80,3 +81,58 @@ class Classification(pl.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+
+
+class DataSized:
+    """A model built in ``configure_model`` with the sizes it was not given read from the trainer's datamodule
+    (``data_sizes``: config key -> datamodule reading); a built model's sizes are checked against the data.
+    Subclasses define ``_given_sizes()``, ``_build(sizes)`` and ``_sizes()`` (the built network's, ``None`` before)."""
+
+    data_sizes: dict[str, str]
+
+    def configure_model(self) -> None:
+        # Sees the trainer's datamodule, on every rank, before the optimizer and before DFA attaches (on_fit_start).
+        sizes = self._sizes()
+        if sizes is None:
+            self._build(sizes_from_data(self, self._given_sizes(), self.data_sizes))
+        else:
+            check_data_sizes(self, sizes, self.data_sizes)
+
+
+def data_sizes(module: pl.LightningModule) -> dict[str, int] | None:
+    """The datamodule's ``{"classes", "channels", "image_size"}``, or ``None`` without one that tells them."""
+    trainer = _lightning_compat.attached_trainer(module)
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None or not hasattr(datamodule, "image_shape"):
+        return None
+    channels, height, width = datamodule.image_shape
+    if height != width:
+        raise ValueError(f"The data's images are {height}x{width}; {type(module).__name__} needs square images.")
+    return {"classes": getattr(datamodule, "num_classes", None), "channels": channels, "image_size": height}
+
+
+def sizes_from_data(module: pl.LightningModule, sizes: dict[str, Any], readings: dict[str, str]) -> dict[str, Any]:
+    """``sizes`` with its ``None`` entries read from the trainer's datamodule (``readings``: key -> reading)."""
+    data, filled = data_sizes(module), dict(sizes)
+    for key in (k for k, v in sizes.items() if v is None):
+        if data is None or data[readings[key]] is None:
+            raise ValueError(
+                f"{type(module).__name__} needs {key}: give it (argument or config), or train with a datamodule "
+                "that has num_classes and image_shape (lightning_dfa.data.ImageDataModule)."
+            )
+        filled[key] = data[readings[key]]
+    check_data_sizes(module, filled, readings)
+    return filled
+
+
+def check_data_sizes(module: pl.LightningModule, sizes: dict[str, Any], readings: dict[str, str]) -> None:
+    """Raise if the model's sizes disagree with the trainer's datamodule (naming both)."""
+    data = data_sizes(module)
+    if data is None:
+        return
+    for key, reading in readings.items():
+        if data[reading] is not None and sizes[key] != data[reading]:
+            raise ValueError(
+                f"{type(module).__name__} has {key}={sizes[key]} but the data has {reading}={data[reading]}: "
+                f"set {key}={data[reading]} (or leave it out to take it from the data), or change the data."
+            )

@@ -12,14 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_dfa.models.base import DFAModule, check_config_or_pretrained, local_checkpoint
-from lightning_dfa.models.image_classifier import check_data_sizes, sizes_from_data
+from lightning_dfa.models.base import DataSized, DFAModule, check_config_or_pretrained, local_checkpoint
 
 #: UNet2DModel config keys taken from the datamodule when not given -> datamodule reading.
 DATA_SIZES = {"sample_size": "image_size", "in_channels": "channels", "out_channels": "channels"}
 
 
-class Diffusion(DFAModule):
+class Diffusion(DataSized, DFAModule):
     """DDPM on images in [-1, 1]: ``self.unet`` (``UNet2DModel``) predicts the noise added by ``self.scheduler``.
 
     ``val/loss`` and ``test/loss`` use noise fixed by ``eval_seed``; every ``sample_every_n_epochs`` validations,
@@ -55,6 +54,7 @@ class Diffusion(DFAModule):
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type="epsilon"
         )
         self.unet = None
+        self.data_sizes = DATA_SIZES
         sizes = self._given_sizes()
         if pretrained is not None or all(v is not None for v in sizes.values()):
             self._build(sizes)
@@ -74,19 +74,14 @@ class Diffusion(DFAModule):
             self.unet = UNet2DModel.from_pretrained(local_checkpoint(self.hparams.pretrained))
         else:
             self.unet = UNet2DModel(**{**(self.hparams.config or {}), **sizes})
+        self.hparams["config"] = {**(self.hparams.config or {}), **self._sizes()}  # for load_from_checkpoint
 
-    def _sizes(self) -> dict[str, Any]:
+    def _sizes(self) -> dict[str, Any] | None:
+        if self.unet is None:
+            return None
         config = self.unet.config
         size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
         return {"sample_size": size, "in_channels": config.in_channels, "out_channels": config.out_channels}
-
-    def configure_model(self) -> None:
-        # Sees the trainer's datamodule, on every rank, before the optimizer and before DFA attaches (on_fit_start).
-        if self.unet is None:
-            self._build(sizes_from_data(self, self._given_sizes(), DATA_SIZES))
-            self.hparams["config"] = {**(self.hparams.config or {}), **self._sizes()}  # for load_from_checkpoint
-        else:
-            check_data_sizes(self, self._sizes(), DATA_SIZES)
 
     def dfa_defaults(self) -> dict[str, Any]:
         return {"blocks": "auto", "output": "unet.conv_out"}

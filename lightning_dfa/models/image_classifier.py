@@ -7,17 +7,22 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 from torch import Tensor
 
-from lightning_dfa import _lightning_compat
-from lightning_dfa.models.base import Classification, DFAModule, built, check_config_or_pretrained, local_checkpoint
+from lightning_dfa.models.base import (
+    Classification,
+    DataSized,
+    DFAModule,
+    built,
+    check_config_or_pretrained,
+    local_checkpoint,
+)
 
 #: Sizes the model takes from the datamodule when they are not given: ViTConfig key -> datamodule reading.
 DATA_SIZES = {"num_labels": "classes", "image_size": "image_size", "num_channels": "channels"}
 
 
-class ImageClassifier(DFAModule, Classification):
+class ImageClassifier(DataSized, DFAModule, Classification):
     """A ``ViTForImageClassification`` (``self.model``) trained with cross-entropy; logs loss and accuracy.
 
     ``config``: ``ViTConfig`` arguments, or ``pretrained``: a local ``save_pretrained`` folder. ``num_labels``,
@@ -44,6 +49,7 @@ class ImageClassifier(DFAModule, Classification):
         check_config_or_pretrained(config, pretrained, "ViT")
         self.save_hyperparameters()
         self.model = None
+        self.data_sizes = DATA_SIZES
         sizes = self._given_sizes()
         if pretrained is not None or all(sizes.get(k) is not None for k in DATA_SIZES):
             self._build(sizes)
@@ -66,12 +72,8 @@ class ImageClassifier(DFAModule, Classification):
         for key in DATA_SIZES:  # resolved sizes go into the checkpoint, so load_from_checkpoint rebuilds the same
             self.hparams[key] = getattr(self.model.config, key)
 
-    def configure_model(self) -> None:
-        # Sees the trainer's datamodule, on every rank, before the optimizer and before DFA attaches (on_fit_start).
-        if self.model is None:
-            self._build(sizes_from_data(self, self._given_sizes(), DATA_SIZES))
-        else:
-            check_data_sizes(self, {k: getattr(self.model.config, k) for k in DATA_SIZES}, DATA_SIZES)
+    def _sizes(self) -> dict[str, Any] | None:
+        return {key: getattr(self.model.config, key) for key in DATA_SIZES} if self.model is not None else None
 
     def dfa_defaults(self) -> dict[str, Any]:
         return {"blocks": "auto", "output": "model.classifier"}
@@ -83,43 +85,3 @@ class ImageClassifier(DFAModule, Classification):
             "image_shape (ImageDataModule)."
         )
         return built(self.model, "ImageClassifier", how)(pixel_values=pixel_values).logits
-
-
-# ---------------------------------------------------------------------- shared with Diffusion
-def data_sizes(module: pl.LightningModule) -> dict[str, int] | None:
-    """The datamodule's ``{"classes", "channels", "image_size"}``, or ``None`` without one that tells them."""
-    trainer = _lightning_compat.attached_trainer(module)
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is None or not hasattr(datamodule, "image_shape"):
-        return None
-    channels, height, width = datamodule.image_shape
-    if height != width:
-        raise ValueError(f"The data's images are {height}x{width}; {type(module).__name__} needs square images.")
-    return {"classes": getattr(datamodule, "num_classes", None), "channels": channels, "image_size": height}
-
-
-def sizes_from_data(module: pl.LightningModule, sizes: dict[str, Any], readings: dict[str, str]) -> dict[str, Any]:
-    """``sizes`` with its ``None`` entries read from the trainer's datamodule (``readings``: key -> reading)."""
-    data, filled = data_sizes(module), dict(sizes)
-    for key in (k for k, v in sizes.items() if v is None):
-        if data is None or data[readings[key]] is None:
-            raise ValueError(
-                f"{type(module).__name__} needs {key}: give it (argument or config), or train with a datamodule "
-                "that has num_classes and image_shape (lightning_dfa.data.ImageDataModule)."
-            )
-        filled[key] = data[readings[key]]
-    check_data_sizes(module, filled, readings)
-    return filled
-
-
-def check_data_sizes(module: pl.LightningModule, sizes: dict[str, Any], readings: dict[str, str]) -> None:
-    """Raise if the model's sizes disagree with the trainer's datamodule (naming both)."""
-    data = data_sizes(module)
-    if data is None:
-        return
-    for key, reading in readings.items():
-        if data[reading] is not None and sizes[key] != data[reading]:
-            raise ValueError(
-                f"{type(module).__name__} has {key}={sizes[key]} but the data has {reading}={data[reading]}: "
-                f"set {key}={data[reading]} (or leave it out to take it from the data), or change the data."
-            )
