@@ -20,7 +20,7 @@ from lightning_dfa.feedback.config import DFAConfig
 from lightning_dfa.feedback.guard import RoutingGuard
 from lightning_dfa.feedback.rows import PointShape, SpatialShape, error_row_dims, spatial_error_rows
 from lightning_dfa.projectors import build_projector
-from lightning_dfa.projectors.checks import check_fits_in_memory
+from lightning_dfa.projectors.checks import check_fits_in_memory, nonfinite_rows
 from lightning_dfa.projectors.registry import check_projector_sizes
 
 #: ``observe(error_rows, {point: feedback_rows})``, called in every backward that projects (diagnostics).
@@ -110,7 +110,7 @@ class Projection:
         else:
             rows = error.reshape(-1, self.projector.in_features)
         # A meta tensor has no values to check (a model traced on the meta device, e.g. to count memory).
-        if not rows.is_meta and not all_finite(rows):
+        if not rows.is_meta and nonfinite_rows(rows) is not None:
             return self._nonfinite(len(routed))
         feedback = self.projector(rows.float())
         slices = {name: feedback[:, self.layout[name]] for name, _ in routed}
@@ -168,12 +168,6 @@ class Projection:
         check_saved_layout(state, self.layout, self.projector.in_features)
         check_projector_sizes(self.projector, state["error_features"], self.projector.out_features)
         self.projector.load_state_dict(state["projector"])
-
-
-def all_finite(rows: Tensor) -> bool:
-    """Whether every value is finite: NaN and inf reach the row sums, so the full check runs only on overflow
-    (one read of the error and a reduction of N values instead of a mask of N x d_e)."""
-    return bool(torch.isfinite(rows.sum(dim=1)).all()) or bool(torch.isfinite(rows).all())
 
 
 def check_saved_layout(state: dict[str, Any], layout: dict[str, slice], error_features: int) -> None:

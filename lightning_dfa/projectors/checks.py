@@ -15,18 +15,26 @@ def check_error(name: str, error: Tensor, in_features: int) -> Tensor | None:
         raise ValueError(f"{name} expects errors of shape (N, {in_features}), got {tuple(error.shape)}.")
     if not torch.is_floating_point(error):
         raise TypeError(f"{name} expects a floating-point error, got {error.dtype}.")
-    # A row with a NaN or an infinity has a non-finite sum; a finite row's sum can only overflow, so the rows
-    # flagged by the sums are checked exactly. This costs one read of the error and O(N) memory.
-    finite = torch.isfinite(error.sum(dim=1))
+    bad = nonfinite_rows(error)
+    if bad is not None:
+        count = int(bad.sum())
+        warnings.warn(
+            f"{name}: {count} error rows are not finite; their feedback is NaN.", RuntimeWarning, stacklevel=3
+        )
+    return bad
+
+
+def nonfinite_rows(rows: Tensor) -> Tensor | None:
+    """The mask of the rows of ``rows`` (N, d) holding a NaN or an infinity, or None if every row is finite.
+
+    A row with a NaN or an infinity has a non-finite sum; a finite row's sum can only overflow, so the rows
+    flagged by the sums are checked exactly. This costs one read of the rows and O(N) memory."""
+    finite = torch.isfinite(rows.sum(dim=1))
     if bool(finite.all()):
         return None
     suspects = (~finite).nonzero().flatten()
-    finite[suspects] = torch.isfinite(error[suspects]).all(dim=1)
-    if bool(finite.all()):
-        return None
-    count = int((~finite).sum())
-    warnings.warn(f"{name}: {count} error rows are not finite; their feedback is NaN.", RuntimeWarning, stacklevel=3)
-    return ~finite
+    finite[suspects] = torch.isfinite(rows[suspects]).all(dim=1)
+    return None if bool(finite.all()) else ~finite
 
 
 def check_fits_in_memory(what: str, nbytes: int, device: torch.device | str = "cpu") -> None:
