@@ -309,3 +309,20 @@ def checkpoint_worker(rank: int, world: int, port: int, out: str, first: int, th
         torch.save(module.state_dict(), f"{out}/straight-{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def uneven_worker(rank: int, world: int, port: int, out: str) -> None:
+    """A batch of 7 in 2 microbatches, then a smaller batch: both are refused with the fix."""
+    from lightning_dfa.pipeline import pipeline_groups
+
+    init_rank(rank, world, port)
+    module, schedule, optimizer = build(rank, world, pipeline_groups(timeout=30))
+    (x, y), messages = batches(1)[0], []
+    for inputs, target in ((x[:7], y[:7]), (x, y), (x[:4], y[:4])):
+        try:
+            schedule.step(inputs, target=target)
+            messages.append(None)
+        except ValueError as error:
+            messages.append(str(error))
+    torch.save(messages, f"{out}/{rank}.pt")
+    dist.destroy_process_group()

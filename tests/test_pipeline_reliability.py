@@ -16,6 +16,7 @@ from tests.pipeline_ranks import (
     mlp,
     nonfinite_worker,
     spawn,
+    uneven_worker,
 )
 
 pytestmark = pytest.mark.slow
@@ -86,3 +87,11 @@ def test_stage_checkpoints_load_into_the_unsplit_model_and_train_on_as_one_proce
         straight.update(torch.load(checkpoints / f"straight-{rank}.pt"))
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, straight[name], rtol=0, atol=1e-12)
+
+
+def test_uneven_microbatches_and_a_changed_batch_size_are_refused_with_the_fix(tmp_path):
+    assert spawn(uneven_worker, (str(tmp_path),), world=1) == [0]
+    uneven, even, smaller = torch.load(tmp_path / "0.pt")
+    assert "Microbatch 1 has shapes [(3, 6)], microbatch 0 [(4, 6)]" in uneven and "drop_last=True" in uneven
+    assert even is None
+    assert "the first step's [(4, 6)]" in smaller

@@ -80,6 +80,7 @@ class DFASchedule(PipelineScheduleSingle):
         self.skipped = False
         self.skipped_in_a_row = 0
         self._evaluating = False
+        self._input_shapes: list | None = None  # the first step's: torch's stages keep their buffers' sizes
         self._root = self._group_rank_of_last()
 
     def _group_rank_of_last(self) -> int:
@@ -112,11 +113,11 @@ class DFASchedule(PipelineScheduleSingle):
         stage = _compat.stage_of(self)
         arg_mbs, kwarg_mbs = _compat.check_microbatches(self, arg_mbs, kwarg_mbs, target_mbs, losses)
         if stage.is_first:
-            _check_even(arg_mbs)
+            self._input_shapes = _check_even(arg_mbs, self._input_shapes)
         if stage.is_last and not self._evaluating:
             if target_mbs is None:
                 raise ValueError("The last stage needs target= in step(): the loss is computed there.")
-            _check_even([(t,) for t in target_mbs])
+            _check_even([(t,) for t in target_mbs], None)
         _compat.initialize_stage(self, arg_mbs[0], kwarg_mbs[0])
         self.module.take_records()  # shape inference ran the stage once: nothing of it is trained
         if self._evaluating:
@@ -281,11 +282,16 @@ class _Step:
                 break
 
 
-def _check_even(microbatches: list) -> None:
-    """Every microbatch the same shape: torch's stage sized its receive buffers from the first one."""
+def _check_even(microbatches: list, expected: list | None) -> list:
+    """Every microbatch the same shape as the first step's: torch's stages sized their buffers from it."""
     shapes = [tuple(a.shape) for mb in microbatches for a in mb if isinstance(a, Tensor)]
     per_mb = len(shapes) // max(len(microbatches), 1)
     first = shapes[:per_mb]
+    if expected is not None and first != expected:
+        raise ValueError(
+            f"This step's microbatches have shapes {first}, the first step's {expected}: the pipeline's stages keep "
+            "the first step's sizes. Use one batch size (DataLoader(drop_last=True)) or pad the last batch."
+        )
     for index in range(len(microbatches)):
         got = shapes[index * per_mb : (index + 1) * per_mb]
         if got != first:
@@ -294,3 +300,4 @@ def _check_even(microbatches: list) -> None:
                 "(a batch size divisible by n_microbatches, the same every step). Drop the last uneven batch "
                 "(DataLoader(drop_last=True)) or pad it."
             )
+    return first
