@@ -1,0 +1,27 @@
+"""A tiny GPT-2 trained through the Fabric pipeline path with 2 stages equals one process with the same seed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lightning_dfa.pipeline.gpt2 import parse, run
+
+pytestmark = pytest.mark.slow
+OPTIONS = ["--steps", "12", "--microbatches", "2", "--batch-size", "4", "--block-size", "16", "--val-batches", "2",
+           "--log-every", "100", "--timeout", "60"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    return run(parse([*OPTIONS, "--pipeline-stages", "0"]))
+
+
+def test_two_fabric_stages_reach_the_validation_perplexity_of_one_process(one_process):
+    two = run(parse([*OPTIONS, "--pipeline-stages", "2"]))
+    assert two["stages"] == 2 and one_process["stages"] == 0
+    assert math.isclose(two["val_ppl"], one_process["val_ppl"], rel_tol=1e-5), (two["val_ppl"], one_process["val_ppl"])
+    for got, expected in zip(two["train_loss"], one_process["train_loss"]):
+        assert math.isclose(got, expected, rel_tol=1e-5)
+    assert one_process["train_loss"][-1] < one_process["train_loss"][0]  # it learns
