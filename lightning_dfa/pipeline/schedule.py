@@ -80,6 +80,8 @@ class DFASchedule(PipelineScheduleSingle):
         self.skipped = False
         self.skipped_in_a_row = 0
         self._evaluating = False
+        #: The error's shape and dtype, sent by the last stage at the first step (then fixed).
+        self.error_meta: tuple[torch.Size, torch.dtype] | None = None
         self._input_shapes: list | None = None  # the first step's: torch's stages keep their buffers' sizes
         self._root = self._group_rank_of_last()
 
@@ -199,7 +201,7 @@ class _Step:
         self.broadcasts: list[Any] = []
         self.losses: list[Tensor] = []
         self.finite = True
-        self.error_shape: tuple[torch.Size, torch.dtype] | None = None
+        self.receives: list[tuple[Tensor, Any]] | None = None  # this step's posted error receives
 
     def forward(self, i: int) -> None:
         stage, module = self.stage, self.schedule.module
@@ -228,15 +230,22 @@ class _Step:
             )
         error = point.grad.detach()
         self.finite &= bool(torch.isfinite(loss.detach()).all())
-        if i == 0:
-            self._exchange_header(error, self.records[0])
+        meta = (error.shape, error.dtype)
+        if self.schedule.error_meta is None:
+            self._exchange_header(error, self.records[i])
+        elif meta != self.schedule.error_meta:
+            raise ValueError(
+                f"The error has shape {tuple(error.shape)} ({error.dtype}), at the first step "
+                f"{tuple(self.schedule.error_meta[0])} ({self.schedule.error_meta[1]}): the stages receive it in "
+                "buffers of the first step's size. Keep the output's shape fixed between steps."
+            )
         self.errors[i] = error
         group = self.schedule.feedback.group
         self.broadcasts.append(dist.broadcast(error, src=self.schedule._root, group=group, async_op=True))
 
     def _exchange_header(self, error: Tensor | None, records: list) -> None:
-        """The error's shape and dtype, from the last stage, once per step (before its first error); at the first
-        step the stages then agree on the layout (the same order of collectives on every stage)."""
+        """The error's shape and dtype, from the last stage, at the first step; the stages then agree on the layout
+        (the same order of collectives on every stage)."""
         header = torch.zeros(_HEADER, dtype=torch.int64, device=self.stage.device)
         if error is not None:
             if error.dim() > _HEADER - 2:
@@ -246,17 +255,26 @@ class _Step:
             header[-1] = _DTYPES.index(error.dtype)
         dist.broadcast(header, src=self.schedule._root, group=self.schedule.feedback.group)
         ndim = int(header[0])
-        self.error_shape = (torch.Size(header[1 : 1 + ndim].tolist()), _DTYPES[int(header[-1])])
+        shape = torch.Size(header[1 : 1 + ndim].tolist())
+        self.schedule.error_meta = (shape, _DTYPES[int(header[-1])])
         feedback = self.schedule.feedback
         if feedback.projection is None:
-            feedback.build(feedback.shapes(records, self.error_shape[0]), self.error_shape[0], self.stage.device)
+            feedback.build(feedback.shapes(records, shape), shape, self.stage.device)
 
     def _receive_error(self, i: int) -> Tensor:
-        if i == 0:
-            self._exchange_header(None, self.records[0])
-        shape, dtype = self.error_shape
-        error = torch.empty(shape, dtype=dtype, device=self.stage.device)
-        dist.broadcast(error, src=self.schedule._root, group=self.schedule.feedback.group)
+        """The error of microbatch ``i``: every receive of the step is posted at the first, so each lands as soon as
+        the last stage sends it."""
+        if self.receives is None:
+            if self.schedule.error_meta is None:
+                self._exchange_header(None, self.records[i])
+            shape, dtype = self.schedule.error_meta
+            group, root = self.schedule.feedback.group, self.schedule._root
+            self.receives = []
+            for _ in range(self.count):
+                error = torch.empty(shape, dtype=dtype, device=self.stage.device)
+                self.receives.append((error, dist.broadcast(error, src=root, group=group, async_op=True)))
+        error, work = self.receives[i]
+        work.wait()
         return error
 
     def backward(self, i: int) -> None:
