@@ -1,7 +1,7 @@
 """Layer-parallel DFA against torch's backprop pipeline schedules: sleep mode over real gloo, and an event model.
 
     python bench/pipeline.py                          # sleep mode at P = 2 (M = 2, 4, 8), event model at P = 4, 8
-    python bench/pipeline.py --t-forward 0.02 --steps 6 --json bench/out/pipeline.json
+    python bench/pipeline.py --t-forward 0.02 --steps 6 --json bench/out/pipeline-20ms.json
 
 **Sleep mode.** On a shared CPU compute cannot be timed beside other work, so each stage's forward sleeps ``T_F`` and
 its backward ``T_B = 2 T_F`` (a custom autograd Function), and everything else is real: torch's ``PipelineStage``,
@@ -247,7 +247,7 @@ def event_table(stage_counts: list[int], microbatch_counts: list[int]) -> list[d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--t-forward", type=float, default=0.02, help="seconds of one stage's forward (T_B = 2 T_F)")
+    parser.add_argument("--t-forward", type=float, default=0.05, help="seconds of one stage's forward (T_B = 2 T_F)")
     parser.add_argument("--microbatches", type=lambda v: [int(m) for m in v.split(",")], default=[2, 4, 8])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--projector", default="gaussian", help="the DFA projector (its compute is real, not slept)")
