@@ -7,12 +7,13 @@ seeded feedback matrix and runs its local backward at once (docs/pipeline.md).
 from lightning_dfa.pipeline.chain import Chain, chain_of
 from lightning_dfa.pipeline.groups import PipelineGroups, pipeline_groups
 from lightning_dfa.pipeline.projection import StageProjection
-from lightning_dfa.pipeline.schedule import DFASchedule
+from lightning_dfa.pipeline.schedule import DFASchedule, StageFailure
 from lightning_dfa.pipeline.split import StageModule, split_model
 
 __all__ = [
     "Chain",
     "DFASchedule",
+    "StageFailure",
     "PipelineGroups",
     "StageModule",
     "StageProjection",

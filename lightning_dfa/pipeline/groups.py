@@ -19,6 +19,7 @@ class PipelineGroups:
     ranks: tuple[int, ...]
     p2p: dist.ProcessGroup | None
     error: dist.ProcessGroup | None
+    timeout: timedelta | None = None
 
     @property
     def member(self) -> bool:
@@ -38,4 +39,4 @@ def pipeline_groups(ranks: Sequence[int] | None = None, timeout: timedelta | flo
     backend = dist.get_backend()
     p2p = dist.new_group(list(ranks), timeout=timeout, backend=backend)
     error = dist.new_group(list(ranks), timeout=timeout, backend=backend)
-    return PipelineGroups(ranks, p2p, error)
+    return PipelineGroups(ranks, p2p, error, timeout)

@@ -14,7 +14,8 @@ Example (one rank per stage)::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -126,12 +127,27 @@ class DFASchedule(PipelineScheduleSingle):
             self._forward_only(stage, arg_mbs, kwarg_mbs)
             return
         run = _Step(self, stage, arg_mbs, kwarg_mbs, target_mbs, return_outputs, loss_kwargs)
-        for kind, index in self.actions(stage.stage_index):
-            run.forward(index) if kind == "F" else run.backward(index)
-        run.finish()
-        if losses is not None and stage.is_last:
-            losses[:] = run.losses
-        self._agree(run.finite)
+        with self._peers(stage.stage_index):
+            for kind, index in self.actions(stage.stage_index):
+                run.forward(index) if kind == "F" else run.backward(index)
+            run.finish()
+            if losses is not None and stage.is_last:
+                losses[:] = run.losses
+            self._agree(run.finite)
+
+    @contextmanager
+    def _peers(self, stage_index: int) -> Iterator[None]:
+        """A communication that fails because a peer raised, died or went silent: say so, on every other stage."""
+        try:
+            yield
+        except (RuntimeError, dist.DistError) as error:
+            if not _peer_failure(error):
+                raise
+            timeout = self.groups.timeout if self.groups else None
+            raise StageFailure(
+                f"Pipeline stage {stage_index}: another stage failed or did not answer within the timeout "
+                f"({timeout}); its own log says why. Cause: {error}"
+            ) from error
 
     def actions(self, stage_index: int) -> list[tuple[str, int]]:
         """This stage's order of forwards ``("F", i)`` and local backwards ``("B", i)``."""
@@ -176,6 +192,18 @@ class DFASchedule(PipelineScheduleSingle):
                 f"{self.skipped_in_a_row} pipeline steps in a row had NaN or inf values (nonfinite_patience="
                 f"{self.config.nonfinite_patience}): the run diverged."
             )
+
+
+class StageFailure(RuntimeError):
+    """Another stage of the pipeline raised, died, or did not answer within the groups' timeout."""
+
+
+def _peer_failure(error: BaseException) -> bool:
+    """Whether the communication failed (a peer gone or silent), as gloo and NCCL report it."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        mark in text for mark in ("Timed out", "Connection reset", "Connection closed", "timed out")
+    )
 
 
 class _Step:
