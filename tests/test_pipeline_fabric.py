@@ -25,3 +25,10 @@ def test_two_fabric_stages_reach_the_validation_perplexity_of_one_process(one_pr
     for got, expected in zip(two["train_loss"], one_process["train_loss"]):
         assert math.isclose(got, expected, rel_tol=1e-5)
     assert one_process["train_loss"][-1] < one_process["train_loss"][0]  # it learns
+
+
+def test_a_fabric_run_resumed_from_its_stage_checkpoints_continues_bitwise(tmp_path):
+    straight = run(parse([*OPTIONS, "--pipeline-stages", "2", "--out", str(tmp_path), "--save-at", "6"]))
+    resumed = run(parse([*OPTIONS, "--pipeline-stages", "2", "--resume", str(tmp_path / "checkpoint")]))
+    assert resumed["train_loss"] == straight["train_loss"][6:]
+    assert resumed["val_ppl"] == straight["val_ppl"]

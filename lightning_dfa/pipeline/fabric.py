@@ -86,18 +86,20 @@ class FabricPipeline:
         output = self.schedule.eval(*self._first(inputs))
         return self._share(self.loss_fn(output, self._move(target)) if self.is_last else None)
 
-    def save(self, directory: str | Path, optimizer: torch.optim.Optimizer) -> Path:
-        """``directory/stage-{i}.pt`` for this stage: parameters, optimizer and feedback state, by original names."""
+    def save(self, directory: str | Path, optimizer: torch.optim.Optimizer, **extra: Any) -> Path:
+        """``directory/stage-{i}.pt`` for this stage: parameters, optimizer and feedback state, by original names,
+        and ``extra`` (the loop's own state: its step, ...)."""
         path = Path(directory) / f"stage-{self.index}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(stage_state_dict(self.schedule, optimizer), path)
+        torch.save({**stage_state_dict(self.schedule, optimizer), "extra": extra}, path)
         self.fabric.barrier()
         return path
 
-    def load(self, directory: str | Path, optimizer: torch.optim.Optimizer) -> None:
-        """Resume this stage from :meth:`save`'s file (the same split)."""
+    def load(self, directory: str | Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Resume this stage from :meth:`save`'s file (the same split); returns the ``extra`` saved with it."""
         state = torch.load(Path(directory) / f"stage-{self.index}.pt", map_location="cpu", weights_only=False)
         load_stage_state_dict(self.schedule, optimizer, state)
+        return state.get("extra", {})
 
     def _first(self, inputs: Tensor) -> tuple[Tensor, ...]:
         return (self._move(inputs),) if self.is_first else ()

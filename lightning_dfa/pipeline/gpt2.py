@@ -79,14 +79,17 @@ def train_pipeline(fabric: Any, args: argparse.Namespace) -> dict[str, Any]:
                           timeout=args.timeout)  # fmt: skip
     optimizer = pipe.optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=0.0)
     train, val = batches(args)
+    start = pipe.load(args.resume, optimizer)["step"] if args.resume else 0
     losses = []
-    for step, block in enumerate(train):
-        losses.append(pipe.step(block[:, :-1], block[:, 1:], optimizer))
+    for step in range(start, len(train)):
+        if args.out and step == args.save_at:
+            pipe.save(Path(args.out) / "checkpoint", optimizer, step=step)
+        losses.append(pipe.step(train[step][:, :-1], train[step][:, 1:], optimizer))
         if fabric.global_rank == 0 and (step + 1) % args.log_every == 0:
             print(f"step {step + 1}: train loss {sum(losses[-args.log_every :]) / args.log_every:.4f}", flush=True)
     val_loss = sum(pipe.evaluate(b[:, :-1], b[:, 1:]) for b in val) / len(val)
-    if args.out:
-        pipe.save(Path(args.out) / "checkpoint", optimizer)
+    if args.out and args.save_at is None:
+        pipe.save(Path(args.out) / "checkpoint", optimizer, step=len(train))
     return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "train_loss": losses, "stages": pipe.stages}
 
 
@@ -134,7 +137,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a stage waits for another before raising")
     p.add_argument("--double", action="store_true", help="float64 (exactness checks)")
-    p.add_argument("--out", default="", help="a folder: result.json and the stages' checkpoints")
+    p.add_argument("--out", default="", help="a folder: result.json and the stages' checkpoints (out/checkpoint)")
+    p.add_argument(
+        "--save-at", type=int, default=None, help="save the checkpoint before this step (default: at the end)"
+    )
+    p.add_argument("--resume", default="", help="a checkpoint folder to resume from (out/checkpoint of a run)")
     return p
 
 

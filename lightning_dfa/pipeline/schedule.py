@@ -124,7 +124,8 @@ class DFASchedule(PipelineScheduleSingle):
         _compat.initialize_stage(self, arg_mbs[0], kwarg_mbs[0])
         self.module.take_records()  # shape inference ran the stage once: nothing of it is trained
         if self._evaluating:
-            self._forward_only(stage, arg_mbs, kwarg_mbs)
+            with self._peers(stage.stage_index):
+                self._forward_only(stage, arg_mbs, kwarg_mbs)
             return
         run = _Step(self, stage, arg_mbs, kwarg_mbs, target_mbs, return_outputs, loss_kwargs)
         with self._peers(stage.stage_index):
