@@ -116,6 +116,7 @@ def spawn(target: Callable[..., None], args: tuple, world: int, deadline_s: floa
     return [p.exitcode for p in context.processes]
 
 
+PROJECTORS = ("gaussian", "seeded", "structured", "opu")
 CONFIGS = [(p, m, order) for p in (1, 2, 3, 4) for m in (1, 4) for order in ("1f1b", "gpipe")]
 
 
@@ -171,6 +172,13 @@ def exactness_worker(rank: int, world: int, port: int, out: str, steps: int) -> 
             result = run_stage(rank, stages, microbatches, order, steps, groups, counter=counter)
             result["p2p"] = list(counter.ops)
             results[(stages, microbatches, order)] = result
+        dist.barrier()
+    for projector in PROJECTORS:  # the library's own projectors, 2 stages, 2 microbatches
+        groups = pipeline_groups([0, 1], timeout=30)
+        if rank < 2:
+            results[("projector", projector)] = run_stage(
+                rank, 2, 2, "1f1b", steps, groups, {**SETTINGS, "projector": projector}
+            )
         dist.barrier()
     results[("torch-1f1b", 2, 4)] = torch_backprop_p2p(rank, counter) if rank < 2 else None
     dist.barrier()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.pipeline_ranks import CONFIGS, exactness_worker, reference, spawn
+from tests.pipeline_ranks import CONFIGS, PROJECTORS, SETTINGS, exactness_worker, reference, spawn
 
 STEPS = 3
 
@@ -20,7 +20,7 @@ def runs(tmp_path_factory):
 
 
 def merged(runs, key, what):
-    stages = key[0]
+    stages = 2 if key[0] == "projector" else key[0]
     found = {}
     for rank in range(stages):
         found.update(runs[rank][key][what])
@@ -64,3 +64,14 @@ def test_no_point_to_point_op_goes_backward(runs, key):
 def test_the_counter_sees_the_gradient_sends_of_torch_backprop_schedule(runs):
     first, last = runs[0][("torch-1f1b", 2, 4)]["p2p"], runs[1][("torch-1f1b", 2, 4)]["p2p"]
     assert first.count(("recv", 1)) == 4 and last.count(("send", 0)) == 4  # gradients flowing back
+
+
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_each_projector_trains_the_pipeline_as_one_process(runs, projector):
+    expected = reference(STEPS, 2, {**SETTINGS, "projector": projector})["params"]
+    got = merged(runs, ("projector", projector), "params")
+    # the structured and OPU projectors run whole on each stage: what one process computes, bit for bit; the
+    # Gaussians multiply only their columns, in float32, which may round another way
+    tolerance = {"rtol": 0, "atol": 1e-12} if projector in ("structured", "opu") else {"rtol": 1e-5, "atol": 1e-7}
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, **tolerance, msg=name)
