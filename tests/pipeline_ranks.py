@@ -334,3 +334,24 @@ def uneven_worker(rank: int, world: int, port: int, out: str) -> None:
             messages.append(str(error))
     torch.save(messages, f"{out}/{rank}.pt")
     dist.destroy_process_group()
+
+
+def frozen_worker(rank: int, world: int, port: int, out: str) -> None:
+    """A frozen block on a stage gets no backward (as in one process); the others train."""
+    from torch.distributed.pipelining import PipelineStage
+
+    from lightning_dfa.feedback import DFAConfig
+    from lightning_dfa.pipeline import DFASchedule, pipeline_groups, split_model
+
+    init_rank(rank, world, port)
+    groups = pipeline_groups(timeout=30)
+    model = mlp()
+    model[1].requires_grad_(False)
+    config = DFAConfig(**SETTINGS)
+    module = split_model(model, world, rank, config)
+    stage = PipelineStage(module, rank, world, torch.device("cpu"), group=groups.p2p)
+    schedule = DFASchedule(stage, 2, nn.functional.cross_entropy, config, groups)
+    x, y = batches(1)[0]
+    schedule.step(*((x,) if rank == 0 else ()), target=y if rank == world - 1 else None)
+    torch.save({n: p.grad is not None for n, p in module.named_parameters()}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()

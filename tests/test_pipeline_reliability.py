@@ -13,6 +13,7 @@ from tests.pipeline_ranks import (
     batches,
     checkpoint_worker,
     failing_worker,
+    frozen_worker,
     mlp,
     nonfinite_worker,
     spawn,
@@ -95,3 +96,11 @@ def test_uneven_microbatches_and_a_changed_batch_size_are_refused_with_the_fix(t
     assert "Microbatch 1 has shapes [(3, 6)], microbatch 0 [(4, 6)]" in uneven and "drop_last=True" in uneven
     assert even is None
     assert "the first step's [(4, 6)]" in smaller
+
+
+def test_a_frozen_block_on_a_stage_is_left_alone_and_the_others_train(tmp_path):
+    assert spawn(frozen_worker, (str(tmp_path),), world=STAGES) == [0] * STAGES
+    trained = {}
+    for rank in range(STAGES):
+        trained.update(torch.load(tmp_path / f"{rank}.pt"))
+    assert trained == {name: not name.startswith("1.") for name in trained}

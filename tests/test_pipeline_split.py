@@ -35,6 +35,16 @@ def test_the_stages_hold_the_model_parameters_once_under_their_own_names():
     assert split_model(model, 3, 2).get_submodule("4") is model[4]  # the model's own modules, no copy
 
 
+def test_a_child_between_two_blocks_runs_on_the_stage_of_the_block_before_it():
+    model = mlp()
+    model[1].requires_grad_(False)  # no longer a block for blocks="auto"
+    stages = [split_model(model, 2, i) for i in range(2)]
+    assert [s.points for s in stages] == [["0", "2"], ["3"]]
+    assert stages[0].get_submodule("1") is model[1]
+    x = torch.randn(5, 6, dtype=torch.float64)
+    torch.testing.assert_close(stages[1](stages[0](x)), model(x), rtol=0, atol=0)
+
+
 def test_blocks_per_stage_sets_the_cut():
     assert split_model(mlp(), 2, 0, blocks_per_stage=[3, 1]).points == ["0", "1", "2"]
 

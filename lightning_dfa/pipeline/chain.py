@@ -7,7 +7,7 @@ hidden state, so they are never sent.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,10 @@ class Chain:
     block: Block = _call_block
     #: Modules that hold no parameters of their own but that every stage needs (a rotary embedding).
     shared: Sequence[str] = field(default_factory=tuple)
+    #: Modules that run after a block, before the next one, on the block's stage (an ``nn.Sequential``'s activation
+    #: or frozen layer between two blocks): they run on the block's output as the model does, and no gradient
+    #: reaches them, as in one process.
+    trailing: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 def chain_of(model: nn.Module, blocks: Sequence[str]) -> Chain:
@@ -85,13 +89,13 @@ def _sequential_chain(model: nn.Sequential, blocks: Sequence[str]) -> Chain:
             "cuts a Sequential between its children. Name blocks among them (blocks=[...])."
         )
     first, last = children.index(blocks[0]), children.index(blocks[-1])
-    between = [c for c in children[first : last + 1] if c not in blocks]
-    if between:
-        raise ValueError(
-            f"The children {between} of the nn.Sequential lie between its blocks {list(blocks)}: the pipeline cuts "
-            "only at block boundaries. Make each block one child (nn.Sequential(Linear, Tanh) as one block)."
-        )
     before, after = children[:first], children[last + 1 :]
+    trailing: dict[str, list[str]] = {}
+    for name in children[first : last + 1]:
+        if name in blocks:
+            trailing[name] = current = []
+        else:
+            current.append(name)  # a child between two blocks runs after the block before it
 
     def run(root: nn.Module, names: Sequence[str], value: Any) -> Any:
         for name in names:
@@ -104,6 +108,7 @@ def _sequential_chain(model: nn.Sequential, blocks: Sequence[str]) -> Chain:
         after=after,
         embed=lambda root, x: run(root, before, x),
         head=lambda root, h: run(root, after, h),
+        trailing=trailing,
     )
 
 

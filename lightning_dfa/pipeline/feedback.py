@@ -78,6 +78,9 @@ class StageFeedback:
                     f"Feedback point {name!r} now needs {shape.features} features per row, the layout gave it {have} "
                     f"(output shape {tuple(shape.shape)}). Keep feature sizes fixed between steps."
                 )
+        records = [(name, hidden) for name, hidden in records if hidden.requires_grad]  # a frozen block: no backward
+        if not records:
+            return
         feedback = self.projection(error.reshape(-1, self.error_features).float())
         offset = self.projection.columns.start
         grads = [

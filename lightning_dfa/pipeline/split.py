@@ -37,7 +37,8 @@ class StageModule(nn.Module):
         self.output = output
         self.is_first, self.is_last = index == 0, index == num_stages - 1
         before, after = chain.before if self.is_first else (), chain.after if self.is_last else ()
-        paths = [*chain.shared, *before, *blocks, *after]
+        own = [path for block in blocks for path in (block, *chain.trailing.get(block, ()))]
+        paths = [*chain.shared, *before, *own, *after]
         for path in paths:
             _attach(self, path, model.get_submodule(path))
         self._records: list[tuple[str, Tensor]] = []
@@ -54,6 +55,8 @@ class StageModule(nn.Module):
             if training:
                 self._records.append((name, hidden))
             hidden = hidden.detach()
+            for path in self.chain.trailing.get(name, ()):
+                hidden = self.get_submodule(path)(hidden)
         if not self.is_last:
             return hidden
         # Hooked only while the head runs: the module is the user's own, shared with the unsplit model.
@@ -154,6 +157,8 @@ def _check_ties(model: nn.Module, chain: Chain, counts: list[int]) -> None:
     for index, count in enumerate(counts):
         for name in blocks[start : start + count]:
             stage_of[name] = index
+            for path in chain.trailing.get(name, ()):
+                stage_of[path] = index
         start += count
     for path in chain.before:
         stage_of[path] = 0
