@@ -2,6 +2,7 @@
 
     python bench/pipeline.py                          # sleep mode at P = 2 (M = 2, 4, 8), event model at P = 4, 8
     python bench/pipeline.py --t-forward 0.02 --steps 6 --json bench/out/pipeline-20ms.json
+    python bench/pipeline.py --compute real --device cuda --stages 4 --width 4096 --rows 512   # one GPU per stage
 
 **Sleep mode.** On a shared CPU compute cannot be timed beside other work, so each stage's forward sleeps ``T_F`` and
 its backward ``T_B = 2 T_F`` (a custom autograd Function), and everything else is real: torch's ``PipelineStage``,
@@ -11,6 +12,10 @@ time of ``--steps`` steps (after one warm-up step) and its ratio to the DFA mode
 and to backprop's ``(P-1 + M) (T_F + T_B)``; bytes sent per step, counted at ``dist.isend`` and
 ``dist.broadcast``. Sleeps make the timing independent of the machine's load, not of its scheduler: a figure
 within a few percent of the model is what this can show.
+
+**Real compute** (``--compute real``): blocks of ``Linear + GELU`` (``--width``, ``--blocks-per-stage``), one GPU
+per stage over NCCL with ``--device cuda``; step times against torch's 1F1B. On a shared CPU these times mean
+little; no GPU run is reported in docs/pipeline.md.
 
 **Event model.** The same schedules as dependency graphs, ``T_F = 1``, ``T_B = 2``, no communication time: each
 stage runs its ops in its schedule's order, an op starting when its inputs exist. DFA: ``B(s, i)`` needs only the
@@ -116,32 +121,45 @@ def sleep_worker(rank: int, world: int, port: int, args: argparse.Namespace, out
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = torch.device(f"cuda:{rank}") if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     counter = Bytes()
-    t_f = args.t_forward
-    config = DFAConfig(blocks=[str(i) for i in range(world)], output=str(world), projector=args.projector, lr_scale=1.0)
+    t_f, real = args.t_forward, args.compute == "real"
+    blocks = world * (args.blocks_per_stage if real else 1)
+    width = args.width if real else WIDTH
+    rows = args.rows if real else ROWS
+    config = DFAConfig(blocks=[str(i) for i in range(blocks)], output=str(blocks), projector=args.projector,
+                       lr_scale=1.0)  # fmt: skip
     results = []
     for microbatches in args.microbatches:
         for kind in ("dfa-1f1b", "dfa-gpipe", "torch-gpipe", "torch-1f1b"):
             groups = pipeline_groups(timeout=120)
             torch.manual_seed(0)
-            model = nn.Sequential(*[SleepBlock(t_f, 2 * t_f) for _ in range(world)], nn.Linear(WIDTH, CLASSES))
-            module = split_model(model, world, rank, config)
+            if real:
+                layers = [nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(blocks)]
+            else:
+                layers = [SleepBlock(t_f, 2 * t_f) for _ in range(blocks)]
+            model = nn.Sequential(*layers, nn.Linear(width, CLASSES))
+            module = split_model(model, world, rank, config).to(device)
             loss = nn.functional.cross_entropy
             if kind.startswith("dfa"):
-                stage = PipelineStage(module, rank, world, torch.device("cpu"), group=groups.p2p)
+                stage = PipelineStage(module, rank, world, device, group=groups.p2p)
                 schedule = DFASchedule(stage, microbatches, loss, config, groups, order=kind.split("-")[1])
             else:
-                stage = PipelineStage(PlainStage(module), rank, world, torch.device("cpu"), group=groups.p2p)
+                stage = PipelineStage(PlainStage(module), rank, world, device, group=groups.p2p)
                 schedule = (ScheduleGPipe if kind == "torch-gpipe" else Schedule1F1B)(stage, microbatches, loss)
-            x = torch.randn(ROWS * microbatches, WIDTH)
-            y = torch.randint(0, CLASSES, (ROWS * microbatches,))
+            x = torch.randn(rows * microbatches, width, device=device)
+            y = torch.randint(0, CLASSES, (rows * microbatches,), device=device)
             times = []
             SLEPT["F"].clear(), SLEPT["B"].clear()
             for step in range(args.steps + 1):
                 dist.barrier(groups.error)
                 counter.on, start = step == 1, time.perf_counter()
                 schedule.step(*((x,) if rank == 0 else ()), target=y if rank == world - 1 else None)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 dist.barrier(groups.error)
                 times.append(time.perf_counter() - start)
                 counter.on = False
@@ -149,7 +167,8 @@ def sleep_worker(rank: int, world: int, port: int, args: argparse.Namespace, out
                     param.grad = None
             results.append({"kind": kind, "M": microbatches, "seconds": statistics.median(times[1:]),
                             "p2p_bytes": counter.p2p, "broadcast_bytes": counter.broadcast,
-                            "t_f": statistics.mean(SLEPT["F"]), "t_b": statistics.mean(SLEPT["B"])})  # fmt: skip
+                            "t_f": statistics.mean(SLEPT["F"] or [t_f]),
+                            "t_b": statistics.mean(SLEPT["B"] or [2 * t_f])})  # fmt: skip
             counter.p2p = counter.broadcast = 0
     torch.save(results, f"{out}/{rank}.pt")
     dist.destroy_process_group()
@@ -163,17 +182,19 @@ def sleep_mode(args: argparse.Namespace) -> list[dict]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = tempfile.mkdtemp()
-    mp.start_processes(sleep_worker, args=(2, port, args, out), nprocs=2, start_method="fork", join=True)
-    ranks = [torch.load(f"{out}/{rank}.pt") for rank in range(2)]
+    stages = args.stages
+    method = "spawn" if args.device == "cuda" else "fork"
+    mp.start_processes(sleep_worker, args=(stages, port, args, out), nprocs=stages, start_method=method, join=True)
+    ranks = [torch.load(f"{out}/{rank}.pt") for rank in range(stages)]
     rows = []
-    t_f, t_b, stages = args.t_forward, 2 * args.t_forward, 2
-    for first, last in zip(*ranks):
+    t_f, t_b = args.t_forward, 2 * args.t_forward
+    for first, *_, last in zip(*ranks):
         m = first["M"]
         dfa_model = (stages - 1) * t_f + m * (t_f + t_b)
         bp_model = (stages - 1 + m) * (t_f + t_b)
         slept_f, slept_b = (first["t_f"] + last["t_f"]) / 2, (first["t_b"] + last["t_b"]) / 2  # the sleeps as slept
         slept_model = (stages - 1) * slept_f + m * (slept_f + slept_b)
-        sent = {key: first[key] + last[key] for key in ("p2p_bytes", "broadcast_bytes")}
+        sent = {key: sum(rank_rows[len(rows)][key] for rank_rows in ranks) for key in ("p2p_bytes", "broadcast_bytes")}
         ratios = {"x_dfa_model": first["seconds"] / dfa_model, "x_bp_model": first["seconds"] / bp_model,
                   "x_dfa_model_slept": first["seconds"] / slept_model, "oversleep": slept_f / t_f - 1}  # fmt: skip
         rows.append({**first, **sent, **ratios})
@@ -245,6 +266,25 @@ def event_table(stage_counts: list[int], microbatch_counts: list[int]) -> list[d
     return rows
 
 
+def _print_sleep(rows: list[dict]) -> None:
+    print("| schedule | M | step ms | / DFA model | / DFA model, sleeps as slept | / backprop model | oversleep "
+          "| p2p bytes/step | error bcast bytes/step |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kind']} | {r['M']} | {r['seconds'] * 1e3:.1f} | {r['x_dfa_model']:.3f} | "
+              f"{r['x_dfa_model_slept']:.3f} | {r['x_bp_model']:.3f} | {r['oversleep']:+.1%} | {r['p2p_bytes']} | "
+              f"{r['broadcast_bytes']} |")  # fmt: skip
+
+
+def _print_real(rows: list[dict]) -> None:
+    print("| schedule | M | step ms | / torch 1F1B | p2p bytes/step | error bcast bytes/step |")
+    print("|---|---|---|---|---|---|")
+    reference = {r["M"]: r["seconds"] for r in rows if r["kind"] == "torch-1f1b"}
+    for r in rows:
+        print(f"| {r['kind']} | {r['M']} | {r['seconds'] * 1e3:.1f} | {r['seconds'] / reference[r['M']]:.3f} | "
+              f"{r['p2p_bytes']} | {r['broadcast_bytes']} |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--t-forward", type=float, default=0.05, help="seconds of one stage's forward (T_B = 2 T_F)")
@@ -252,19 +292,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--projector", default="gaussian", help="the DFA projector (its compute is real, not slept)")
     parser.add_argument("--no-sleep", action="store_true", help="the event model only")
+    parser.add_argument(
+        "--compute",
+        choices=["sleep", "real"],
+        default="sleep",
+        help="real: Linear+GELU blocks instead of sleeps (meaningful on GPUs: --device cuda)",
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per stage, NCCL")
+    parser.add_argument("--stages", type=int, default=2, help="processes (one stage each); on cuda at most the GPUs")
+    parser.add_argument("--blocks-per-stage", type=int, default=2, help="real compute: blocks on each stage")
+    parser.add_argument("--width", type=int, default=1024, help="real compute: block width")
+    parser.add_argument("--rows", type=int, default=64, help="real compute: rows per microbatch")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     results: dict = {"load_before": os.getloadavg()}
     if not args.no_sleep:
         results["sleep"] = sleep_mode(args)
-        print(f"sleep mode, P = 2 over gloo, T_F = {args.t_forward * 1e3:.0f} ms, T_B = 2 T_F; median of {args.steps}")
-        print("| schedule | M | step ms | / DFA model | / DFA model, sleeps as slept | / backprop model | oversleep "
-              "| p2p bytes/step | error bcast bytes/step |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in results["sleep"]:
-            print(f"| {r['kind']} | {r['M']} | {r['seconds'] * 1e3:.1f} | {r['x_dfa_model']:.3f} | "
-                  f"{r['x_dfa_model_slept']:.3f} | {r['x_bp_model']:.3f} | {r['oversleep']:+.1%} | {r['p2p_bytes']} | "
-                  f"{r['broadcast_bytes']} |")  # fmt: skip
+        what = "sleep mode" if args.compute == "sleep" else f"real compute (width {args.width}, {args.rows} rows)"
+        print(f"{what}, P = {args.stages} on {args.device}, T_F = {args.t_forward * 1e3:.0f} ms (sleep mode), "
+              f"T_B = 2 T_F; median of {args.steps}")  # fmt: skip
+        if args.compute == "real":
+            _print_real(results["sleep"])
+        else:
+            _print_sleep(results["sleep"])
     results["events"] = event_table([4, 8], [8, 16, 32])
     print("\nevent model, T_F = 1, T_B = 2: step (bubble fraction, most microbatches stashed by a stage)")
     print("| P | M | DFA 1F1B order | DFA GPipe order | backprop 1F1B | ZB-H1 |")

@@ -323,10 +323,9 @@ class _Step:
             _compat.wait_p2p(works)
         for work in self.broadcasts:
             work.wait()
-        for param in self.schedule.module.parameters():
-            if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
-                self.finite = False
-                break
+        grads = [p.grad for p in self.schedule.module.parameters() if p.grad is not None]
+        if grads:  # one device sync for all of them
+            self.finite &= bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def _check_even(microbatches: list, expected: list | None) -> list:
