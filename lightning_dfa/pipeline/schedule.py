@@ -155,7 +155,7 @@ class DFASchedule(PipelineScheduleSingle):
         count = _compat.microbatch_count(self)
         if self.order == "gpipe":
             return [("F", i) for i in range(count)] + [("B", i) for i in range(count)]
-        warmup = min(count, self._num_stages - stage_index)
+        warmup = min(count, self.module.num_stages - stage_index)
         actions = [("F", i) for i in range(warmup)]
         for i in range(count):
             actions.append(("B", i))

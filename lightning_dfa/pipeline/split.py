@@ -182,7 +182,9 @@ def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
     *parents, leaf = path.split(".")
     node = root
     for part in parents:
-        if part not in node._modules:
-            node.add_module(part, nn.Module())
-        node = node._modules[part]
+        child = dict(node.named_children()).get(part)
+        if child is None:
+            child = nn.Module()
+            node.add_module(part, child)
+        node = child
     node.add_module(leaf, module)
