@@ -286,7 +286,10 @@ def failing_worker(rank: int, world: int, port: int, out: str, how: str, timeout
     if rank == world - 1:
         if how == "raise":
             raise RuntimeError("this stage failed")
-        time.sleep(timeout_s * 6)  # silent: alive, holding its sockets open
+        deadline = time.monotonic() + timeout_s * 10  # silent: alive, its sockets open, until the others have raised
+        while time.monotonic() < deadline and not os.path.exists(f"{out}/0.pt"):
+            time.sleep(0.1)
+        time.sleep(0.5)
         os._exit(3)
     try:
         train(rank, world, schedule, optimizer, data[1:])
