@@ -358,3 +358,27 @@ def frozen_worker(rank: int, world: int, port: int, out: str) -> None:
     schedule.step(*((x,) if rank == 0 else ()), target=y if rank == world - 1 else None)
     torch.save({n: p.grad is not None for n, p in module.named_parameters()}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
+
+
+def replicas_worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
+    """2 replicas of a 2-stage pipeline, each on its half of every batch in 2 microbatches."""
+    from torch.distributed.pipelining import PipelineStage
+
+    from lightning_dfa.feedback import DFAConfig
+    from lightning_dfa.pipeline import DFASchedule, replicated_groups, split_model
+
+    init_rank(rank, world, port)
+    groups = replicated_groups(stages=2, timeout=30)
+    index, share = rank % 2, slice(groups.replica * BATCH // 2, (groups.replica + 1) * BATCH // 2)
+    config = DFAConfig(**SETTINGS)
+    module = split_model(mlp(), 2, index, config)
+    stage = PipelineStage(module, index, 2, torch.device("cpu"), group=groups.p2p)
+    schedule = DFASchedule(stage, 2, nn.functional.cross_entropy, config, groups)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    schedule.scale_updates(optimizer)
+    for x, y in batches(steps):
+        schedule.step(*((x[share],) if index == 0 else ()), target=y[share] if index == 1 else None)
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.save(module.state_dict(), f"{out}/{rank}.pt")
+    dist.destroy_process_group()

@@ -32,3 +32,10 @@ def test_a_fabric_run_resumed_from_its_stage_checkpoints_continues_bitwise(tmp_p
     resumed = run(parse([*OPTIONS, "--pipeline-stages", "2", "--resume", str(tmp_path / "checkpoint")]))
     assert resumed["train_loss"] == straight["train_loss"][6:]
     assert resumed["val_ppl"] == straight["val_ppl"]
+
+
+def test_two_replicas_of_two_fabric_stages_train_as_one_process(one_process):
+    reference = run(parse([*OPTIONS, "--pipeline-stages", "0", "--microbatches", "1", "--replicas", "2"]))
+    replicated = run(parse([*OPTIONS, "--pipeline-stages", "2", "--microbatches", "1", "--replicas", "2"]))
+    assert math.isclose(replicated["val_ppl"], reference["val_ppl"], rel_tol=1e-5)
+    assert reference["val_ppl"] == one_process["val_ppl"]  # the same 2 microbatches of each batch, in one process

@@ -16,6 +16,8 @@ from tests.pipeline_ranks import (
     frozen_worker,
     mlp,
     nonfinite_worker,
+    reference,
+    replicas_worker,
     spawn,
     uneven_worker,
 )
@@ -104,3 +106,14 @@ def test_a_frozen_block_on_a_stage_is_left_alone_and_the_others_train(tmp_path):
     for rank in range(STAGES):
         trained.update(torch.load(tmp_path / f"{rank}.pt"))
     assert trained == {name: not name.startswith("1.") for name in trained}
+
+
+def test_two_replicas_of_a_two_stage_pipeline_train_as_one_process_on_the_whole_batch(tmp_path):
+    assert spawn(replicas_worker, (str(tmp_path), 3), world=4) == [0] * 4
+    expected = reference(3, 4)["params"]  # one process: the batch in 4 microbatches (2 per replica)
+    for replica in range(2):
+        got = {}
+        for stage in range(2):
+            got.update(torch.load(tmp_path / f"{2 * replica + stage}.pt"))
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=0, atol=1e-12, msg=f"replica {replica} {name}")

@@ -5,7 +5,7 @@ seeded feedback matrix and runs its local backward at once (docs/pipeline.md).
 """
 
 from lightning_dfa.pipeline.chain import Chain, chain_of
-from lightning_dfa.pipeline.groups import PipelineGroups, pipeline_groups
+from lightning_dfa.pipeline.groups import PipelineGroups, pipeline_groups, replicated_groups
 from lightning_dfa.pipeline.projection import StageProjection
 from lightning_dfa.pipeline.schedule import DFASchedule, StageFailure
 from lightning_dfa.pipeline.split import StageModule, split_model
@@ -19,5 +19,6 @@ __all__ = [
     "StageProjection",
     "chain_of",
     "pipeline_groups",
+    "replicated_groups",
     "split_model",
 ]

@@ -24,15 +24,18 @@ from torch.distributed.pipelining import PipelineStage
 
 from lightning_dfa.feedback.config import DFAConfig
 from lightning_dfa.pipeline.checkpoint import load_stage_state_dict, stage_state_dict
-from lightning_dfa.pipeline.groups import DEFAULT_TIMEOUT, pipeline_groups
+from lightning_dfa.pipeline.groups import DEFAULT_TIMEOUT, replicated_groups
 from lightning_dfa.pipeline.schedule import DFASchedule
 from lightning_dfa.pipeline.split import split_model
 
 
 class FabricPipeline:
-    """This rank's stage of ``model`` (stage = ``fabric.global_rank``, stages = ``fabric.world_size``), on
-    ``fabric.device``, with its :class:`DFASchedule`. Fabric does not wrap the model: the stages share nothing
-    but activations, the error and one flag per step.
+    """This rank's stage of ``model`` on ``fabric.device``, with its :class:`DFASchedule`. Fabric does not wrap the
+    model: the stages share nothing but activations, the error and one flag per step.
+
+    ``stages`` (default: every process) below ``fabric.world_size`` makes ``world_size / stages`` data-parallel
+    replicas of the pipeline: rank ``r`` is stage ``r % stages`` of replica ``r // stages``, each replica trains
+    on its share of every batch and the stages' gradients are averaged over the replicas.
     """
 
     def __init__(
@@ -46,10 +49,12 @@ class FabricPipeline:
         order: str = "1f1b",
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         blocks_per_stage: list[int] | None = None,
+        stages: int | None = None,
     ) -> None:
         self.fabric, self.loss_fn, self.config = fabric, loss_fn, DFAConfig.of(config)
-        self.stages, self.index = fabric.world_size, fabric.global_rank
-        self.groups = pipeline_groups(timeout=timeout)
+        self.stages = stages or fabric.world_size
+        self.groups = replicated_groups(self.stages, timeout=timeout)
+        self.index = fabric.global_rank % self.stages
         self.module = split_model(model, self.stages, self.index, self.config, blocks_per_stage=blocks_per_stage)
         self.module.to(fabric.device)
         self.stage = PipelineStage(self.module, self.index, self.stages, fabric.device, group=self.groups.p2p)
@@ -108,10 +113,18 @@ class FabricPipeline:
         return self._move(target) if self.is_last else None
 
     def _move(self, value: Tensor) -> Tensor:
-        return value.to(self.fabric.device)
+        """This replica's share of a batch, on this stage's device."""
+        replicas = self.groups.replicas
+        if len(value) % replicas:
+            raise ValueError(f"A batch of {len(value)} does not split into {replicas} equal replica shares.")
+        return value.chunk(replicas)[self.groups.replica].to(self.fabric.device)
 
     def _share(self, loss: Tensor | None) -> float:
+        """The last stage's loss on every rank of the replica, averaged over the replicas."""
         value = torch.tensor([float("nan") if loss is None else float(loss)], dtype=torch.float64)
         value = value.to(self.fabric.device)
         torch.distributed.broadcast(value, src=self.groups.ranks[-1], group=self.groups.error)
+        if self.groups.data is not None:
+            torch.distributed.all_reduce(value, group=self.groups.data)
+            value /= self.groups.replicas
         return float(value.item())

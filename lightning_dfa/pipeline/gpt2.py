@@ -76,7 +76,7 @@ def train_pipeline(fabric: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     model = gpt2(args).to(torch.float64 if args.double else torch.float32)
     pipe = FabricPipeline(fabric, model, lm_loss, args.microbatches, dfa_config(args), order=args.order,
-                          timeout=args.timeout)  # fmt: skip
+                          timeout=args.timeout, stages=args.pipeline_stages)  # fmt: skip
     optimizer = pipe.optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=0.0)
     train, val = batches(args)
     start = pipe.load(args.resume, optimizer)["step"] if args.resume else 0
@@ -103,10 +103,11 @@ def train_one_process(args: argparse.Namespace) -> dict[str, Any]:
     losses = []
     for block in train:
         total = 0.0
-        for part in block.chunk(args.microbatches):
+        count = args.microbatches * args.replicas  # the replicas' microbatches, one after the other
+        for part in block.chunk(count):
             loss = lm_loss(model(part[:, :-1]).logits, part[:, 1:])
-            (loss / args.microbatches).backward()
-            total += float(loss.detach()) / args.microbatches
+            (loss / count).backward()
+            total += float(loss.detach()) / count
         optimizer.step()
         optimizer.zero_grad()
         losses.append(total)
@@ -119,7 +120,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", help="a YAML file of these options, or gpt2 (the shipped recipe); flags override it")
     p.add_argument("--pipeline-stages", type=int, default=2, help="processes, one stage each; 0: one process")
-    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--replicas", type=int, default=1, help="data-parallel copies of the pipeline (processes: P x R)")
+    p.add_argument("--microbatches", type=int, default=4, help="per replica")
     p.add_argument("--order", choices=["1f1b", "gpipe"], default="1f1b")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--steps", type=int, default=100)
@@ -174,7 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lightning.fabric import Fabric
 
     strategy = "ddp_fork" if args.accelerator == "cpu" else "ddp"
-    fabric = Fabric(accelerator=args.accelerator, devices=args.pipeline_stages, strategy=strategy)
+    devices = args.pipeline_stages * args.replicas
+    fabric = Fabric(accelerator=args.accelerator, devices=devices, strategy=strategy)
     results = fabric.launch(train_pipeline, args)
     return results
 

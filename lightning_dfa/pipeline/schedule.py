@@ -172,13 +172,25 @@ class DFASchedule(PipelineScheduleSingle):
         for works in sends:
             _compat.wait_p2p(works)
 
+    def _average_over_replicas(self, data: dist.ProcessGroup) -> None:
+        """Each replica trained on its share of the batch: the step's gradient is their mean."""
+        for param in self.module.parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad, group=data)
+                param.grad.div_(self.groups.replicas)
+
     def _agree(self, finite: bool) -> None:
         """Every stage learns whether all were finite (one small all-reduce), and acts on it the same way."""
         flag = torch.tensor([1.0 if finite else 0.0], device=_compat.stage_of(self).device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.feedback.group)
+        data = self.groups.data if self.groups else None
+        if data is not None:  # and every replica: the same decision everywhere
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=data)
         self.skipped = bool(flag.item() == 0.0)
         if not self.skipped:
             self.skipped_in_a_row = 0
+            if data is not None:
+                self._average_over_replicas(data)
             return
         for param in self.module.parameters():
             param.grad = None
