@@ -96,7 +96,8 @@ class FabricPipeline:
         and ``extra`` (the loop's own state: its step, ...)."""
         path = Path(directory) / f"stage-{self.index}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({**stage_state_dict(self.schedule, optimizer), "extra": extra}, path)
+        if self.groups.replica == 0:  # the replicas' copies are equal: one writes, all load it
+            torch.save({**stage_state_dict(self.schedule, optimizer), "extra": extra}, path)
         self.fabric.barrier()
         return path
 
