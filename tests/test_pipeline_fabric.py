@@ -34,8 +34,11 @@ def test_a_fabric_run_resumed_from_its_stage_checkpoints_continues_bitwise(tmp_p
     assert resumed["val_ppl"] == straight["val_ppl"]
 
 
-def test_two_replicas_of_two_fabric_stages_train_as_one_process(one_process):
-    reference = run(parse([*OPTIONS, "--pipeline-stages", "0", "--microbatches", "1", "--replicas", "2"]))
-    replicated = run(parse([*OPTIONS, "--pipeline-stages", "2", "--microbatches", "1", "--replicas", "2"]))
+def test_two_replicas_of_two_fabric_stages_train_as_one_process_and_resume(one_process, tmp_path):
+    options = [*OPTIONS, "--microbatches", "1", "--replicas", "2"]
+    reference = run(parse([*options, "--pipeline-stages", "0"]))
+    replicated = run(parse([*options, "--pipeline-stages", "2", "--out", str(tmp_path), "--save-at", "6"]))
     assert math.isclose(replicated["val_ppl"], reference["val_ppl"], rel_tol=1e-5)
     assert reference["val_ppl"] == one_process["val_ppl"]  # the same 2 microbatches of each batch, in one process
+    resumed = run(parse([*options, "--pipeline-stages", "2", "--resume", str(tmp_path / "checkpoint")]))
+    assert resumed["val_ppl"] == replicated["val_ppl"]
