@@ -15,7 +15,7 @@ within a few percent of the model is what this can show.
 
 **Real compute** (``--compute real``): blocks of ``Linear + GELU`` (``--width``, ``--blocks-per-stage``), one GPU
 per stage over NCCL with ``--device cuda``; step times against torch's 1F1B. On a shared CPU these times mean
-little; no GPU run is reported in docs/pipeline.md.
+little, and no GPU run has been made.
 
 **Event model.** The same schedules as dependency graphs, ``T_F = 1``, ``T_B = 2``, no communication time: each
 stage runs its ops in its schedule's order, an op starting when its inputs exist. DFA: ``B(s, i)`` needs only the

@@ -1,7 +1,7 @@
 """Layer-parallel DFA on ``torch.distributed.pipelining``: stages send activations forward and never gradients back.
 
 The last stage computes the error ``e`` and broadcasts it; every stage projects its own columns of the shared
-seeded feedback matrix and runs its local backward at once (docs/pipeline.md).
+seeded feedback matrix and runs its local backward at once.
 """
 
 from lightning_dfa.pipeline.chain import Chain, chain_of
