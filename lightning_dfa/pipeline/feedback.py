@@ -1,0 +1,138 @@
+"""A stage's DFA: its points' layout in the whole model's, its projection columns, and its local backward."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_dfa.feedback.config import DFAConfig
+from lightning_dfa.feedback.rows import PointShape, error_row_dims
+from lightning_dfa.feedback.update_scale import ScaledUpdates, auto_lr_scale
+from lightning_dfa.pipeline.projection import StageProjection
+from lightning_dfa.projectors import build_projector
+
+
+class StageFeedback:
+    """The feedback of one stage's points: ``B[:, columns] e``, reshaped to each point's output, then its backward.
+
+    The layout is the one-process engine's (points in model order, each a column slice), agreed between the stages
+    at the first error (one ``all_gather_object`` of the points' sizes); each stage then builds only its columns.
+    """
+
+    def __init__(self, config: DFAConfig, points: list[str], group: dist.ProcessGroup | None) -> None:
+        self.config, self.points, self.group = config, points, group
+        self.layout: dict[str, slice] = {}
+        self.error_features: int | None = None
+        self.projection: StageProjection | None = None
+        self.projector_state: dict[str, Any] | None = None  # the whole projector's state, as the engine saves it
+        self.points_lr_scale: float | None = None if config.lr_scale == "auto" else float(config.lr_scale)
+        self._scaled: list[ScaledUpdates] = []
+        self._saved: dict[str, Any] | None = None
+
+    def shapes(self, records: list[tuple[str, Tensor]], error_shape: torch.Size) -> dict[str, PointShape]:
+        rows = error_row_dims(error_shape, self.config.error_rows)
+        return {name: PointShape.of(name, hidden.shape, error_shape, rows) for name, hidden in records}
+
+    def build(self, shapes: dict[str, PointShape], error_shape: torch.Size, device: torch.device) -> None:
+        """Agree on the layout with the other stages (a collective: every stage calls it at its first error)."""
+        rows = error_row_dims(error_shape, self.config.error_rows)
+        error_features = math.prod(error_shape[rows:])
+        mine = [(name, shapes[name].features) for name in self.points]
+        gathered: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(gathered, mine, group=self.group)
+        layout, start = {}, 0
+        for name, features in (item for stage in gathered for item in stage):
+            layout[name] = slice(start, start + features)
+            start += features
+        if self._saved is not None:
+            _check_saved(self._saved, layout, error_features)
+        full = build_projector(self.config.projector, error_features, start, self.config.seed)
+        columns = slice(layout[self.points[0]].start, layout[self.points[-1]].stop) if self.points else slice(0, 0)
+        self.projection = StageProjection(full, columns).to(device)
+        self.projector_state = full.state_dict()
+        if self._saved is not None:
+            full.load_state_dict(self._saved["projector"])  # checks kind, seed and settings
+            self._saved = None
+        self.layout, self.error_features = layout, error_features
+        if self.config.lr_scale == "auto":
+            self.points_lr_scale = auto_lr_scale(error_shape)
+            for scaled in self._scaled:
+                scaled.rescale()
+
+    def apply(self, error: Tensor, records: list[tuple[str, Tensor]]) -> None:
+        """Backward of this stage's blocks from ``error`` (finite: the schedule checks it first)."""
+        if not records:
+            return
+        shapes = self.shapes(records, error.shape)
+        if self.projection is None:
+            raise RuntimeError("StageFeedback.apply before build: the layout is agreed at the first error.")
+        for name, shape in shapes.items():
+            have = self.layout[name].stop - self.layout[name].start
+            if shape.features != have:
+                raise ValueError(
+                    f"Feedback point {name!r} now needs {shape.features} features per row, the layout gave it {have} "
+                    f"(output shape {tuple(shape.shape)}). Keep feature sizes fixed between steps."
+                )
+        records = [(name, hidden) for name, hidden in records if hidden.requires_grad]  # a frozen block: no backward
+        if not records:
+            return
+        feedback = self.projection(error.reshape(-1, self.error_features).float())
+        offset = self.projection.columns.start
+        grads = [
+            shapes[name]
+            .gradient(feedback[:, self.layout[name].start - offset : self.layout[name].stop - offset])
+            .to(error.dtype)
+            for name, _ in records
+        ]
+        torch.autograd.backward([hidden for _, hidden in records], grads)
+
+    def scale_updates(self, optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
+        """The points' parameters learn at ``lr_scale`` x the optimizer's rate, as in one process."""
+        if self.config.lr_scale == 1.0:
+            return
+        params = [p for name in self.points for p in module.get_submodule(name).parameters() if p.requires_grad]
+        scale = (lambda: self.points_lr_scale) if self.config.lr_scale == "auto" else self.config.lr_scale
+        self._scaled.append(ScaledUpdates(optimizer, params, scale))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the one-process engine saves (seed, layout, projector, lr_scale): loadable into the unsplit engine."""
+        if self.projection is None:
+            return dict(self._saved) if self._saved else {"seed": self.config.seed}
+        return {
+            "seed": self.config.seed,
+            "error_features": self.error_features,
+            "layout": {name: (s.start, s.stop) for name, s in self.layout.items()},
+            "projector": self.projector_state,
+            "lr_scale": self.config.lr_scale,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed", self.config.seed) != self.config.seed:
+            raise ValueError(
+                f"The checkpoint's feedback seed is {state['seed']}, this pipeline's is {self.config.seed}: resume "
+                f"with seed={state['seed']} so the run keeps its projection."
+            )
+        if state.get("lr_scale", self.config.lr_scale) != self.config.lr_scale:
+            warnings.warn(
+                f"The checkpoint was trained with lr_scale={state['lr_scale']}, this run uses "
+                f"lr_scale={self.config.lr_scale}: the trajectory changes from here on.",
+                stacklevel=2,
+            )
+        if "layout" in state:
+            self._saved = dict(state)  # checked against the layout agreed at the next first error
+
+
+def _check_saved(state: dict[str, Any], layout: dict[str, slice], error_features: int) -> None:
+    saved = {name: tuple(span) for name, span in state["layout"].items()}
+    current = {name: (s.start, s.stop) for name, s in layout.items()}
+    if saved != current or state["error_features"] != error_features:
+        raise ValueError(
+            f"The checkpoint's feedback layout does not match this pipeline: saved {saved} with error size "
+            f"{state['error_features']}, now {current} with error size {error_features}. Resume with the same model, "
+            "points and stages' blocks."
+        )
