@@ -349,6 +349,11 @@ def main(args: list[str] | None = None) -> None:
 def run(args: list[str] | None = None) -> DFACLI | None:
     """Run the CLI on ``args`` (default: ``sys.argv[1:]``) and return it, e.g. to read ``cli.trainer``."""
     args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["pipeline"]:  # layer-parallel DFA of a GPT-2, one process per stage (Fabric)
+        from lightning_dfa.pipeline.gpt2 import main as pipeline_main
+
+        pipeline_main(args[1:])
+        return None
     if args[:1] == ["recipes"]:
         for name in recipe_names():
             first = (RECIPES / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")

@@ -380,3 +380,10 @@ def test_an_error_raised_once_the_model_runs_keeps_its_traceback(monkeypatch, tm
     monkeypatch.setattr(MLPClassifier, "training_step", broken)
     with pytest.raises(ValueError, match="a bug in training_step"):
         main([*DIGITS, "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+
+
+@pytest.mark.slow
+def test_the_pipeline_subcommand_trains_the_pipeline_gpt2(capsys, tmp_path):
+    run(["pipeline", "--pipeline-stages", "0", "--steps", "2", "--val-batches", "1", f"--out={tmp_path}"])
+    assert "validation perplexity" in capsys.readouterr().out
+    assert json.loads((tmp_path / "result.json").read_text())["val_ppl"] > 1

@@ -35,13 +35,14 @@ def test_wheel_ships_every_recipe_and_the_console_script(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for recipe in (ROOT / "recipes").glob("*.yaml"):
         assert f"lightning_dfa/recipes/{recipe.name}" in names, recipe.name
+    assert "lightning_dfa/pipeline/gpt2.yaml" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "lightning-dfa = lightning_dfa.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_top_level_recipes_folder_is_the_packaged_one():
     assert (ROOT / "recipes").resolve() == (ROOT / "lightning_dfa" / "recipes").resolve()
-    assert 'lightning_dfa = ["recipes/*.yaml"]' in (ROOT / "pyproject.toml").read_text()
+    assert 'lightning_dfa = ["recipes/*.yaml", "pipeline/*.yaml"]' in (ROOT / "pyproject.toml").read_text()
 
 
 #: What a user may have imported before lightning-dfa.
@@ -53,6 +54,7 @@ PUBLIC_MODULES = [
     "lightning_dfa.models",
     "lightning_dfa.data",
     "lightning_dfa.projectors",
+    "lightning_dfa.pipeline",
 ]
 
 # Imports the prelude, then runs each statement in a forked child: each child is an interpreter that holds
