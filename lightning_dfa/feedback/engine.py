@@ -20,6 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dfa import _compat
 from lightning_dfa.feedback.config import DFAConfig
+from lightning_dfa.feedback.coverage import Coverage, check_coverage, watch_stray_gradients
 from lightning_dfa.feedback.outputs import any_requires_grad, detach_inputs, first_tensor, replace_first
 from lightning_dfa.feedback.points import auto_output, embedding_points, resolve_module, resolve_points
 from lightning_dfa.feedback.router import FeedbackRouter, in_backward
@@ -72,6 +73,8 @@ class FeedbackEngine:
         #: Called as ``observe(error, {point: feedback})`` in every backward (rows x features), for diagnostics.
         self.observers: list[Callable[[Tensor, dict[str, Tensor]], None]] = []
         self._saved_state: dict[str, Any] | None = None
+        #: The source of each trainable parameter's gradient under the layout (set at :meth:`attach`; not in backprop).
+        self.coverage: Coverage | None = None
 
     @property
     def mode(self) -> str:
@@ -111,6 +114,13 @@ class FeedbackEngine:
                     f"The output point {output!r} lies inside the feedback point {point!r}: the error must be taken "
                     "after every block. Choose an output outside the blocks that runs after them, e.g. the head."
                 )
+        # Parameters that would never train under this layout: reported (strict: an error, before anything changes).
+        first_block = self.config.embeddings == "first_block"
+        self.coverage = (
+            None
+            if self.mode == "backprop"
+            else check_coverage(model, points, top, output, first_block, self.config.strict)
+        )
         if self._built_for is not None and self._built_for() is not model:  # a sweep reusing the DFA: new layout
             self.projector, self.layout, self._built_for = None, {}, None
         self.model, self.points, self.backprop_points, self.output = model, points, top, output
@@ -163,6 +173,7 @@ class FeedbackEngine:
         self._handles.append(modules[self.output].register_forward_hook(_Hook(self._route)))
         # Called even when the forward raises (an out-of-memory retry): the records of that pass are stale.
         self._handles.append(self.model.register_forward_hook(_Hook(self._after_forward), always_call=True))
+        self._handles += watch_stray_gradients(self.coverage, self.config.strict)
         own, others = point_parameters(self.model, self.points)
         for params, hook in ((own, self._point_grad), (others, self._other_grad)):
             for param, owner in params.items():
