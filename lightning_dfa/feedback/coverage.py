@@ -174,10 +174,10 @@ def _suggested_blocks(model: nn.Module, coverage: Coverage) -> list[str]:
 
 class _StrayWatch:
     """Collects the parameters without feedback that get a gradient in one backward pass, and reports them once at
-    its end (``strict``: raises)."""
+    its end."""
 
-    def __init__(self, coverage: Coverage, strict: bool) -> None:
-        self.coverage, self.strict = coverage, strict
+    def __init__(self, coverage: Coverage) -> None:
+        self.coverage = coverage
         self.found: list[str] = []
         self.told = False
 
@@ -204,18 +204,16 @@ class _StrayWatch:
             f"that cut every path from the loss: the modules that hold them (here {_enclosing(self.coverage.points)}) "
             "or blocks='auto'; or, if such a module runs after the last point, name the output after it."
         )
-        if self.strict:
-            raise RuntimeError(message)
         warnings.warn(message, CoverageWarning, stacklevel=2)
 
 
-def watch_stray_gradients(coverage: Coverage | None, strict: bool = False) -> list[RemovableHandle]:
-    """Hooks that report, once (``strict``: raise at every such backward), the parameters without feedback under the
-    layout that get a gradient all the same: the loss reaches them around the points, so they would train with part
-    of a true gradient; or their module runs after the last point although registered before it."""
+def watch_stray_gradients(coverage: Coverage | None) -> list[RemovableHandle]:
+    """Hooks that report, once, the parameters without feedback under the layout that get a gradient all the same:
+    the loss reaches them around the points, so they would train with part of a true gradient; or their module runs
+    after the last point although registered before it. (``strict=True`` refuses such a layout at attach.)"""
     if coverage is None:
         return []
-    watch = _StrayWatch(coverage, strict)
+    watch = _StrayWatch(coverage)
     return [
         coverage.parameters[name].register_post_accumulate_grad_hook(watch.hook(name)) for name in coverage.untrained()
     ]

@@ -173,7 +173,7 @@ class FeedbackEngine:
         self._handles.append(modules[self.output].register_forward_hook(_Hook(self._route)))
         # Called even when the forward raises (an out-of-memory retry): the records of that pass are stale.
         self._handles.append(self.model.register_forward_hook(_Hook(self._after_forward), always_call=True))
-        self._handles += watch_stray_gradients(self.coverage, self.config.strict)
+        self._handles += watch_stray_gradients(self.coverage)
         own, others = point_parameters(self.model, self.points)
         for params, hook in ((own, self._point_grad), (others, self._other_grad)):
             for param, owner in params.items():
