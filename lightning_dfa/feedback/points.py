@@ -73,8 +73,7 @@ def _family_blocks(model: nn.Module) -> list[str]:
         return repeated
     raise ValueError(
         "blocks='auto' found no HuggingFace model (with _no_split_modules), diffusers UNet, or repeated blocks "
-        "(>= 2 sibling modules of one class that have submodules and trainable parameters, followed by a module "
-        "with trainable parameters for the error) in "
+        "(>= 2 sibling modules of one class that have submodules and trainable parameters) in "
         f"{type(model).__name__}. Name the blocks, e.g. blocks={_suggest_patterns(model)!r}; "
         f"module containers here: {candidate_containers(model)}; top-level children: "
         f"{[n for n, _ in model.named_children()]}. Set them with DFA(blocks=...), DFAStrategy(blocks=...) "
@@ -99,12 +98,11 @@ def auto_output(model: nn.Module, blocks: Sequence[str] = ()) -> str | None:
 def repeated_blocks(model: nn.Module) -> list[str]:
     """The blocks of any model: the largest (by trainable parameters) group of >= 2 sibling modules of one class
     with submodules and trainable parameters (a nanoGPT's ``h.*``, a MobileNet's ``features.1`` ...), in
-    registration order, that leaves a module with trainable parameters registered after it for the error (so a
-    torchvision model's top-level ``features`` and ``classifier`` are no group); ``[]`` if none.
+    registration order; preferably one that leaves a module with trainable parameters registered after it for the
+    error (so a torchvision model's top-level ``features`` and ``classifier`` are no group); ``[]`` if none.
     """
     embeddings = set(embedding_points(model))
-    best: list[str] = []
-    best_size = 0
+    best: dict[bool, tuple[int, list[str]]] = {True: (0, []), False: (0, [])}  # by: an error point is left after it
     for prefix, parent in model.named_modules():
         groups: dict[type, list[tuple[str, nn.Module]]] = {}
         for name, child in parent.named_children():
@@ -115,10 +113,10 @@ def repeated_blocks(model: nn.Module) -> list[str]:
         for members in groups.values():
             size = _trainable_size([module for _, module in members])
             paths = [path for path, _ in members]
-            # ties: the first group in registration order
-            if len(members) >= 2 and size > best_size and module_after_blocks(model, paths) is not None:
-                best, best_size = paths, size
-    return best
+            leaves_error = module_after_blocks(model, paths) is not None
+            if len(members) >= 2 and size > best[leaves_error][0]:  # ties: the first group in registration order
+                best[leaves_error] = (size, paths)
+    return best[True][1] or best[False][1]  # the latter: the engine then asks to name the output
 
 
 def between_blocks(model: nn.Module, blocks: Sequence[str]) -> list[str]:
