@@ -120,6 +120,18 @@ def test_strict_makes_the_report_an_error_before_anything_is_attached():
     FeedbackEngine(blocks=["conv1", "bn1", "layer*"], strict=True).attach(model)  # the suggested fix attaches
 
 
+def test_first_block_embeddings_train_what_precedes_the_first_point():
+    """The ViT's class token and position embedding live on modules that hold the blocks: no point can own them,
+    but with embeddings="first_block" they learn from the first block's feedback, as the report suggests."""
+    model = build("vit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CoverageWarning)
+        dfa = FeedbackEngine(embeddings="first_block", strict=True).attach(model)
+    BUILDERS["vit"][1](model).backward()
+    assert dfa.coverage.untrained() == []
+    assert all(p.grad is not None for p in (model.class_token, model.conv_proj.weight, model.encoder.pos_embedding))
+
+
 def test_named_points_that_skip_a_layer_between_them_report_it():
     with pytest.warns(CoverageWarning, match=r"between points: features.2 \(features.2.reduction.weight"):
         FeedbackEngine(blocks=["features.1", "features.3"]).attach(build("swin"))
