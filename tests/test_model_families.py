@@ -5,11 +5,14 @@ or reported at attach), gradients equal to the DFA equations for one model per f
 import collections
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from model_families import BUILDERS, build
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dfa import FeedbackEngine
 from lightning_dfa.feedback.coverage import CoverageWarning
@@ -130,6 +133,40 @@ def test_first_block_embeddings_train_what_precedes_the_first_point():
     BUILDERS["vit"][1](model).backward()
     assert dfa.coverage.untrained() == []
     assert all(p.grad is not None for p in (model.class_token, model.conv_proj.weight, model.encoder.pos_embedding))
+
+
+class Classifier(pl.LightningModule):
+    """A user's LightningModule around a torchvision network, with optional DFA settings of its own."""
+
+    def __init__(self, network: nn.Module, dfa: dict | None = None) -> None:
+        super().__init__()
+        self.model, self.dfa = network, dfa or {}
+
+    def configure_dfa(self) -> dict:
+        return self.dfa
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self.model(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def images() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(4, 3, 32, 32, generator=generator), torch.tensor([0, 1, 2, 3])))
+
+
+def test_a_lightning_fit_warns_at_its_start_about_what_never_trains():
+    with pytest.warns(CoverageWarning, match=r"before the first point 'model.trunk_output.block1': model.stem"):
+        quiet_trainer(strategy="dfa", max_steps=1).fit(Classifier(build("regnet").train()), images())
+
+
+def test_strict_in_configure_dfa_stops_the_fit_before_the_first_step():
+    module = Classifier(build("regnet").train(), dfa={"strict": True})
+    with pytest.raises(ValueError, match=r"blocks=\['model.stem', 'model.trunk_output.block1'"):
+        quiet_trainer(strategy="dfa", max_steps=1).fit(module, images())
+    assert module.global_step == 0
 
 
 def test_named_points_that_skip_a_layer_between_them_report_it():
