@@ -40,7 +40,7 @@ class DFAConfig:
         embeddings: ``True``: embeddings are points; ``"first_block"``: they learn from block 0's feedback.
         spatial_feedback, spatial_patch: image errors give one row per pixel (patch), pooled per point.
         nonfinite, nonfinite_patience: at a NaN/inf, ``"stop"`` the run or ``"skip"`` the step (patience: in a row).
-        strict: a trainable parameter that the points leave without a gradient (or give one by accident) is an error.
+        strict: a trainable parameter that the points leave without a gradient is an error, not a warning.
     """
 
     blocks: str | Sequence[str] = "auto"
