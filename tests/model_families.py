@@ -129,6 +129,23 @@ def mamba() -> nn.Module:
     )
 
 
+class Seq2Seq(nn.Module):
+    """torch's own ``nn.Transformer`` between a token embedding and a head: a plain PyTorch encoder-decoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 16)
+        self.transformer = nn.Transformer(16, 2, 2, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 64)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.head(self.transformer(self.embed(source), self.embed(target)))
+
+
+def seq2seq_loss(model: nn.Module, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
+    return F.cross_entropy(model(tokens, tokens).flatten(0, 1), tokens.flatten())
+
+
 def image_loss(model: nn.Module, images: torch.Tensor = IMAGES, classes: torch.Tensor = CLASSES) -> torch.Tensor:
     return F.cross_entropy(model(images), classes)
 
@@ -159,6 +176,7 @@ BUILDERS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.T
     "bert": (bert, token_loss),
     "t5": (t5, uncached_token_loss),
     "mamba": (mamba, uncached_token_loss),
+    "torch_transformer": (Seq2Seq, seq2seq_loss),
 }
 
 

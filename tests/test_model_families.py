@@ -54,6 +54,17 @@ EXPECTED = {
         set(),
     ),
     "mamba": (["backbone.layers.0", "backbone.layers.1"], "lm_head", set()),
+    "torch_transformer": (  # both stacks: parallel groups of the same container name
+        [
+            "transformer.encoder.layers.0",
+            "transformer.encoder.layers.1",
+            "transformer.encoder.norm",
+            "transformer.decoder.layers.0",
+            "transformer.decoder.layers.1",
+        ],
+        "head",
+        {"embed"},
+    ),
 }
 #: What the report suggests to add to the points: the outermost modules around them that hold no point.
 SUGGESTED = {
@@ -68,6 +79,7 @@ SUGGESTED = {
     "mistral": ["model.embed_tokens"],
     "gpt_neox": ["gpt_neox.embed_in"],
     "phi": ["model.embed_tokens"],
+    "torch_transformer": ["embed"],
 }
 REPORTED = [family for family, (_, _, untrained) in EXPECTED.items() if untrained]
 COMPLETE = [family for family, (_, _, untrained) in EXPECTED.items() if not untrained]
@@ -245,7 +257,7 @@ def point_feedback(error: torch.Tensor, columns: torch.Tensor, shape: torch.Size
     return rows[:, None, :].expand(shape) if len(shape) == 3 else rows.reshape(shape)
 
 
-@pytest.mark.parametrize("family", ["efficientnet", "swin", "densenet", "t5", "mamba"])
+@pytest.mark.parametrize("family", ["efficientnet", "swin", "densenet", "t5", "mamba", "torch_transformer"])
 def test_point_gradients_equal_the_dfa_equations(family):
     """One family per shape: CNN stages, Swin (patch merging between stages), dense connectivity, encoder-decoder,
     state space."""

@@ -99,10 +99,13 @@ def repeated_blocks(model: nn.Module) -> list[str]:
     """The blocks of any model: the largest (by trainable parameters) group of >= 2 sibling modules of one class
     with submodules and trainable parameters (a nanoGPT's ``h.*``, a MobileNet's ``features.1`` ...), in
     registration order; preferably one that leaves a module with trainable parameters registered after it for the
-    error (so a torchvision model's top-level ``features`` and ``classifier`` are no group); ``[]`` if none.
+    error (so a torchvision model's top-level ``features`` and ``classifier`` are no group); with the groups of its
+    parallel stacks (:func:`_parallel`: an encoder-decoder's ``encoder.layers.*`` and ``decoder.layers.*``);
+    ``[]`` if none.
     """
     embeddings = set(embedding_points(model))
-    best: dict[bool, tuple[int, list[str]]] = {True: (0, []), False: (0, [])}  # by: an error point is left after it
+    best: dict[bool, tuple[int, str, list[str]]] = {True: (0, "", []), False: (0, "", [])}  # by: leaves an error
+    groups_by_parent: dict[str, list[list[str]]] = {}
     for prefix, parent in model.named_modules():
         groups: dict[type, list[tuple[str, nn.Module]]] = {}
         for name, child in parent.named_children():
@@ -113,10 +116,27 @@ def repeated_blocks(model: nn.Module) -> list[str]:
         for members in groups.values():
             size = _trainable_size([module for _, module in members])
             paths = [path for path, _ in members]
+            if len(members) < 2:
+                continue
+            groups_by_parent.setdefault(prefix, []).append(paths)
             leaves_error = module_after_blocks(model, paths) is not None
-            if len(members) >= 2 and size > best[leaves_error][0]:  # ties: the first group in registration order
-                best[leaves_error] = (size, paths)
-    return best[True][1] or best[False][1]  # the latter: the engine then asks to name the output
+            if size > best[leaves_error][0]:  # ties: the first group in registration order
+                best[leaves_error] = (size, prefix, paths)
+    _, parent, found = best[True] if best[True][2] else best[False]  # the latter: the engine asks for the output
+    if not found:
+        return []
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    stacks = [paths for other in groups_by_parent if _parallel(parent, other) for paths in groups_by_parent[other]]
+    return sorted({*found, *(path for paths in stacks for path in paths)}, key=order.__getitem__)
+
+
+def _parallel(parent: str, other: str) -> bool:
+    """Whether ``other`` is a container of the same name as ``parent`` under a sibling module (``encoder.layers`` and
+    ``decoder.layers``; not ``features.1`` and ``features.2``, whose own names differ)."""
+    a, b = parent.split("."), other.split(".")
+    if parent == other or len(a) != len(b) or len(a) < 2 or a[-1] != b[-1]:
+        return False
+    return sum(x != y for x, y in zip(a, b)) == 1
 
 
 def between_blocks(model: nn.Module, blocks: Sequence[str]) -> list[str]:
