@@ -121,6 +121,16 @@ def t5() -> nn.Module:
     return T5ForConditionalGeneration(config)
 
 
+def bart() -> nn.Module:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    sizes = {"encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 2, "decoder_attention_heads": 2}
+    config = BartConfig(
+        vocab_size=64, d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32, **sizes
+    )
+    return BartForConditionalGeneration(config)
+
+
 def mamba() -> nn.Module:
     from transformers import MambaConfig, MambaForCausalLM
 
@@ -175,6 +185,7 @@ BUILDERS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.T
     "phi": (phi, token_loss),
     "bert": (bert, token_loss),
     "t5": (t5, uncached_token_loss),
+    "bart": (bart, uncached_token_loss),
     "mamba": (mamba, uncached_token_loss),
     "torch_transformer": (Seq2Seq, seq2seq_loss),
 }

@@ -53,6 +53,12 @@ EXPECTED = {
         "lm_head",
         set(),
     ),
+    "bart": (  # the encoder's layernorm_embedding is registered after its layers, but runs first: a point all the same
+        ["model.encoder.layers.0", "model.encoder.layers.1", "model.encoder.layernorm_embedding"]
+        + ["model.decoder.layers.0", "model.decoder.layers.1"],
+        "lm_head",
+        {"model.encoder.embed_positions", "model.decoder.embed_positions", "model.decoder.layernorm_embedding"},
+    ),
     "mamba": (["backbone.layers.0", "backbone.layers.1"], "lm_head", set()),
     "torch_transformer": (  # both stacks: parallel groups of the same container name
         [
@@ -81,7 +87,7 @@ SUGGESTED = {
     "phi": ["model.embed_tokens"],
     "torch_transformer": ["embed"],
 }
-REPORTED = [family for family, (_, _, untrained) in EXPECTED.items() if untrained]
+REPORTED = list(SUGGESTED)
 COMPLETE = [family for family, (_, _, untrained) in EXPECTED.items() if not untrained]
 
 
@@ -179,6 +185,30 @@ def test_strict_in_configure_dfa_stops_the_fit_before_the_first_step():
     with pytest.raises(ValueError, match=r"blocks=\['model.stem', 'model.trunk_output.block1'"):
         quiet_trainer(strategy="dfa", max_steps=1).fit(module, images())
     assert module.global_step == 0
+
+
+def test_a_layer_registered_after_the_points_that_runs_before_them_is_reported_at_the_first_forward():
+    """BART's decoder layernorm_embedding is registered after the decoder's layers: registration order takes it for
+    part of the head, the first training forward sees it run before them."""
+    model = build("bart")
+    dfa = attach_quietly(model)
+    assert dfa.coverage.source["model.decoder.layernorm_embedding.weight"] == "true"
+    with pytest.warns(
+        CoverageWarning,
+        match=r"registered after the last feedback point but run before one.*"
+        r"model.decoder.layernorm_embedding \(model.decoder.layernorm_embedding.weight",
+    ):
+        BUILDERS["bart"][1](model)
+    assert dfa.coverage.source["model.decoder.layernorm_embedding.weight"] == "between"
+
+
+def test_strict_stops_the_first_forward_at_a_layer_that_runs_before_the_points():
+    model = build("bart")
+    for embeddings in ("model.encoder.embed_positions", "model.decoder.embed_positions"):
+        model.get_submodule(embeddings).requires_grad_(False)  # frozen: nothing to report at attach
+    FeedbackEngine(strict=True).attach(model)
+    with pytest.raises(RuntimeError, match=r"run before one.*strict=True"):
+        BUILDERS["bart"][1](model)
 
 
 def test_named_points_that_skip_a_layer_between_them_report_it():

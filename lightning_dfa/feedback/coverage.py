@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -59,13 +60,19 @@ def parameter_coverage(
     backprop_blocks: Sequence[str],
     output: str,
     first_block_embeddings: bool = False,
+    ran: Sequence[str] | None = None,
 ) -> Coverage:
     """Classify every trainable parameter of ``model`` by the source of its gradient under DFA. Registration order
-    stands in for execution order (as for the automatic error point); a parameter owned by a module that holds
-    points (a ViT's class token on the model itself) counts as used before the first point."""
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    first = min(order[p] for p in points) if points else len(order)
-    last = max(order[p] for p in points) if points else -1
+    stands in for execution order (as for the automatic error point) unless ``ran`` gives the modules in the order a
+    forward pass called them (the points among them); a parameter owned by a module that holds points (a ViT's class
+    token on the model itself) counts as used before the first point."""
+    registered = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    called = {name: i for i, name in reversed(list(enumerate(ran or [])))}  # each module's first call
+    if not all(point in called for point in points):
+        called = {}
+    places = [
+        (order, min(order[p] for p in points), max(order[p] for p in points)) for order in (called, registered) if order
+    ]
     source: dict[str, str] = {}
     owner: dict[str, str] = {}
     parameters: dict[str, nn.Parameter] = {}
@@ -74,6 +81,7 @@ def parameter_coverage(
         if not param.requires_grad:
             continue
         module = path.rpartition(".")[0]
+        order, first, last = places[0] if module in called else places[-1]
         kind = _source(module, order, points, [*backprop_blocks, output], first, last)
         if kind == "before" and first_block_embeddings:
             kind = "true"
@@ -217,6 +225,82 @@ def watch_stray_gradients(coverage: Coverage | None) -> list[RemovableHandle]:
     return [
         coverage.parameters[name].register_post_accumulate_grad_hook(watch.hook(name)) for name in coverage.untrained()
     ]
+
+
+class _CallOrder:
+    """Records, in the first forward pass, the order in which the points and the modules outside them that own
+    trainable parameters are called; at the output point it classifies the parameters again by that order and reports
+    those that registration order placed after the last point but that run before it (BART's decoder
+    ``layernorm_embedding``, registered after the decoder's layers): they would never train either."""
+
+    def __init__(self, model: nn.Module, coverage: Coverage, first_block_embeddings: bool, strict: bool) -> None:
+        self.model, self.coverage, self.first_block, self.strict = model, coverage, first_block_embeddings, strict
+        self.ran: list[str] = []
+        self.handles: list[RemovableHandle] = []
+        inside = [*coverage.blocks, coverage.output]
+        owners = {coverage.owner[name] for name in coverage.source}
+        for name, module in model.named_modules():
+            if name in coverage.blocks or name in owners and not _within(name, inside):
+                self.handles.append(module.register_forward_pre_hook(_OrderHook(self.called(name))))
+        output = model.get_submodule(coverage.output)
+        self.handles.append(output.register_forward_hook(_OrderHook(self.finish)))
+
+    def called(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if torch.is_grad_enabled():  # a forward pass that trains (an evaluation may take another path)
+                self.ran.append(name)
+
+        return hook
+
+    def finish(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not torch.is_grad_enabled() or not self.ran:
+            return
+        for handle in self.handles:  # once: torch copies a module's hooks before calling them, so this is safe
+            handle.remove()
+        c = self.coverage
+        by_call = parameter_coverage(
+            self.model, c.points, c.blocks[len(c.points) :], c.output, self.first_block, self.ran
+        )
+        late = [n for n in by_call.untrained() if c.source.get(n) not in UNTRAINED]
+        if not late:
+            return
+        c.source.update({name: by_call.source[name] for name in late})
+        message = (
+            f"DFA: {len(late)} trainable parameters are registered after the last feedback point but run before "
+            f"one, so they get no gradient and would never train: {_listed(_grouped(late, c))}. Fix: make them "
+            f"feedback points (blocks={_suggested_blocks(self.model, c)!r}), or freeze them "
+            "(module.requires_grad_(False)) if they are meant to stay fixed."
+        )
+        if self.strict:
+            raise RuntimeError(message + " (strict=True)")
+        warnings.warn(message, CoverageWarning, stacklevel=2)
+
+
+class _OrderHook:
+    """A hook of one :class:`_CallOrder`; a deep copy of the model (an EMA copy) gets a no-op instead."""
+
+    def __init__(self, function) -> None:
+        self.function = function
+
+    def __call__(self, *args):
+        return self.function(*args)
+
+    def __deepcopy__(self, memo: dict):
+        return _no_op
+
+
+def _no_op(*args) -> None:
+    return None
+
+
+def check_call_order(
+    model: nn.Module, coverage: Coverage | None, first_block_embeddings: bool = False, strict: bool = False
+) -> list[RemovableHandle]:
+    """Hooks that check, at the first training forward pass, the coverage by the order the modules run in (the
+    report, or with ``strict`` an error, names what registration order misplaced); they remove themselves then."""
+    if coverage is None:
+        return []
+    return _CallOrder(model, coverage, first_block_embeddings, strict).handles
 
 
 def _enclosing(points: Sequence[str]) -> list[str]:
