@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_dfa import FeedbackEngine
 from lightning_dfa.feedback.coverage import CoverageWarning
 from lightning_dfa.feedback.outputs import detach_all
+from lightning_dfa.feedback.points import auto_points
 
 FEATURES = [f"features.{i}" for i in range(1, 12)]
 DENSE = [
@@ -209,6 +210,15 @@ def test_strict_stops_the_first_forward_at_a_layer_that_runs_before_the_points()
     FeedbackEngine(strict=True).attach(model)
     with pytest.raises(RuntimeError, match=r"run before one.*strict=True"):
         BUILDERS["bart"][1](model)
+
+
+def test_a_parallel_stack_inside_the_head_does_not_join_the_blocks():
+    """backbone.layers.* and head.layers.* are parallel stacks, but joining the head's would leave no error point."""
+    model = nn.Module()
+    model.backbone, model.head = nn.Module(), nn.Module()
+    model.backbone.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+    model.head.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 3))])
+    assert auto_points(model) == ["backbone.layers.0", "backbone.layers.1", "backbone.layers.2"]
 
 
 def test_named_points_that_skip_a_layer_between_them_report_it():

@@ -119,15 +119,20 @@ def repeated_blocks(model: nn.Module) -> list[str]:
             if len(members) < 2:
                 continue
             groups_by_parent.setdefault(prefix, []).append(paths)
+            if size <= min(best[True][0], best[False][0]):  # ties: the first group in registration order
+                continue
             leaves_error = module_after_blocks(model, paths) is not None
-            if size > best[leaves_error][0]:  # ties: the first group in registration order
+            if size > best[leaves_error][0]:
                 best[leaves_error] = (size, prefix, paths)
     _, parent, found = best[True] if best[True][2] else best[False]  # the latter: the engine asks for the output
     if not found:
         return []
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    stacks = [paths for other in groups_by_parent if _parallel(parent, other) for paths in groups_by_parent[other]]
-    return sorted({*found, *(path for paths in stacks for path in paths)}, key=order.__getitem__)
+    for paths in (paths for other in groups_by_parent if _parallel(parent, other) for paths in groups_by_parent[other]):
+        joined = sorted({*found, *paths}, key=order.__getitem__)
+        if module_after_blocks(model, joined) is not None or not best[True][2]:  # a stack inside the head stays out
+            found = joined
+    return found
 
 
 def _parallel(parent: str, other: str) -> bool:
