@@ -40,7 +40,8 @@ class Coverage:
     """Each trainable parameter (by name) with the source of its gradient (``"feedback"``: inside a DFA point;
     ``"true"``: the head and what is registered after the last point, backprop blocks, and with
     ``embeddings="first_block"`` what precedes the first point; ``"before"`` / ``"between"``: no gradient) and the
-    module that owns it."""
+    module that owns it. Built from registration order at attach; the first training forward corrects ``source`` by
+    the order the modules ran in."""
 
     source: dict[str, str]
     owner: dict[str, str]
@@ -48,6 +49,7 @@ class Coverage:
     blocks: list[str]  # the DFA points and the backprop blocks, in the engine's order
     output: str
     parameters: dict[str, nn.Parameter] = field(repr=False, default_factory=dict)
+    first_block_embeddings: bool = False
 
     def untrained(self) -> list[str]:
         """The trainable parameters that get no gradient under this layout."""
@@ -90,7 +92,8 @@ def parameter_coverage(
             source[name] = kind
         owner.setdefault(name, module)
         parameters[name] = param
-    return Coverage(source, owner, list(points), [*points, *backprop_blocks], output, parameters)
+    blocks = [*points, *backprop_blocks]
+    return Coverage(source, owner, list(points), blocks, output, parameters, first_block_embeddings)
 
 
 def _source(
@@ -233,8 +236,8 @@ class _CallOrder:
     those that registration order placed after the last point but that run before it (BART's decoder
     ``layernorm_embedding``, registered after the decoder's layers): they would never train either."""
 
-    def __init__(self, model: nn.Module, coverage: Coverage, first_block_embeddings: bool, strict: bool) -> None:
-        self.model, self.coverage, self.first_block, self.strict = model, coverage, first_block_embeddings, strict
+    def __init__(self, model: nn.Module, coverage: Coverage, strict: bool) -> None:
+        self.model, self.coverage, self.strict = model, coverage, strict
         self.ran: list[str] = []
         self.handles: list[RemovableHandle] = []
         inside = [*coverage.blocks, coverage.output]
@@ -259,7 +262,7 @@ class _CallOrder:
             handle.remove()
         c = self.coverage
         by_call = parameter_coverage(
-            self.model, c.points, c.blocks[len(c.points) :], c.output, self.first_block, self.ran
+            self.model, c.points, c.blocks[len(c.points) :], c.output, c.first_block_embeddings, self.ran
         )
         late = [n for n in by_call.untrained() if c.source.get(n) not in UNTRAINED]
         if not late:
@@ -293,14 +296,12 @@ def _no_op(*args) -> None:
     return None
 
 
-def check_call_order(
-    model: nn.Module, coverage: Coverage | None, first_block_embeddings: bool = False, strict: bool = False
-) -> list[RemovableHandle]:
+def check_call_order(model: nn.Module, coverage: Coverage | None, strict: bool = False) -> list[RemovableHandle]:
     """Hooks that check, at the first training forward pass, the coverage by the order the modules run in (the
     report, or with ``strict`` an error, names what registration order misplaced); they remove themselves then."""
     if coverage is None:
         return []
-    return _CallOrder(model, coverage, first_block_embeddings, strict).handles
+    return _CallOrder(model, coverage, strict).handles
 
 
 def _enclosing(points: Sequence[str]) -> list[str]:

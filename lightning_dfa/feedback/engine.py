@@ -115,11 +115,11 @@ class FeedbackEngine:
                     "after every block. Choose an output outside the blocks that runs after them, e.g. the head."
                 )
         # Parameters that would never train under this layout: reported (strict: an error, before anything changes).
-        self._first_block = self.config.embeddings == "first_block"
+        first_block = self.config.embeddings == "first_block"
         self.coverage = (
             None
             if self.mode == "backprop"
-            else check_coverage(model, points, top, output, self._first_block, self.config.strict)
+            else check_coverage(model, points, top, output, first_block, self.config.strict)
         )
         if self._built_for is not None and self._built_for() is not model:  # a sweep reusing the DFA: new layout
             self.projector, self.layout, self._built_for = None, {}, None
@@ -174,7 +174,7 @@ class FeedbackEngine:
         # Called even when the forward raises (an out-of-memory retry): the records of that pass are stale.
         self._handles.append(self.model.register_forward_hook(_Hook(self._after_forward), always_call=True))
         self._handles += watch_stray_gradients(self.coverage)
-        self._handles += check_call_order(self.model, self.coverage, self._first_block, self.config.strict)
+        self._handles += check_call_order(self.model, self.coverage, self.config.strict)
         own, others = point_parameters(self.model, self.points)
         for params, hook in ((own, self._point_grad), (others, self._other_grad)):
             for param, owner in params.items():
