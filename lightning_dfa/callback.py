@@ -58,6 +58,7 @@ class DFA(Callback):
         spatial_patch: int | None = None,
         nonfinite: str | None = None,
         nonfinite_patience: int | None = None,
+        strict: bool | None = None,
     ) -> None:
         # The settings given here (None: not given); the rest come from the module's configure_dfa() at setup.
         given = {name: value for name, value in locals().items() if name in DFAConfig.names() and value is not None}

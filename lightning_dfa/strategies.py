@@ -44,6 +44,7 @@ class _DFAStrategyMixin:
         spatial_patch: int | None = None,
         nonfinite: str | None = None,
         nonfinite_patience: int | None = None,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> None:
         given = {name: value for name, value in locals().items() if name in DFAConfig.names() and value is not None}

@@ -38,6 +38,7 @@ class DFAConfig:
         embeddings: ``True``: embeddings are points; ``"first_block"``: they learn from block 0's feedback.
         spatial_feedback, spatial_patch: image errors give one row per pixel (patch), pooled per point.
         nonfinite, nonfinite_patience: at a NaN/inf, ``"stop"`` the run or ``"skip"`` the step (patience: in a row).
+        strict: a trainable parameter that the points leave without a gradient is an error, not a warning.
     """
 
     blocks: str | Sequence[str] = "auto"
@@ -53,6 +54,7 @@ class DFAConfig:
     spatial_patch: int = 1
     nonfinite: str = "stop"
     nonfinite_patience: int = 10
+    strict: bool = False
 
     def __post_init__(self) -> None:
         nonfinite = ": 'stop' ends the run at the first NaN or inf, 'skip' skips such steps"
@@ -71,6 +73,8 @@ class DFAConfig:
                 f"spatial_patch must be an odd positive integer (1, 3, 5, ...), got {self.spatial_patch!r}."
             )
         check_lr_scale(self.lr_scale)
+        if not isinstance(self.strict, bool):
+            raise ValueError(f"strict must be True or False, got {self.strict!r}.")
 
     @classmethod
     def names(cls) -> list[str]:

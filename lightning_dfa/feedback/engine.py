@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dfa import _compat
 from lightning_dfa.feedback.config import DFAConfig
+from lightning_dfa.feedback.coverage import Coverage, check_call_order, check_coverage, watch_stray_gradients
 from lightning_dfa.feedback.guard import RoutingGuard, in_backward
 from lightning_dfa.feedback.outputs import cut_inputs, cut_side_inputs, first_tensor, replace_first, swap_copies, trains
 from lightning_dfa.feedback.points import point_parameters, select
@@ -54,6 +55,8 @@ class FeedbackEngine:
         self._scaled_updates: list[ScaledUpdates] = []
         self._frozen: list[nn.Parameter] = []
         self._built_for: weakref.ref | None = None  # the model the projection was built for
+        #: The source of each trainable parameter's gradient under the layout (set at :meth:`attach`; not in backprop).
+        self.coverage: Coverage | None = None
 
     @property
     def config(self) -> DFAConfig:
@@ -89,6 +92,13 @@ class FeedbackEngine:
             )
         c = self.config
         self.points, self.backprop_points, self.output = select(model, c.blocks, c.output, c.backprop_top, c.embeddings)
+        # Parameters that would never train under this layout: reported (strict: an error, before anything changes).
+        first_block = c.embeddings == "first_block"
+        self.coverage = (
+            None
+            if self.mode == "backprop"
+            else check_coverage(model, self.points, self.backprop_points, self.output, first_block, c.strict)
+        )
         if self._built_for is not None and self._built_for() is not model:  # a sweep reusing the DFA: new layout
             self.projection.projector, self.projection.layout = None, {}
         self._built_for, self.model = weakref.ref(model), model
@@ -117,6 +127,8 @@ class FeedbackEngine:
         self._hook(modules[self.output].register_forward_hook(_Hook(self._route)))
         # Called even when the forward raises (an out-of-memory retry): the records of that pass are stale.
         self._hook(self.model.register_forward_hook(_Hook(self._after_forward), always_call=True))
+        self._handles += watch_stray_gradients(self.coverage)
+        self._handles += check_call_order(self.model, self.coverage, self.config.strict)
         own, others = point_parameters(self.model, self.points)
         for params, hook in ((own, self.guard.point_grad), (others, self.guard.other_grad)):
             for param, owner in params.items():

@@ -3,6 +3,7 @@ that cut a block's inputs from the graph."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -35,16 +36,43 @@ def replace_first(output: Any, value: Tensor) -> Any:
 
 
 def detach_all(value: Any) -> Any:
-    """Detach every tensor inside nested tuples, lists and dicts (block inputs, skips, time embeddings)."""
+    """Detach every tensor inside nested tuples (named ones too), lists and dicts (block inputs, skips, time
+    embeddings, DenseNet's list of earlier features, a ``ModelOutput``); containers keep their type, and one that
+    holds no tensor is returned as it is."""
     if isinstance(value, Tensor):
         return value.detach()
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(detach_all(v) for v in value)
-    if isinstance(value, list):
-        return [detach_all(v) for v in value]
+    if isinstance(value, (tuple, list)):
+        items = [detach_all(v) for v in value]
+        if all(new is old for new, old in zip(items, value)):
+            return value
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+            return type(value)(*items)
+        return type(value)(items) if type(value) in (tuple, list) else _rebuilt(value, items)
     if isinstance(value, dict):
-        return {k: detach_all(v) for k, v in value.items()}
+        items = {k: detach_all(v) for k, v in value.items()}
+        if all(items[k] is v for k, v in value.items()):
+            return value
+        copy = _copied(value)
+        for k, v in items.items():
+            copy[k] = v
+        return copy
     return value
+
+
+def _rebuilt(value: tuple | list, items: list) -> tuple | list:
+    """A tuple or list subclass with new items; one that cannot be rebuilt so becomes a plain tuple or list."""
+    try:
+        return type(value)(items)
+    except TypeError:
+        return tuple(items) if isinstance(value, tuple) else items
+
+
+def _copied(value: dict) -> dict:
+    """A shallow copy of a dict that keeps its type (a ``ModelOutput``, an ``OrderedDict``)."""
+    try:
+        return copy.copy(value)
+    except (TypeError, ValueError, AttributeError):  # a dict subclass that cannot be copied: a plain dict
+        return dict(value)
 
 
 def any_requires_grad(value: Any) -> bool:

@@ -1,5 +1,6 @@
 """Choosing feedback points: module paths, glob patterns, the blocks of known model families, or repeated blocks
-(``"auto"``: HuggingFace models, then diffusers UNets, then any module's repeated blocks).
+(``"auto"``: HuggingFace models, then diffusers UNets, then any module's repeated blocks; then the layers between
+them).
 """
 
 from __future__ import annotations
@@ -115,16 +116,21 @@ def resolve_module(model: nn.Module, path: str, role: str = "output") -> nn.Modu
 
 def auto_points(model: nn.Module) -> list[str]:
     """The blocks of a HuggingFace model (``_no_split_modules``) or of a diffusers UNet, else
-    :func:`repeated_blocks`."""
+    :func:`repeated_blocks`; then the layers registered between them (:func:`between_blocks`) as points of their
+    own, so that nothing between two points is left without a gradient."""
+    blocks = _family_blocks(model)
+    return with_layers_between(model, blocks)
+
+
+def _family_blocks(model: nn.Module) -> list[str]:
     for prefix, module in model.named_modules():
         classes = getattr(module, "_no_split_modules", None)
         if classes and hasattr(module, "config"):
             found = [
                 _join(prefix, name) for name, sub in module.named_modules() if name and type(sub).__name__ in classes
             ]
-            if found:
-                _check_not_nested(found)
-                return found
+            if found:  # nested block classes (Mamba's MambaBlock holds a MambaMixer): the outermost
+                return _outermost(found)
         if _is_unet(module):
             return [_join(prefix, path) for path in _unet_block_paths(module)]
     if not any(True for _ in model.named_children()):
@@ -162,24 +168,80 @@ def auto_output(model: nn.Module, blocks: Sequence[str] = ()) -> str | None:
 
 def repeated_blocks(model: nn.Module) -> list[str]:
     """The blocks of any model: the largest (by trainable parameters) group of >= 2 sibling modules of one class
-    with submodules and trainable parameters (a nanoGPT's ``h.*``), in registration order; ``[]`` if none.
+    with submodules and trainable parameters (a nanoGPT's ``h.*``, a MobileNet's ``features.1`` ...), in
+    registration order; preferably one that leaves a module with trainable parameters registered after it for the
+    error (so a torchvision model's top-level ``features`` and ``classifier`` are no group); with the groups of its
+    parallel stacks (:func:`_parallel`: an encoder-decoder's ``encoder.layers.*`` and ``decoder.layers.*``);
+    ``[]`` if none.
     """
     embeddings = set(embedding_points(model))
-    best: list[str] = []
-    best_size = 0
+    best: dict[bool, tuple[int, str, list[str]]] = {True: (0, "", []), False: (0, "", [])}  # by: leaves an error
+    groups_by_parent: dict[str, list[list[str]]] = {}
     for prefix, parent in model.named_modules():
         groups: dict[type, list[tuple[str, nn.Module]]] = {}
         for name, child in parent.named_children():
             path = _join(prefix, name)
-            container = isinstance(child, (nn.ModuleList, nn.ModuleDict))
             leaf = next(child.children(), None) is None
-            if not (container or leaf or path in embeddings) and _trainable_size([child]):
+            if not (_no_forward(child) or leaf or path in embeddings) and _trainable_size([child]):
                 groups.setdefault(type(child), []).append((path, child))
         for members in groups.values():
             size = _trainable_size([module for _, module in members])
-            if len(members) >= 2 and size > best_size:  # ties: the first group in registration order
-                best, best_size = [path for path, _ in members], size
-    return best
+            paths = [path for path, _ in members]
+            if len(members) < 2:
+                continue
+            groups_by_parent.setdefault(prefix, []).append(paths)
+            if size <= min(best[True][0], best[False][0]):  # ties: the first group in registration order
+                continue
+            leaves_error = module_after_blocks(model, paths) is not None
+            if size > best[leaves_error][0]:
+                best[leaves_error] = (size, prefix, paths)
+    _, parent, found = best[True] if best[True][2] else best[False]  # the latter: the engine asks for the output
+    if not found:
+        return []
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    for paths in (paths for other in groups_by_parent if _parallel(parent, other) for paths in groups_by_parent[other]):
+        joined = sorted({*found, *paths}, key=order.__getitem__)
+        if module_after_blocks(model, joined) is not None or not best[True][2]:  # a stack inside the head stays out
+            found = joined
+    return found
+
+
+def _parallel(parent: str, other: str) -> bool:
+    """Whether ``other`` is a container of the same name as ``parent`` under a sibling module (``encoder.layers`` and
+    ``decoder.layers``; not ``features.1`` and ``features.2``, whose own names differ)."""
+    a, b = parent.split("."), other.split(".")
+    if parent == other or len(a) != len(b) or len(a) < 2 or a[-1] != b[-1]:
+        return False
+    return sum(x != y for x, y in zip(a, b)) == 1
+
+
+def between_blocks(model: nn.Module, blocks: Sequence[str]) -> list[str]:
+    """The outermost modules with trainable parameters registered between the first and the last block, outside
+    every block and containing none (a Swin's ``PatchMerging``, DenseNet's transitions, T5's
+    ``encoder.final_layer_norm``); embeddings excepted. Under DFA they would get no gradient."""
+    if not blocks:
+        return []
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    first, last = min(order[b] for b in blocks), max(order[b] for b in blocks)
+    embeddings = set(embedding_points(model))
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not first < order[name] < last or name in embeddings or not _trainable_size([module]):
+            continue
+        if _within(name, [*blocks, *found]) or any(_within(block, [name]) for block in blocks):
+            continue
+        found.append(name)
+    return found
+
+
+def with_layers_between(model: nn.Module, blocks: Sequence[str]) -> list[str]:
+    """``blocks`` with :func:`between_blocks` inserted, each after the block registered last before it."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    keys = {block: (i, 0, 0) for i, block in enumerate(blocks)}
+    for layer in between_blocks(model, blocks):
+        before = max((b for b in blocks if order[b] < order[layer]), key=order.__getitem__)
+        keys[layer] = (keys[before][0], 1, order[layer])
+    return sorted(keys, key=keys.__getitem__)
 
 
 def module_after_blocks(model: nn.Module, blocks: Sequence[str]) -> str | None:
@@ -194,6 +256,21 @@ def module_after_blocks(model: nn.Module, blocks: Sequence[str]) -> str | None:
         if order[name] > last_block and not inside and any(p.requires_grad for p in module.parameters(recurse=False)):
             found = name
     return found
+
+
+def _no_forward(module: nn.Module) -> bool:
+    """A container that is never called (``ModuleList``, ``ModuleDict``); DenseNet's ``_DenseBlock`` is a
+    ``ModuleDict`` with a ``forward`` of its own, so it can be a block."""
+    return type(module).forward is nn.Module.forward
+
+
+def _within(name: str, outers: Sequence[str]) -> bool:
+    """Whether module ``name`` is one of ``outers`` or inside one."""
+    return any(name == outer or name.startswith(outer + ".") for outer in outers)
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    return [path for path in paths if not any(path.startswith(other + ".") for other in paths)]
 
 
 def _trainable_size(modules: list[nn.Module]) -> int:
