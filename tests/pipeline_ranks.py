@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 import torch.multiprocessing as mp
+from forking import free_port
 from torch import nn
 
 from lightning_dfa.feedback import FeedbackEngine
 from lightning_dfa.projectors import Gaussian
-from tests.forking import free_port
 
 WIDTH, CLASSES, BLOCKS, BATCH = 6, 3, 4, 8
 

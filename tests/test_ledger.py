@@ -11,7 +11,8 @@ from lightning_dfa import DFA
 from lightning_dfa.callbacks import OpticalLedger
 from lightning_dfa.data import DigitsDataModule
 from lightning_dfa.models import MLPClassifier
-from lightning_dfa.projectors import optical_cost
+from lightning_dfa.projectors import OPU, frames_per_vector, optical_cost
+from lightning_dfa.projectors.encoding import DEFAULT_BITS, DEFAULT_ENCODING
 
 
 def fit(tmp_path, projector, ledger, batches=6):
@@ -52,7 +53,7 @@ def test_ledger_prices_only_the_vectors_an_opu_sends_and_the_electronic_side_for
     ledger = OpticalLedger(verbose=False)
     fit(tmp_path, {"class_path": "opu", "init_args": {"sample_rows": 0.25}}, ledger, batches=3)
     total = ledger.summary()
-    assert total["vectors"] == 3 * 8 and total["frames"] == 3 * 8 * 4  # 8 of 32 rows a step, ternary: 4 frames
+    assert total["vectors"] == 3 * 8 and total["frames"] == 3 * 8 * 4  # 8 of 32 rows a step, 4 frames each
     assert total["electronic_time_s"] == pytest.approx(ledger._reference_s_per_vector * 3 * 32)
 
 
@@ -74,3 +75,9 @@ def test_step_cost_for_a_hand_computed_case():
         "electronic_time_s": 0.01,
         "electronic_energy_j": pytest.approx(1.0),
     }
+
+
+def test_ledger_cost_model_and_emulator_share_one_default_encoding():
+    opu, ledger = OPU(16, 32), OpticalLedger(verbose=False)
+    assert (opu.encoding, opu.bits) == (ledger.encoding, ledger.bits) == (DEFAULT_ENCODING, DEFAULT_BITS)
+    assert optical_cost(5, 16, 32).frames_per_vector == opu.frames_per_vector() == frames_per_vector()

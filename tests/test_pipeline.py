@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.pipeline_ranks import CONFIGS, PROJECTORS, SETTINGS, exactness_worker, reference, spawn
+from pipeline_ranks import CONFIGS, PROJECTORS, SETTINGS, exactness_worker, reference, spawn
 
 STEPS = 3
 

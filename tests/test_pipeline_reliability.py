@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-from lightning_dfa.feedback import FeedbackEngine
-from lightning_dfa.pipeline.checkpoint import load_named_optimizer_state, unsplit_state_dict
-from tests.pipeline_ranks import (
+from pipeline_ranks import (
     SETTINGS,
     batches,
     checkpoint_worker,
@@ -21,6 +17,10 @@ from tests.pipeline_ranks import (
     spawn,
     uneven_worker,
 )
+from torch import nn
+
+from lightning_dfa.feedback import FeedbackEngine
+from lightning_dfa.pipeline.checkpoint import load_named_optimizer_state, unsplit_state_dict
 
 pytestmark = pytest.mark.slow
 STAGES = 2

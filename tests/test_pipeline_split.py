@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pipeline_ranks import Float64Gaussian, mlp
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lightning_dfa.feedback import DFAConfig
 from lightning_dfa.pipeline import StageProjection, split_model
 from lightning_dfa.projectors import build_projector
-from tests.pipeline_ranks import Float64Gaussian, mlp
 
 
 def chained(model: nn.Module, stages: int, *inputs, **split):

@@ -38,6 +38,7 @@ from lightning_dfa.projectors.cost import (
     electronic_cost,
     optical_cost,
 )
+from lightning_dfa.projectors.encoding import DEFAULT_BITS, DEFAULT_ENCODING
 from lightning_dfa.projectors.opu import OPU
 
 #: What a step's projector calls add up to before the step's ledger entry is written.
@@ -49,7 +50,7 @@ class OpticalLedger(Callback):
     """Optical versus electronic cost of the feedback projection, per step and in total (module doc).
 
     Args:
-        encoding, bits: input encoding assumed for an electronic projector's optical cost.
+        encoding, bits: input encoding assumed for an electronic projector's optical cost (the OPU's default).
         frame_time, optical_power_w: OPU frame time (s) and power (W) assumed for an electronic projector.
         electronic_power_w: power of the training device, watts (default: :func:`default_power_w`).
         verbose: print the summary table at the end of ``fit``.
@@ -57,8 +58,8 @@ class OpticalLedger(Callback):
 
     def __init__(
         self,
-        encoding: str | None = "ternary",
-        bits: int = 4,
+        encoding: str | None = DEFAULT_ENCODING,
+        bits: int = DEFAULT_BITS,
         frame_time: float = FRAME_TIME,
         optical_power_w: float = OPU_POWER_W,
         electronic_power_w: float | None = None,

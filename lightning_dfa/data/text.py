@@ -1,7 +1,7 @@
 """Text for next-token prediction: bundled pydoc corpus, local files and folders, or HF ``datasets``.
 
 Documents are split into train / validation (seeded), tokenized, each followed by end-of-text, and cut into
-blocks of ``block_size + 1`` tokens. docs/recipes-language.md lists the sources.
+blocks of ``block_size + 1`` tokens.
 
 Example::
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dfa import _compat
-from lightning_dfa.feedback.points import embedding_points
+from lightning_dfa.feedback.points import embedding_points, module_order, within
 
 #: Where a parameter's gradient comes from, strongest first: a parameter shared by several modules takes the first.
 SOURCES = ("true", "feedback", "before", "between")
@@ -68,7 +68,7 @@ def parameter_coverage(
     stands in for execution order (as for the automatic error point) unless ``ran`` gives the modules in the order a
     forward pass called them (the points among them); a parameter owned by a module that holds points (a ViT's class
     token on the model itself) counts as used before the first point."""
-    registered = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    registered = module_order(model)
     called = {name: i for i, name in reversed(list(enumerate(ran or [])))}  # each module's first call
     if not all(point in called for point in points):
         called = {}
@@ -99,11 +99,11 @@ def parameter_coverage(
 def _source(
     module: str, order: dict[str, int], points: Sequence[str], true_blocks: Sequence[str], first: int, last: int
 ) -> str:
-    if _within(module, points):
+    if within(module, points):
         return "feedback"
-    if _within(module, true_blocks) or order[module] > last:
+    if within(module, true_blocks) or order[module] > last:
         return "true"
-    if order[module] < first or any(_within(point, [module]) for point in points):
+    if order[module] < first or any(within(point, [module]) for point in points):
         return "before"
     return "between"
 
@@ -138,7 +138,7 @@ def untrained_message(model: nn.Module, coverage: Coverage) -> str:
         if names:
             places.append(f"{where}: {_listed(_grouped(names, coverage))}")
     fixes = [f"make them feedback points (blocks={_suggested_blocks(model, coverage)!r})"]
-    embeddings = [e for e in embedding_points(model) if any(_within(coverage.owner[n], [e]) for n in untrained)]
+    embeddings = [e for e in embedding_points(model) if any(within(coverage.owner[n], [e]) for n in untrained)]
     if embeddings:
         fixes.append(f"make the embeddings {embeddings} points (embeddings=True)")
     if any(coverage.source[n] == "before" for n in untrained):
@@ -162,7 +162,7 @@ def _grouped(names: Sequence[str], coverage: Coverage) -> dict[str, list[str]]:
         owner = coverage.owner[name]
         parts = owner.split(".") if owner else []
         prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-        free = [p for p in prefixes if not any(_within(t, [p]) for t in taken)]
+        free = [p for p in prefixes if not any(within(t, [p]) for t in taken)]
         groups.setdefault(free[0] if free else owner, []).append(name)
     return groups
 
@@ -177,9 +177,9 @@ def _listed(groups: dict[str, list[str]], most: int = 3) -> str:
 
 def _suggested_blocks(model: nn.Module, coverage: Coverage) -> list[str]:
     """The blocks with the modules that hold untrained parameters (:func:`_grouped`; those holding blocks excepted)."""
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    order = module_order(model)
     groups = _grouped(coverage.untrained(), coverage)
-    extra = [m for m in groups if m and not any(_within(b, [m]) for b in coverage.blocks)]
+    extra = [m for m in groups if m and not any(within(b, [m]) for b in coverage.blocks)]
     return sorted({*coverage.blocks, *extra}, key=order.__getitem__)
 
 
@@ -243,7 +243,7 @@ class _CallOrder:
         inside = [*coverage.blocks, coverage.output]
         owners = {coverage.owner[name] for name in coverage.source}
         for name, module in model.named_modules():
-            if name in coverage.blocks or name in owners and not _within(name, inside):
+            if name in coverage.blocks or name in owners and not within(name, inside):
                 self.handles.append(module.register_forward_pre_hook(_OrderHook(self.called(name))))
         output = model.get_submodule(coverage.output)
         self.handles.append(output.register_forward_hook(_OrderHook(self.finish)))
@@ -307,7 +307,3 @@ def check_call_order(model: nn.Module, coverage: Coverage | None, strict: bool =
 def _enclosing(points: Sequence[str]) -> list[str]:
     """The modules that hold the points: one level up from them."""
     return sorted({point.rpartition(".")[0] for point in points if "." in point}) or list(points)
-
-
-def _within(name: str, outers: Sequence[str]) -> bool:
-    return any(name == outer or name.startswith(outer + ".") for outer in outers)

@@ -70,6 +70,11 @@ def inside(path: str, point: str) -> bool:
     return path == point or path.startswith(point + ".")
 
 
+def within(path: str, outers: Sequence[str]) -> bool:
+    """Whether module ``path`` is one of ``outers`` or inside one."""
+    return any(inside(path, outer) for outer in outers)
+
+
 def point_parameters(model: nn.Module, points: Sequence[str]) -> tuple[dict[Tensor, str], dict[Tensor, str]]:
     """The parameters of the feedback points alone, and all the others, each with the module that owns it. A
     parameter shared with a module outside the points (a head tied to the token embedding) is one of the others."""
@@ -198,7 +203,7 @@ def repeated_blocks(model: nn.Module) -> list[str]:
     _, parent, found = best[True] if best[True][2] else best[False]  # the latter: the engine asks for the output
     if not found:
         return []
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    order = module_order(model)
     for paths in (paths for other in groups_by_parent if _parallel(parent, other) for paths in groups_by_parent[other]):
         joined = sorted({*found, *paths}, key=order.__getitem__)
         if module_after_blocks(model, joined) is not None or not best[True][2]:  # a stack inside the head stays out
@@ -221,14 +226,14 @@ def between_blocks(model: nn.Module, blocks: Sequence[str]) -> list[str]:
     ``encoder.final_layer_norm``); embeddings excepted. Under DFA they would get no gradient."""
     if not blocks:
         return []
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    order = module_order(model)
     first, last = min(order[b] for b in blocks), max(order[b] for b in blocks)
     embeddings = set(embedding_points(model))
     found: list[str] = []
     for name, module in model.named_modules():
         if not first < order[name] < last or name in embeddings or not _trainable_size([module]):
             continue
-        if _within(name, [*blocks, *found]) or any(_within(block, [name]) for block in blocks):
+        if within(name, [*blocks, *found]) or any(within(block, [name]) for block in blocks):
             continue
         found.append(name)
     return found
@@ -236,7 +241,7 @@ def between_blocks(model: nn.Module, blocks: Sequence[str]) -> list[str]:
 
 def with_layers_between(model: nn.Module, blocks: Sequence[str]) -> list[str]:
     """``blocks`` with :func:`between_blocks` inserted, each after the block registered last before it."""
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    order = module_order(model)
     keys = {block: (i, 0, 0) for i, block in enumerate(blocks)}
     for layer in between_blocks(model, blocks):
         before = max((b for b in blocks if order[b] < order[layer]), key=order.__getitem__)
@@ -248,12 +253,12 @@ def module_after_blocks(model: nn.Module, blocks: Sequence[str]) -> str | None:
     """The error point of any model: the last module with trainable parameters of its own registered after every
     block, outside them (a ResNet's ``fc``); the engine raises if it does not run after them.
     """
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    order = module_order(model)
     last_block = max(order[block] for block in blocks)
     found = None
     for name, module in model.named_modules():
-        inside = any(name.startswith(block + ".") for block in blocks)
-        if order[name] > last_block and not inside and any(p.requires_grad for p in module.parameters(recurse=False)):
+        in_block = any(name != block and inside(name, block) for block in blocks)
+        if order[name] > last_block and not in_block and any(p.requires_grad for p in module.parameters(recurse=False)):
             found = name
     return found
 
@@ -264,13 +269,8 @@ def _no_forward(module: nn.Module) -> bool:
     return type(module).forward is nn.Module.forward
 
 
-def _within(name: str, outers: Sequence[str]) -> bool:
-    """Whether module ``name`` is one of ``outers`` or inside one."""
-    return any(name == outer or name.startswith(outer + ".") for outer in outers)
-
-
 def _outermost(paths: list[str]) -> list[str]:
-    return [path for path in paths if not any(path.startswith(other + ".") for other in paths)]
+    return [path for path in paths if not any(path != other and inside(path, other) for other in paths)]
 
 
 def _trainable_size(modules: list[nn.Module]) -> int:
@@ -293,8 +293,7 @@ def candidate_containers(model: nn.Module, limit: int = 12) -> list[str]:
     """Outermost ModuleList / Sequential paths: where stacks of blocks usually live (for error messages)."""
     found: list[str] = []
     for name, module in model.named_modules():
-        inside = any(name.startswith(outer + ".") for outer in found)
-        if name and isinstance(module, (nn.ModuleList, nn.Sequential)) and not inside:
+        if name and isinstance(module, (nn.ModuleList, nn.Sequential)) and not within(name, found):
             found.append(name)
     return found[:limit]
 
@@ -328,7 +327,7 @@ def _no_match_message(pattern: str, names: list[str], model: nn.Module, role: st
 def _check_not_nested(paths: list[str]) -> None:
     for outer in paths:
         for inner in paths:
-            if inner.startswith(outer + "."):
+            if inner != outer and inside(inner, outer):
                 raise ValueError(
                     f"Feedback points {outer!r} and {inner!r} are nested; select blocks that do not contain each other."
                 )

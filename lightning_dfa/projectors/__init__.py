@@ -1,4 +1,4 @@
-"""Feedback projectors: modules mapping output errors ``(N, d_e)`` to feedback ``(N, sum d_i)`` (docs/emulator.md)."""
+"""Feedback projectors: modules mapping output errors ``(N, d_e)`` to feedback ``(N, sum d_i)``."""
 
 from lightning_dfa.projectors.base import Projector
 from lightning_dfa.projectors.camera import Camera

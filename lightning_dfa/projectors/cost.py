@@ -1,9 +1,9 @@
 """What a projection costs: frames, time and energy on an OPU, and time and energy on the current device.
 
-Optical model (docs/emulator.md): every binary input frame is displayed twice, alone and with the anchor
-(``x`` and ``x + r``), and each display is one camera frame of ``frame_time`` seconds whatever its
-size. A vector therefore takes ``2 * binary_frames(encoding)`` frames (4 for ternary input), times
-the number of device passes when the sizes exceed the device (input and output tiles). The anchor's
+Optical model: every binary input frame is displayed twice, alone and with the anchor (``x`` and ``x + r``),
+and each display is one camera frame of ``frame_time`` seconds whatever its size. A vector therefore takes
+``2 * binary_frames(encoding)`` frames (4 for the default encoding, one bit plane per sign, as for ternary),
+times the number of device passes when the sizes exceed the device (input and output tiles). The anchor's
 own intensity is measured once per device pass and per run (``anchor_frames``). Time is frames times
 frame time on one device; energy is that time times the device's power (30 W by default).
 
@@ -14,7 +14,7 @@ board's or package's power under a matmul load: 700 W for an H100/H200 SXM GPU, 
 
 Example::
 
-    >>> cost = optical_cost(2048, 4096, 49152, encoding="ternary")
+    >>> cost = optical_cost(2048, 4096, 49152)
     >>> cost.frames, cost.time_s, cost.energy_j
     (8192, 4.096, 122.88)
 """
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lightning_dfa.projectors.encoding import binary_frames
+from lightning_dfa.projectors.encoding import DEFAULT_BITS, DEFAULT_ENCODING, binary_frames
 
 #: Device limits of an OPU (LightOn Aurora-class): DMD pixels, camera pixels, seconds per frame, watts.
 MAX_INPUT = 1140 * 912
@@ -84,7 +84,7 @@ def device_tiles(
     return -(-in_features // free), -(-out_features // max_output)
 
 
-def frames_per_vector(encoding: str | None = "ternary", bits: int = 4) -> int:
+def frames_per_vector(encoding: str | None = DEFAULT_ENCODING, bits: int = DEFAULT_BITS) -> int:
     """Camera frames per error vector on one device pass: each binary frame alone and with the anchor."""
     return 2 * binary_frames(encoding, bits)
 
@@ -94,8 +94,8 @@ def optical_cost(
     in_features: int,
     out_features: int,
     *,
-    encoding: str | None = "ternary",
-    bits: int = 4,
+    encoding: str | None = DEFAULT_ENCODING,
+    bits: int = DEFAULT_BITS,
     anchor_pixels: int = 0,
     anchor_frames: bool = False,
     frame_time: float = FRAME_TIME,

@@ -33,6 +33,10 @@ import torch
 from torch import Tensor
 
 ENCODINGS = ("ternary", "bitplanes", None)
+#: The OPU's input encoding, read by the emulator, the cost model and the ledger alike: one dithered bit plane
+#: per sign (unbiased; 2 binary frames per vector, as ternary).
+DEFAULT_ENCODING = "bitplanes"
+DEFAULT_BITS = 1
 THRESHOLD_REFERENCES = ("row", "absolute")
 
 
@@ -53,13 +57,15 @@ class Frames:
         return error
 
 
-def binary_frames(encoding: str | None, bits: int = 4) -> int:
+def binary_frames(encoding: str | None = DEFAULT_ENCODING, bits: int = DEFAULT_BITS) -> int:
     """Binary frames per error vector: 2 for ternary, ``2 * bits`` for bit planes, 1 for the analog reference."""
     check_encoding(encoding, bits)
     return {"ternary": 2, "bitplanes": 2 * bits, None: 1}[encoding]
 
 
-def check_encoding(encoding: str | None, bits: int = 4, threshold: float = 0.5, threshold_of: str = "row") -> None:
+def check_encoding(
+    encoding: str | None, bits: int = DEFAULT_BITS, threshold: float = 0.5, threshold_of: str = "row"
+) -> None:
     """Raise a clear error for an unknown encoding, a bad number of bit planes or a bad threshold."""
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}.")
@@ -77,7 +83,7 @@ def encode(
     *,
     threshold: float = 0.5,
     threshold_of: str = "row",
-    bits: int = 4,
+    bits: int = DEFAULT_BITS,
     dither: torch.Generator | None = None,
     rows: int = 64,
 ) -> Frames:

@@ -1,6 +1,6 @@
 """The optical processing unit (OPU) emulator: binary frames, a complex random medium, a camera, retrieval.
 
-Stages, each switchable (docs/emulator.md has the physics and its measured errors):
+Stages, each switchable:
 
 1. **Encoding** (:mod:`.encoding`): the real error becomes binary DMD frames: one dithered bit plane per
    sign by default (2 frames; unbiased: the expected projection is the exact one), more bit planes, or
@@ -54,7 +54,14 @@ from lightning_dfa.projectors.base import Projector, check_saved_state
 from lightning_dfa.projectors.camera import Camera
 from lightning_dfa.projectors.checks import check_error
 from lightning_dfa.projectors.cost import FRAME_TIME, MAX_INPUT, MAX_OUTPUT, OPU_POWER_W, device_tiles, optical_cost
-from lightning_dfa.projectors.encoding import Frames, check_encoding, encode, encoding_error
+from lightning_dfa.projectors.encoding import (
+    DEFAULT_BITS,
+    DEFAULT_ENCODING,
+    Frames,
+    check_encoding,
+    encode,
+    encoding_error,
+)
 from lightning_dfa.projectors.seeded import round_tile
 from lightning_dfa.projectors.tiles import DEFAULT_GENERATOR, GENERATORS, gaussian_region, gaussian_rows, mix_seed
 
@@ -93,10 +100,10 @@ class OPU(Projector):
         out_features: int,
         *,
         seed: int = 0,
-        encoding: str | None = "bitplanes",
+        encoding: str | None = DEFAULT_ENCODING,
         threshold: float = 0.5,
         threshold_of: str = "row",
-        bits: int = 1,
+        bits: int = DEFAULT_BITS,
         dither: bool | None = None,
         sample_rows: float = 1.0,
         blank_frames: int = 64,

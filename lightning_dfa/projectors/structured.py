@@ -1,7 +1,8 @@
 """Structured feedback: random signs, fast Walsh-Hadamard mixing and Gaussian diagonals (Fastfood-like).
 
 Output block ``b`` is ``y_b = s H G_b P_b H D x`` on errors padded to a power of two: ``O(N (d_e + d_fb) log d_e)``
-time, ``O(d_e + d_fb)`` memory; entries are ``N(0, 1/d_e)`` but not independent (docs/emulator.md).
+time, ``O(d_e + d_fb)`` memory; entries are ``N(0, 1/d_e)`` but not independent (pairs of entries
+share the signs and diagonals).
 
 Example::
 

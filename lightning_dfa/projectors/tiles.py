@@ -2,8 +2,7 @@
 
 Entry ``(2p or 2p + 1, c)`` of stream ``s`` is Box-Muller on a SplitMix64 hash of ``(seed, s, p, c)`` in torch
 integer operations: it never depends on the rectangle, tile, process or device (the float32 transcendentals may
-differ in the last bit between CPU and GPU). docs/emulator.md gives the details; ``"cpu"`` and ``"device"`` are
-the legacy ``torch.randn`` block generators.
+differ in the last bit between CPU and GPU). ``"cpu"`` and ``"device"`` are the legacy ``torch.randn`` block generators.
 
 Example::
 
