@@ -47,6 +47,15 @@ def capture_grad(module, store, key):
     module.register_forward_hook(hook)
 
 
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind():
+    """A one-device DDP run in this process leaves its default process group initialised (Lightning does not
+    destroy it); ranks forked later would inherit it. Destroy it after the test that made it."""
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @pytest.fixture
 def mlp():
     torch.manual_seed(0)

@@ -12,6 +12,8 @@ import lightning.pytorch as pl
 import torch
 import torch.multiprocessing as mp
 
+from lightning_dfa.callbacks.common import find_dfa
+
 
 class StepLog(pl.Callback):
     """Appends ``step loss`` (exact hex) after every step; saves the weights (and feedback state) at the end."""
@@ -25,7 +27,7 @@ class StepLog(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         torch.save(pl_module.state_dict(), self.folder / "weights.pt")
-        torch.save(trainer.strategy.dfa.state_dict(), self.folder / "feedback.pt")
+        torch.save(find_dfa(trainer).state_dict(), self.folder / "feedback.pt")
 
 
 class KillAt(pl.Callback):

@@ -62,20 +62,33 @@ def test_a_saved_tokenizer_folder_loads_and_a_missing_one_is_a_clear_error(tmp_p
 
 
 def test_splits_are_by_document_disjoint_and_deterministic():
-    dm = TextDataModule(source="pydoc", val_fraction=0.1, split_seed=0)
-    train, val = dm.documents["train"], dm.documents["val"]
-    assert len(val) == 8 and len(train) == 71
-    assert not set(train) & set(val)
-    assert sorted(train + val) == sorted(load_documents("pydoc"))
+    dm = TextDataModule(source="pydoc", val_fraction=0.1, test_fraction=0.1, split_seed=0)
+    train, val, test = dm.documents["train"], dm.documents["val"], dm.documents["test"]
+    assert (len(train), len(val), len(test)) == (63, 8, 8)
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+    assert sorted(train + val + test) == sorted(load_documents("pydoc"))
     assert TextDataModule(source="pydoc").documents == dm.documents
     assert TextDataModule(source="pydoc", split_seed=1).documents["val"] != val
+
+
+def test_validation_documents_do_not_depend_on_the_test_fraction():
+    held_out = {f: TextDataModule(source="pydoc", test_fraction=f).documents for f in (0.05, 0.2)}
+    assert held_out[0.05]["val"] == held_out[0.2]["val"]
+    assert len(held_out[0.05]["test"]) == 4 and len(held_out[0.2]["test"]) == 16
+
+
+def test_the_test_loader_reads_test_documents_not_validation_ones(folder):
+    dm = TextDataModule(source=str(folder), bpe_vocab_size=300, block_size=16, batch_size=4, val_fraction=0.25)
+    dm.setup()
+    assert not torch.equal(dm.splits["test"], dm.splits["val"])
+    assert torch.equal(next(iter(dm.test_dataloader())), dm.splits["test"][:4])
 
 
 def test_a_folder_gives_one_document_per_file_and_blocks_of_block_size_plus_one(folder):
     dm = TextDataModule(source=str(folder), bpe_vocab_size=300, block_size=16, batch_size=4, val_fraction=0.25)
     dm.setup()
-    assert sorted(dm.documents["train"] + dm.documents["val"]) == sorted(DOCS)
-    assert len(dm.documents["val"]) == 3
+    assert sorted(dm.documents["train"] + dm.documents["val"] + dm.documents["test"]) == sorted(DOCS)
+    assert (len(dm.documents["val"]), len(dm.documents["test"])) == (3, 1)
     batch = next(iter(dm.train_dataloader()))
     assert batch.shape == (4, 17) and batch.dtype == torch.long
     assert int(batch.max()) < dm.vocab_size
@@ -120,13 +133,16 @@ def test_an_unknown_or_uncached_hf_dataset_is_a_clear_error():
 
 
 def test_too_few_documents_and_bad_fractions_are_clear_errors():
-    with pytest.raises(ValueError, match="at least 2 documents"):
-        split_documents(1, 0.1, 0)
-    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match="at least 3 documents"):
+        split_documents(2, 0.1, 0.1, 0)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\) with a sum below 1, got 1.0 and 0.1"):
         TextDataModule(val_fraction=1.0)
+    with pytest.raises(ValueError, match=r"sum below 1, got 0.5 and 0.5"):
+        TextDataModule(val_fraction=0.5, test_fraction=0.5)
 
 
 def test_the_unigram_reference_is_a_finite_perplexity_above_one(folder):
     dm = TextDataModule(source=str(folder), bpe_vocab_size=300, block_size=16, val_fraction=0.25)
-    ppl = dm.reference_metrics()["unigram val ppl"]
-    assert math.isfinite(ppl) and 1 < ppl < dm.vocab_size
+    references = dm.reference_metrics()
+    assert set(references) == {"unigram val ppl", "unigram test ppl"}
+    assert all(math.isfinite(ppl) and 1 < ppl < dm.vocab_size for ppl in references.values())

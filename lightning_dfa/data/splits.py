@@ -54,9 +54,6 @@ class SplitDataModule(pl.LightningDataModule):
     """A data module whose ``setup`` fills ``self.splits`` (``"train"``, ``"val"``, ``"test"``) and whose hparams
     hold ``batch_size`` and ``num_workers``: :func:`train_loader` for training, plain loaders for the others."""
 
-    #: The split the test loader reads; text modules test on their held-out validation documents.
-    test_split = "test"
-
     def __init__(self) -> None:
         super().__init__()
         self.splits: dict[str, Dataset] = {}
@@ -77,7 +74,7 @@ class SplitDataModule(pl.LightningDataModule):
         return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_split)
+        return self._loader("test")
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:

@@ -1,7 +1,7 @@
 """Text for next-token prediction: bundled pydoc corpus, local files and folders, or HF ``datasets``.
 
-Documents are split into train / validation (seeded), tokenized, each followed by end-of-text, and cut into
-blocks of ``block_size + 1`` tokens.
+Documents are split into train / validation / test (seeded, by document), tokenized, each followed by end-of-text,
+and cut into blocks of ``block_size + 1`` tokens.
 
 Example::
 
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from lightning_dfa.data.splits import SplitDataModule
+from lightning_dfa.data.splits import SplitDataModule, check_fractions
 from lightning_dfa.data.tokenizer import bpe_tokenizer, load_tokenizer
 
 #: HF ``datasets`` loader for each local file type.
@@ -30,10 +30,8 @@ class TextDataModule(SplitDataModule):
 
     ``source``: ``"pydoc"``, a ``.txt`` file or folder, a ``.jsonl``/``.json``/``.csv``/``.parquet`` table
     (``text_field``), or ``"hf:<name>"``. ``tokenizer``: a local folder; None trains a BPE of ``bpe_vocab_size``.
-    The test split is the validation split.
+    ``val_fraction`` and ``test_fraction`` of the documents are held out, each unseen by training and by the other.
     """
-
-    test_split = "val"  # text is tested on its held-out documents
 
     def __init__(
         self,
@@ -43,14 +41,14 @@ class TextDataModule(SplitDataModule):
         block_size: int = 128,
         batch_size: int = 16,
         val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
         split_seed: int = 0,
         num_workers: int = 0,
         dataset_config: str | None = None,
         text_field: str = "text",
     ) -> None:
         super().__init__()
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+        check_fractions(val_fraction, test_fraction)
         if block_size < 1 or batch_size < 1:
             raise ValueError(f"block_size and batch_size must be positive, got {block_size} and {batch_size}.")
         self.save_hyperparameters()
@@ -60,12 +58,12 @@ class TextDataModule(SplitDataModule):
     # -- documents and tokenizer (built on first use, so a model can ask for the vocabulary early) --
     @property
     def documents(self) -> dict[str, list[str]]:
-        """``{"train": [...], "val": [...]}``: the source's documents, split by document."""
+        """``{"train": [...], "val": [...], "test": [...]}``: the source's documents, split by document."""
         if self._documents is None:
             hp = self.hparams
             docs = load_documents(hp.source, hp.dataset_config, hp.text_field)
-            train, val = split_documents(len(docs), hp.val_fraction, hp.split_seed)
-            self._documents = {"train": [docs[i] for i in train], "val": [docs[i] for i in val]}
+            splits = split_documents(len(docs), hp.val_fraction, hp.test_fraction, hp.split_seed)
+            self._documents = {split: [docs[i] for i in index] for split, index in splits.items()}
         return self._documents
 
     @property
@@ -93,15 +91,16 @@ class TextDataModule(SplitDataModule):
 
     # -- baselines -----------------------------------------------------------------------------------
     def reference_metrics(self) -> dict[str, float]:
-        """``{"unigram val ppl": p}``: the perplexity, on the validation blocks' targets, of add-one smoothed
-        training token frequencies. A model whose ``val/ppl`` is not below it learned nothing beyond them."""
+        """``{"unigram val ppl": p, "unigram test ppl": q}``: the perplexity, on each held-out split's block
+        targets, of add-one smoothed training token frequencies. A model whose ``val/ppl`` is not below it learned
+        nothing beyond them."""
         if not self.splits:
             self.setup()
         train = token_stream(self.tokenizer, self.documents["train"])
         counts = torch.bincount(train, minlength=self.vocab_size).double() + 1.0
         log_p = counts.log() - math.log(float(counts.sum()))
-        targets = self.splits["val"][:, 1:].reshape(-1)
-        return {"unigram val ppl": math.exp(-float(log_p[targets].mean()))}
+        targets = {split: self.splits[split][:, 1:].reshape(-1) for split in ("val", "test")}
+        return {f"unigram {split} ppl": math.exp(-float(log_p[t].mean())) for split, t in targets.items()}
 
 
 def load_documents(source: str, dataset_config: str | None = None, text_field: str = "text") -> list[str]:
@@ -120,16 +119,20 @@ def load_documents(source: str, dataset_config: str | None = None, text_field: s
     return docs
 
 
-def split_documents(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Train and validation document indices (sorted, disjoint): ``round(val_fraction * n)`` go to validation."""
-    if n < 2:
+def split_documents(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
+    """``{"train", "val", "test"}`` document indices (sorted, disjoint): at least one document each, about
+    ``val_fraction * n`` for validation and ``test_fraction * n`` for test. A seeded permutation puts validation
+    first, so the validation documents do not depend on ``test_fraction``."""
+    if n < 3:
         raise ValueError(
-            f"Splitting by document needs at least 2 documents, the source has {n}. Give a folder of files, a "
-            ".txt file with blank-line separated paragraphs, or a table with one document per row."
+            f"Splitting by document needs at least 3 documents (train, val, test), the source has {n}. Give a "
+            "folder of files, a .txt file with blank-line separated paragraphs, or a table with one document per row."
         )
-    n_val = min(n - 1, max(1, round(val_fraction * n)))
+    n_val = min(n - 2, max(1, round(val_fraction * n)))
+    n_test = min(n - 1 - n_val, max(1, round(test_fraction * n)))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[n_val:]), sorted(order[:n_val])
+    held_out = n_val + n_test
+    return {"train": sorted(order[held_out:]), "val": sorted(order[:n_val]), "test": sorted(order[n_val:held_out])}
 
 
 def token_stream(tokenizer: PreTrainedTokenizerBase, documents: list[str]) -> Tensor:
@@ -146,7 +149,7 @@ def cut_blocks(stream: Tensor, block_size: int, split: str = "train") -> Tensor:
     if len(stream) < block_size + 1:
         raise ValueError(
             f"The {split} split has {len(stream)} tokens, fewer than block_size + 1 = {block_size + 1}: lower "
-            "block_size, raise val_fraction, or use a larger corpus."
+            "block_size, use a larger corpus, or move documents to this split (val_fraction, test_fraction)."
         )
     return stream.unfold(0, block_size + 1, block_size).contiguous()
 

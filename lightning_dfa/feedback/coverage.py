@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dfa import _compat
+from lightning_dfa.feedback.hooks import EngineHook
 from lightning_dfa.feedback.points import embedding_points, module_order, within
 
 #: Where a parameter's gradient comes from, strongest first: a parameter shared by several modules takes the first.
@@ -244,9 +245,9 @@ class _CallOrder:
         owners = {coverage.owner[name] for name in coverage.source}
         for name, module in model.named_modules():
             if name in coverage.blocks or name in owners and not within(name, inside):
-                self.handles.append(module.register_forward_pre_hook(_OrderHook(self.called(name))))
+                self.handles.append(module.register_forward_pre_hook(EngineHook(self.called(name))))
         output = model.get_submodule(coverage.output)
-        self.handles.append(output.register_forward_hook(_OrderHook(self.finish)))
+        self.handles.append(output.register_forward_hook(EngineHook(self.finish)))
 
     def called(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -277,23 +278,6 @@ class _CallOrder:
         if self.strict:
             raise RuntimeError(message + " (strict=True)")
         warnings.warn(message, CoverageWarning, stacklevel=2)
-
-
-class _OrderHook:
-    """A hook of one :class:`_CallOrder`; a deep copy of the model (an EMA copy) gets a no-op instead."""
-
-    def __init__(self, function) -> None:
-        self.function = function
-
-    def __call__(self, *args):
-        return self.function(*args)
-
-    def __deepcopy__(self, memo: dict):
-        return _no_op
-
-
-def _no_op(*args) -> None:
-    return None
 
 
 def check_call_order(model: nn.Module, coverage: Coverage | None, strict: bool = False) -> list[RemovableHandle]:

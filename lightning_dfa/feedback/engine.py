@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dfa import _compat
 from lightning_dfa.feedback.config import DFAConfig
 from lightning_dfa.feedback.coverage import Coverage, check_call_order, check_coverage, watch_stray_gradients
 from lightning_dfa.feedback.guard import RoutingGuard, in_backward
+from lightning_dfa.feedback.hooks import EngineHook, attached_engine
 from lightning_dfa.feedback.outputs import cut_inputs, cut_side_inputs, first_tensor, replace_first, swap_copies, trains
 from lightning_dfa.feedback.points import point_parameters, select
 from lightning_dfa.feedback.projection import FeedbackRouter, Observer, Projection
@@ -120,13 +120,13 @@ class FeedbackEngine:
         for name in self.points:
             # "first_block": the first block's input keeps its gradient, so the embeddings learn from its feedback
             cut = cut_side_inputs if self._feeds_embeddings(name) else cut_inputs
-            self._hook(modules[name].register_forward_pre_hook(_Hook(cut, self), with_kwargs=True))
-            self._hook(modules[name].register_forward_hook(_Hook(self._recorder(name))))
+            self._hook(modules[name].register_forward_pre_hook(EngineHook(cut, self), with_kwargs=True))
+            self._hook(modules[name].register_forward_hook(EngineHook(self._recorder(name), self)))
         for name in self.backprop_points:  # their hidden state flows, side inputs from DFA blocks do not
-            self._hook(modules[name].register_forward_pre_hook(_Hook(cut_side_inputs, self), with_kwargs=True))
-        self._hook(modules[self.output].register_forward_hook(_Hook(self._route)))
+            self._hook(modules[name].register_forward_pre_hook(EngineHook(cut_side_inputs, self), with_kwargs=True))
+        self._hook(modules[self.output].register_forward_hook(EngineHook(self._route, self)))
         # Called even when the forward raises (an out-of-memory retry): the records of that pass are stale.
-        self._hook(self.model.register_forward_hook(_Hook(self._after_forward), always_call=True))
+        self._hook(self.model.register_forward_hook(EngineHook(self._after_forward, self), always_call=True))
         self._handles += watch_stray_gradients(self.coverage)
         self._handles += check_call_order(self.model, self.coverage, self.config.strict)
         own, others = point_parameters(self.model, self.points)
@@ -296,31 +296,3 @@ class FeedbackEngine:
             f"{type(self).__name__}(blocks={c.blocks!r}, output={self.output!r}, projector={c.projector!r}, "
             f"seed={c.seed}, mode={c.mode!r})"
         )
-
-
-class _Hook:
-    """A hook of one engine. A deep copy of the model (an EMA or SWA copy) gets a no-op instead: the copy is
-    not attached, and must not write into this engine's records."""
-
-    def __init__(self, function: Callable[..., Any], engine: FeedbackEngine | None = None) -> None:
-        self.function = function
-        self.engine = engine if engine is not None else getattr(function, "__self__", None)
-
-    def __call__(self, *args: Any) -> Any:
-        return self.function(*args)
-
-    def __deepcopy__(self, memo: dict) -> Callable[..., None]:
-        return _no_op
-
-
-def _no_op(*args: Any) -> None:
-    return None
-
-
-def attached_engine(model: nn.Module) -> FeedbackEngine | None:
-    """The engine whose hooks are on ``model``, if any."""
-    for module in model.modules():
-        for hook in _compat.forward_hooks(module):
-            if isinstance(hook, _Hook) and isinstance(hook.engine, FeedbackEngine):
-                return hook.engine
-    return None

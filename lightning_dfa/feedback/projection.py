@@ -137,31 +137,13 @@ class Projection:
         """Seed, layout and projector state: enough to prove a resumed run uses the same projection."""
         if self.projector is None:
             return dict(self._saved) if self._saved else {"seed": self.config.seed}
-        return {
-            "seed": self.config.seed,
-            "error_features": self.projector.in_features,
-            "layout": {name: (s.start, s.stop) for name, s in self.layout.items()},
-            "projector": self.projector.state_dict(),
-            "lr_scale": self.config.lr_scale,
-        }
+        return feedback_state(self.config, self.projector.in_features, self.layout, self.projector.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the feedback state; before the first step it is checked and loaded when the projector is built."""
-        if state.get("seed", self.config.seed) != self.config.seed:
-            raise ValueError(
-                f"The checkpoint's feedback seed is {state['seed']}, this DFA's is {self.config.seed}: resume with "
-                f"seed={state['seed']} so the run keeps its projection."
-            )
+        check_saved_settings(state, self.config)
         if "layout" not in state:
             return
-        saved_scale, scale = state.get("lr_scale", self.config.lr_scale), self.config.lr_scale
-        if saved_scale != scale:
-            warnings.warn(
-                f"The checkpoint was trained with lr_scale={saved_scale}, this run uses lr_scale={scale}: the "
-                f"feedback points' learning rate changes from here on (set lr_scale={saved_scale} to resume the "
-                "same trajectory).",
-                stacklevel=3,
-            )
         if self.projector is None:
             self._saved = dict(state)
             return
@@ -170,12 +152,42 @@ class Projection:
         self.projector.load_state_dict(state["projector"])
 
 
+def feedback_state(
+    config: DFAConfig, error_features: int, layout: dict[str, slice], projector_state: dict[str, Any]
+) -> dict[str, Any]:
+    """The feedback state a checkpoint keeps (the pipeline's stages save the same, loadable into one process)."""
+    return {
+        "seed": config.seed,
+        "error_features": error_features,
+        "layout": {name: (s.start, s.stop) for name, s in layout.items()},
+        "projector": projector_state,
+        "lr_scale": config.lr_scale,
+    }
+
+
+def check_saved_settings(state: dict[str, Any], config: DFAConfig) -> None:
+    """Refuse another feedback seed (another projection); warn when ``lr_scale`` changed (another trajectory)."""
+    if state.get("seed", config.seed) != config.seed:
+        raise ValueError(
+            f"The checkpoint's feedback seed is {state['seed']}, this DFA's is {config.seed}: resume with "
+            f"seed={state['seed']} so the run keeps its projection."
+        )
+    saved_scale, scale = state.get("lr_scale", config.lr_scale), config.lr_scale
+    if saved_scale != scale:
+        warnings.warn(
+            f"The checkpoint was trained with lr_scale={saved_scale}, this run uses lr_scale={scale}: the "
+            f"feedback points' learning rate changes from here on (set lr_scale={saved_scale} to resume the "
+            "same trajectory).",
+            stacklevel=4,
+        )
+
+
 def check_saved_layout(state: dict[str, Any], layout: dict[str, slice], error_features: int) -> None:
     saved = {name: tuple(span) for name, span in state["layout"].items()}
     current = {name: (s.start, s.stop) for name, s in layout.items()}
     if saved != current or state["error_features"] != error_features:
         raise ValueError(
-            "The checkpoint's feedback layout does not match this model: saved "
+            "The checkpoint's feedback layout does not match this model (or pipeline): saved "
             f"{saved} with error size {state['error_features']}, now {current} with error size {error_features}. "
-            "Resume with the same model and feedback points."
+            "Resume with the same model, feedback points and pipeline stages' blocks."
         )

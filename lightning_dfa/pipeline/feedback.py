@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_dfa.feedback.config import DFAConfig
+from lightning_dfa.feedback.projection import check_saved_layout, check_saved_settings, feedback_state
 from lightning_dfa.feedback.rows import PointShape, error_row_dims
 from lightning_dfa.feedback.update_scale import ScaledUpdates, auto_lr_scale
 from lightning_dfa.pipeline.projection import StageProjection
@@ -50,7 +50,7 @@ class StageFeedback:
             layout[name] = slice(start, start + features)
             start += features
         if self._saved is not None:
-            _check_saved(self._saved, layout, error_features)
+            check_saved_layout(self._saved, layout, error_features)
         full = build_projector(self.config.projector, error_features, start, self.config.seed)
         columns = slice(layout[self.points[0]].start, layout[self.points[-1]].stop) if self.points else slice(0, 0)
         self.projection = StageProjection(full, columns).to(device)
@@ -103,36 +103,9 @@ class StageFeedback:
         """What the one-process engine saves (seed, layout, projector, lr_scale): loadable into the unsplit engine."""
         if self.projection is None:
             return dict(self._saved) if self._saved else {"seed": self.config.seed}
-        return {
-            "seed": self.config.seed,
-            "error_features": self.error_features,
-            "layout": {name: (s.start, s.stop) for name, s in self.layout.items()},
-            "projector": self.projector_state,
-            "lr_scale": self.config.lr_scale,
-        }
+        return feedback_state(self.config, self.error_features, self.layout, self.projector_state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("seed", self.config.seed) != self.config.seed:
-            raise ValueError(
-                f"The checkpoint's feedback seed is {state['seed']}, this pipeline's is {self.config.seed}: resume "
-                f"with seed={state['seed']} so the run keeps its projection."
-            )
-        if state.get("lr_scale", self.config.lr_scale) != self.config.lr_scale:
-            warnings.warn(
-                f"The checkpoint was trained with lr_scale={state['lr_scale']}, this run uses "
-                f"lr_scale={self.config.lr_scale}: the trajectory changes from here on.",
-                stacklevel=2,
-            )
+        check_saved_settings(state, self.config)
         if "layout" in state:
             self._saved = dict(state)  # checked against the layout agreed at the next first error
-
-
-def _check_saved(state: dict[str, Any], layout: dict[str, slice], error_features: int) -> None:
-    saved = {name: tuple(span) for name, span in state["layout"].items()}
-    current = {name: (s.start, s.stop) for name, s in layout.items()}
-    if saved != current or state["error_features"] != error_features:
-        raise ValueError(
-            f"The checkpoint's feedback layout does not match this pipeline: saved {saved} with error size "
-            f"{state['error_features']}, now {current} with error size {error_features}. Resume with the same model, "
-            "points and stages' blocks."
-        )
