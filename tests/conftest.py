@@ -48,12 +48,16 @@ def capture_grad(module, store, key):
 
 
 @pytest.fixture(autouse=True)
-def no_process_group_left_behind():
-    """A one-device DDP run in this process leaves its default process group initialised (Lightning does not
-    destroy it); ranks forked later would inherit it. Destroy it after the test that made it."""
+def no_distributed_state_left_behind():
+    """A DDP run in this process leaves its default process group initialised and its rendezvous variables
+    (MASTER_PORT, LOCAL_RANK, ...) in the environment, which ranks started by a later test would inherit:
+    destroy the group and restore the environment after each test."""
+    environment = dict(os.environ)
     yield
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 @pytest.fixture
