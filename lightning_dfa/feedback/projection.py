@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -70,13 +70,7 @@ class Projection:
             error_features = math.prod(error_point.shape[rows:])
         if self.projector is None:
             self._build(shapes, error_features, error_point.device)
-        for name, shape in shapes.items():
-            have = self.layout[name].stop - self.layout[name].start
-            if shape.features != have:
-                raise ValueError(
-                    f"Feedback point {name!r} now needs {shape.features} features per row, but the layout gave it "
-                    f"{have} (output shape {tuple(shape.shape)}). Keep feature sizes fixed between steps."
-                )
+        check_layout_features(shapes, self.layout)
         if error_features != self.projector.in_features:
             raise ValueError(
                 f"The error at {self.output!r} has {error_features} features per row, the projector takes "
@@ -87,10 +81,7 @@ class Projection:
         return shapes
 
     def _build(self, shapes: dict[str, PointShape], error_features: int, device: torch.device) -> None:
-        layout, start = {}, 0
-        for name, shape in shapes.items():
-            layout[name] = slice(start, start + shape.features)
-            start += shape.features
+        layout, start = layout_of((name, shape.features) for name, shape in shapes.items())
         if self._saved is not None:
             check_saved_layout(self._saved, layout, error_features)
         projector = build_projector(self.config.projector, error_features, start, self.config.seed)
@@ -150,6 +141,26 @@ class Projection:
         check_saved_layout(state, self.layout, self.projector.in_features)
         check_projector_sizes(self.projector, state["error_features"], self.projector.out_features)
         self.projector.load_state_dict(state["projector"])
+
+
+def layout_of(features: Iterable[tuple[str, int]]) -> tuple[dict[str, slice], int]:
+    """Consecutive column slices of ``projector(e)`` for ``(point, features)`` in order, and the total width."""
+    layout, start = {}, 0
+    for name, width in features:
+        layout[name] = slice(start, start + width)
+        start += width
+    return layout, start
+
+
+def check_layout_features(shapes: dict[str, PointShape], layout: dict[str, slice]) -> None:
+    """Refuse a point whose features per row changed since the layout was built."""
+    for name, shape in shapes.items():
+        have = layout[name].stop - layout[name].start
+        if shape.features != have:
+            raise ValueError(
+                f"Feedback point {name!r} now needs {shape.features} features per row, but the layout gave it "
+                f"{have} (output shape {tuple(shape.shape)}). Keep feature sizes fixed between steps."
+            )
 
 
 def feedback_state(

@@ -10,7 +10,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_dfa.feedback.config import DFAConfig
-from lightning_dfa.feedback.projection import check_saved_layout, check_saved_settings, feedback_state
+from lightning_dfa.feedback.projection import (
+    check_layout_features,
+    check_saved_layout,
+    check_saved_settings,
+    feedback_state,
+    layout_of,
+)
 from lightning_dfa.feedback.rows import PointShape, error_row_dims
 from lightning_dfa.feedback.update_scale import ScaledUpdates, auto_lr_scale
 from lightning_dfa.pipeline.projection import StageProjection
@@ -45,10 +51,7 @@ class StageFeedback:
         mine = [(name, shapes[name].features) for name in self.points]
         gathered: list[Any] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(gathered, mine, group=self.group)
-        layout, start = {}, 0
-        for name, features in (item for stage in gathered for item in stage):
-            layout[name] = slice(start, start + features)
-            start += features
+        layout, start = layout_of(item for stage in gathered for item in stage)
         if self._saved is not None:
             check_saved_layout(self._saved, layout, error_features)
         full = build_projector(self.config.projector, error_features, start, self.config.seed)
@@ -71,13 +74,7 @@ class StageFeedback:
         shapes = self.shapes(records, error.shape)
         if self.projection is None:
             raise RuntimeError("StageFeedback.apply before build: the layout is agreed at the first error.")
-        for name, shape in shapes.items():
-            have = self.layout[name].stop - self.layout[name].start
-            if shape.features != have:
-                raise ValueError(
-                    f"Feedback point {name!r} now needs {shape.features} features per row, the layout gave it {have} "
-                    f"(output shape {tuple(shape.shape)}). Keep feature sizes fixed between steps."
-                )
+        check_layout_features(shapes, self.layout)
         records = [(name, hidden) for name, hidden in records if hidden.requires_grad]  # a frozen block: no backward
         if not records:
             return
