@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dfa import _compat
 from lightning_dfa.feedback.hooks import EngineHook
-from lightning_dfa.feedback.points import embedding_points, module_order, within
+from lightning_dfa.feedback.points import embedding_points, inside, module_order, within
 
 #: Where a parameter's gradient comes from, strongest first: a parameter shared by several modules takes the first.
 SOURCES = ("true", "feedback", "before", "between")
@@ -104,7 +104,7 @@ def _source(
         return "feedback"
     if within(module, true_blocks) or order[module] > last:
         return "true"
-    if order[module] < first or any(within(point, [module]) for point in points):
+    if order[module] < first or any(inside(point, module) for point in points):
         return "before"
     return "between"
 
@@ -139,7 +139,7 @@ def untrained_message(model: nn.Module, coverage: Coverage) -> str:
         if names:
             places.append(f"{where}: {_listed(_grouped(names, coverage))}")
     fixes = [f"make them feedback points (blocks={_suggested_blocks(model, coverage)!r})"]
-    embeddings = [e for e in embedding_points(model) if any(within(coverage.owner[n], [e]) for n in untrained)]
+    embeddings = [e for e in embedding_points(model) if any(inside(coverage.owner[n], e) for n in untrained)]
     if embeddings:
         fixes.append(f"make the embeddings {embeddings} points (embeddings=True)")
     if any(coverage.source[n] == "before" for n in untrained):
@@ -163,7 +163,7 @@ def _grouped(names: Sequence[str], coverage: Coverage) -> dict[str, list[str]]:
         owner = coverage.owner[name]
         parts = owner.split(".") if owner else []
         prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-        free = [p for p in prefixes if not any(within(t, [p]) for t in taken)]
+        free = [p for p in prefixes if not any(inside(t, p) for t in taken)]
         groups.setdefault(free[0] if free else owner, []).append(name)
     return groups
 
@@ -180,7 +180,7 @@ def _suggested_blocks(model: nn.Module, coverage: Coverage) -> list[str]:
     """The blocks with the modules that hold untrained parameters (:func:`_grouped`; those holding blocks excepted)."""
     order = module_order(model)
     groups = _grouped(coverage.untrained(), coverage)
-    extra = [m for m in groups if m and not any(within(b, [m]) for b in coverage.blocks)]
+    extra = [m for m in groups if m and not any(inside(b, m) for b in coverage.blocks)]
     return sorted({*coverage.blocks, *extra}, key=order.__getitem__)
 
 
@@ -241,10 +241,10 @@ class _CallOrder:
         self.model, self.coverage, self.strict = model, coverage, strict
         self.ran: list[str] = []
         self.handles: list[RemovableHandle] = []
-        inside = [*coverage.blocks, coverage.output]
+        routed = [*coverage.blocks, coverage.output]
         owners = {coverage.owner[name] for name in coverage.source}
         for name, module in model.named_modules():
-            if name in coverage.blocks or name in owners and not within(name, inside):
+            if name in coverage.blocks or name in owners and not within(name, routed):
                 self.handles.append(module.register_forward_pre_hook(EngineHook(self.called(name))))
         output = model.get_submodule(coverage.output)
         self.handles.append(output.register_forward_hook(EngineHook(self.finish)))

@@ -67,7 +67,12 @@ def select(
 
 def inside(path: str, point: str) -> bool:
     """Whether module ``path`` is ``point`` or one of its submodules."""
-    return path == point or path.startswith(point + ".")
+    return path == point or below(path, point)
+
+
+def below(path: str, outer: str) -> bool:
+    """Whether module ``path`` is a submodule of ``outer`` (not ``outer`` itself)."""
+    return path.startswith(outer + ".")
 
 
 def within(path: str, outers: Sequence[str]) -> bool:
@@ -82,7 +87,7 @@ def point_parameters(model: nn.Module, points: Sequence[str]) -> tuple[dict[Tens
     others: dict[Tensor, str] = {}
     for path, param in model.named_parameters(remove_duplicate=False):
         owner = path.rpartition(".")[0]
-        (own if any(inside(owner, p) for p in points) else others).setdefault(param, owner)
+        (own if within(owner, points) else others).setdefault(param, owner)
     return {param: owner for param, owner in own.items() if param not in others}, others
 
 
@@ -233,7 +238,7 @@ def between_blocks(model: nn.Module, blocks: Sequence[str]) -> list[str]:
     for name, module in model.named_modules():
         if not first < order[name] < last or name in embeddings or not _trainable_size([module]):
             continue
-        if within(name, [*blocks, *found]) or any(within(block, [name]) for block in blocks):
+        if within(name, [*blocks, *found]) or any(inside(block, name) for block in blocks):
             continue
         found.append(name)
     return found
@@ -257,7 +262,7 @@ def module_after_blocks(model: nn.Module, blocks: Sequence[str]) -> str | None:
     last_block = max(order[block] for block in blocks)
     found = None
     for name, module in model.named_modules():
-        in_block = any(name != block and inside(name, block) for block in blocks)
+        in_block = any(below(name, block) for block in blocks)
         if order[name] > last_block and not in_block and any(p.requires_grad for p in module.parameters(recurse=False)):
             found = name
     return found
@@ -270,7 +275,7 @@ def _no_forward(module: nn.Module) -> bool:
 
 
 def _outermost(paths: list[str]) -> list[str]:
-    return [path for path in paths if not any(path != other and inside(path, other) for other in paths)]
+    return [path for path in paths if not any(below(path, other) for other in paths)]
 
 
 def _trainable_size(modules: list[nn.Module]) -> int:
@@ -327,7 +332,7 @@ def _no_match_message(pattern: str, names: list[str], model: nn.Module, role: st
 def _check_not_nested(paths: list[str]) -> None:
     for outer in paths:
         for inner in paths:
-            if inner != outer and inside(inner, outer):
+            if below(inner, outer):
                 raise ValueError(
                     f"Feedback points {outer!r} and {inner!r} are nested; select blocks that do not contain each other."
                 )
