@@ -35,6 +35,16 @@ CELLS = {
         "bit_depth": None,
     },
     "exposure=0.8": {"exposure": 0.8},
+    "black_level=1/32": {"black_level": 1 / 32},
+    "adc_dither": {"adc_dither": True},
+    "black_level=1/32, adc_dither": {"black_level": 1 / 32, "adc_dither": True},
+    "exposure=0.1, black_level=1/32, adc_dither": {"exposure": 0.1, "black_level": 1 / 32, "adc_dither": True},
+    "exposure=0.1, black_level=1/32, adc_dither, blank_frames=16384": {
+        "exposure": 0.1,
+        "black_level": 1 / 32,
+        "adc_dither": True,
+        "blank_frames": 16384,
+    },
 }
 
 
