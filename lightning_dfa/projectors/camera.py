@@ -47,6 +47,13 @@ class Camera:
     exposure: float = 0.125
     shot_noise: bool = True
     read_noise: float = 5.0
+    #: Black level: a pedestal of this fraction of full scale added before the ADC and subtracted after, so that
+    #: negative noise on dark pixels is not clipped at 0 (a sensor's black-level/offset register).
+    black_level: float = 0.0
+    #: Subtractive ADC dither: a known uniform pedestal of one count, drawn per frame row, added before rounding and
+    #: subtracted after, so that rounding errors are independent of the signal (the black-level register set to a
+    #: known random value for each frame).
+    adc_dither: bool = False
 
     def __post_init__(self) -> None:
         bits = self.bit_depth
@@ -56,6 +63,8 @@ class Camera:
             )
         if not self.full_well > 0 or not 0 < self.exposure <= 1:
             raise ValueError(f"Need full_well > 0 and 0 < exposure <= 1, got {self.full_well}, {self.exposure}.")
+        if not 0 <= self.black_level < 1:
+            raise ValueError(f"black_level must be a fraction of full scale in [0, 1), got {self.black_level}.")
         if self.read_noise < 0:
             raise ValueError(f"read_noise must be non-negative electrons, got {self.read_noise}.")
 
@@ -108,8 +117,18 @@ class Camera:
             else:
                 counts.add_(noise.normal_(0.0, self.read_noise / unit, generator=generator))
         full = self.full_well / unit
+        pedestal = self.black_level * full
+        dither = None
+        if self.adc_dither and self.bit_depth is not None:
+            shape = (*counts.shape[:-1], 1) if counts.dim() > 1 else (1,)
+            dither = torch.rand(shape, generator=generator, dtype=counts.dtype, device=counts.device)
+            pedestal = dither.add_(pedestal)
+        if self.black_level or dither is not None:
+            counts.add_(pedestal)
         saturated = int(torch.count_nonzero(counts >= full))
         counts.clamp_(0.0, full)
         if self.bit_depth is not None:
             counts.round_()
+        if self.black_level or dither is not None:
+            counts.sub_(pedestal)
         return saturated

@@ -85,7 +85,8 @@ class OPU(Projector):
     (ternary), ``bits`` (bit planes per sign) and ``dither`` (stochastic rounding); ``sample_rows`` (share of the
     error vectors sent); ``camera`` (False: ideal detector), ``bit_depth`` (8; None: no quantisation; 0 is an
     error), ``full_well`` electrons, ``exposure`` (mean signal / full well), ``shot_noise``, ``read_noise``
-    (electrons rms); ``blank_frames`` (the offset's calibration); ``anchor_pixels`` (``"auto"``: chosen at the
+    (electrons rms), ``black_level`` (pedestal, fraction of full scale) and ``adc_dither`` (subtractive dither of
+    the ADC); ``blank_frames`` (the offset's calibration); ``anchor_pixels`` (``"auto"``: chosen at the
     first call, :meth:`calibrate`); device limits
     ``max_input``, ``max_output``, ``frame_time``, ``power_w`` and ``allow_tiling``; ``tile`` (memory of the matrix
     generation) and ``generator`` as in :class:`SeededGaussian`.
@@ -106,13 +107,15 @@ class OPU(Projector):
         bits: int = DEFAULT_BITS,
         dither: bool | None = None,
         sample_rows: float = 1.0,
-        blank_frames: int = 64,
+        blank_frames: int = 4096,
         camera: bool = True,
         bit_depth: int | None = 8,
         full_well: float = 10_000.0,
-        exposure: float = 0.2,
+        exposure: float = 0.1,
         shot_noise: bool = True,
         read_noise: float = 5.0,
+        black_level: float = 0.0,
+        adc_dither: bool = True,
         anchor_pixels: int | str = "auto",
         max_input: int = MAX_INPUT,
         max_output: int = MAX_OUTPUT,
@@ -134,7 +137,7 @@ class OPU(Projector):
         self._offset: Tensor | None = None  # the blank frames' mean retrieval, measured at first use
         if self.dither and encoding != "bitplanes":
             raise ValueError(f"dither=True applies to encoding='bitplanes' (stochastic rounding), got {encoding!r}.")
-        self.camera = Camera(camera, bit_depth, full_well, exposure, shot_noise, read_noise)
+        self.camera = Camera(camera, bit_depth, full_well, exposure, shot_noise, read_noise, black_level, adc_dither)
         if anchor_pixels != "auto" and (isinstance(anchor_pixels, (bool, str)) or not int(anchor_pixels) >= 1):
             raise ValueError(f"anchor_pixels must be 'auto' or an integer of at least 1, got {anchor_pixels!r}.")
         self.anchor_setting = anchor_pixels
@@ -174,6 +177,8 @@ class OPU(Projector):
             "exposure": cam.exposure,
             "shot_noise": cam.shot_noise,
             "read_noise": cam.read_noise,
+            "black_level": cam.black_level,
+            "adc_dither": cam.adc_dither,
             "anchor_pixels": self.anchor_setting,
             "blank_frames": self.blank_frames,
             "max_input": self.max_input,
