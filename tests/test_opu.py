@@ -156,6 +156,31 @@ def test_camera_clips_quantises_and_counts():
     assert reading.saturated == 2 and reading.pixels == 6
 
 
+def test_subtractive_adc_dither_makes_rounding_unbiased():
+    quiet = {"bit_depth": 8, "full_well": 255.0, "shot_noise": False, "read_noise": 0.0}  # one electron per count
+    signal = torch.full((4000, 1), 0.3)  # a third of a count, on 4000 frames
+    generator = torch.Generator().manual_seed(0)
+    dithered = Camera(**quiet).read(signal, gain=1.0, generator=generator).intensity
+    plain = Camera(**quiet, adc_dither=False).read(signal, gain=1.0).intensity
+    assert float(plain.mean()) == 0.0  # always rounded down: the same error on every frame
+    assert float(dithered.mean()) == pytest.approx(0.3, abs=0.02)  # sd of the mean: 0.29 / sqrt(4000)
+
+
+def test_black_level_keeps_the_negative_noise_of_dark_pixels():
+    settings = {"bit_depth": None, "full_well": 1e4, "shot_noise": False, "read_noise": 10.0}
+    dark = torch.zeros(20000)
+    clipped = Camera(**settings).read(dark, gain=1.0, generator=torch.Generator().manual_seed(0)).intensity
+    kept = Camera(**settings, black_level=0.01).read(dark, gain=1.0, generator=torch.Generator().manual_seed(0))
+    assert float(clipped.mean()) == pytest.approx(10.0 / (2 * torch.pi) ** 0.5, rel=0.05)  # half-normal mean
+    assert float(kept.intensity.mean()) == pytest.approx(0.0, abs=0.3)
+
+
+@pytest.mark.parametrize("level", [-0.1, 1.0])
+def test_black_level_must_be_a_fraction_of_full_scale(level):
+    with pytest.raises(ValueError, match="black_level must be a fraction of full scale"):
+        Camera(black_level=level)
+
+
 def test_camera_noise_has_the_stated_variance():
     cam = Camera(bit_depth=None, full_well=1e9, shot_noise=True, read_noise=10.0)
     electrons = torch.full((200_000,), 400.0, dtype=torch.float64)
