@@ -156,6 +156,15 @@ def test_camera_clips_quantises_and_counts():
     assert reading.saturated == 2 and reading.pixels == 6
 
 
+def test_the_first_calls_frames_include_the_one_off_calibration():
+    opu = OPU(D_E, D_FB, seed=0, blank_frames=8)
+    opu(torch.randn(3, D_E))
+    assert opu.stats["calibration_frames"] == 64 + 2 * 8  # the anchor's reading, the blank frames (x, x + r)
+    assert opu.stats["frames"] == 3 * opu.frames_per_vector()  # the OpticalLedger prices both
+    opu(torch.randn(3, D_E))
+    assert opu.stats["calibration_frames"] == 0 and opu.stats["frames"] == 3 * opu.frames_per_vector()
+
+
 def test_subtractive_adc_dither_makes_rounding_unbiased():
     quiet = {"bit_depth": 8, "full_well": 255.0, "shot_noise": False, "read_noise": 0.0}  # one electron per count
     signal = torch.full((4000, 1), 0.3)  # a third of a count, on 4000 frames

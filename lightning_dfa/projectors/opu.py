@@ -99,7 +99,8 @@ class OPU(Projector):
     ``max_input``, ``max_output``, ``frame_time``, ``power_w`` and ``allow_tiling``; ``tile`` (memory of the matrix
     generation) and ``generator`` as in :class:`SeededGaussian`.
 
-    After each call :attr:`stats` holds ``rows``, ``vectors`` (rows sent), ``frames``, ``encoding_error``,
+    After each call :attr:`stats` holds ``rows``, ``vectors`` (rows sent), ``frames`` (the vectors' camera frames),
+    ``calibration_frames`` (one-off: the anchor reading and the blank frames, in the first call), ``encoding_error``,
     ``saturated``, ``saturated_fraction``, ``dark_pixels`` and ``nonfinite_rows``; :attr:`totals` accumulates counts.
     """
 
@@ -168,6 +169,7 @@ class OPU(Projector):
         self.calls = 0
         self.stats: dict[str, Any] = {}
         self.totals = {"frames": 0, "vectors": 0, "saturated": 0, "pixels": 0, "nonfinite_rows": 0}
+        self._calibration_frames = 0  # one-off frames (anchor reading, blank frames) taken since the last call's stats
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
         self._anchor: dict[str, Tensor] | None = None  # the anchor field, computed on first use
         self._anchor_reading: dict[str, Any] | None = None  # its intensity as the camera read it
@@ -368,7 +370,7 @@ class OPU(Projector):
                 power = min(MAX_FRAME_POWER, (self._mean_lit + self.anchor_pixels) / self.anchor_pixels)
             frames = intensity.expand(self.anchor_frames, -1).contiguous()
             reading = self.camera.read(frames, self.gain * power, generator)
-            self.totals["frames"] += self.anchor_frames * self.tiles[0] * self.tiles[1]
+            self._calibration_frames += self.anchor_frames * self.tiles[0] * self.tiles[1]
             mean = reading.intensity.mean(0).float()
             self._anchor_reading = {"intensity": mean, "saturated": reading.saturated}
         if self._anchor_reading["intensity"].device != device:
@@ -500,7 +502,7 @@ class OPU(Projector):
                     powers = None if powers[0] is None else [p.to(like.dtype)[:, None] for p in powers]
                     y, _ = self._retrieve(field, anchor, (c0, c1), generator, [alone], powers)
                     self._offset[c0:c1] = y.mean(0)
-                self.totals["frames"] += 2 * self.blank_frames * self.tiles[0] * self.tiles[1]
+                self._calibration_frames += 2 * self.blank_frames * self.tiles[0] * self.tiles[1]
         return self._offset.to(like)
 
     def _anchor_counts(self, device: torch.device, work: torch.dtype) -> dict[str, Any]:
@@ -607,11 +609,14 @@ class OPU(Projector):
         stats.update(
             rows=error.shape[0],
             frames=stats["vectors"] * self.frames_per_vector(),
+            calibration_frames=self._calibration_frames,
             nonfinite_rows=0 if bad_rows is None else int(bad_rows.sum()),
             tiles=self.tiles,
         )
         for key in self.totals:
             self.totals[key] += stats[key]
+        self.totals["frames"] += self._calibration_frames
+        self._calibration_frames = 0
         if stats["saturated_fraction"] > SATURATION_WARNING:
             warnings.warn(
                 f"OPU camera: {stats['saturated_fraction']:.1%} of the pixels saturated in this call "
