@@ -354,6 +354,11 @@ class OPU(Projector):
         target = self._mean_lit + self.anchor_pixels
         return (target / lit.clamp_min(1.0)).clamp_(1.0 / MAX_FRAME_POWER, MAX_FRAME_POWER)
 
+    def _reading_powers(self, flat: Tensor, dtype: torch.dtype) -> list[Tensor] | None:
+        """:meth:`frame_powers` of the readings without and with the anchor, as ``(rows, 1)`` columns; or None."""
+        powers = [self.frame_powers(flat, anchored) for anchored in (False, True)]
+        return None if powers[0] is None else [p.to(dtype)[:, None] for p in powers]
+
     def anchor_reading(self, device: torch.device) -> dict[str, Any]:
         """``|R r|^2`` as the camera reads it: the mean of ``anchor_frames`` frames (per device pass), after
         :meth:`calibrate`; with ``frame_power`` at the power that brings the anchor alone to the exposure.
@@ -469,8 +474,6 @@ class OPU(Projector):
         ]
         saturated = read = 0
         lit = self._lit_pixels(flat)
-        powers = [self.frame_powers(flat, anchored) for anchored in (False, True)]
-        powers = None if powers[0] is None else [p.to(out.dtype)[:, None] for p in powers]
         chunk = self.max_input - self.anchor_bound  # input pixels per device pass
         for c0 in range(0, self.out_features, self.tile):
             c1 = min(c0 + self.tile, self.out_features)
@@ -479,6 +482,7 @@ class OPU(Projector):
             for i0 in range(0, self.in_features, chunk):
                 i1 = min(i0 + chunk, self.in_features)
                 self._field(flat, (i0, i1), (c0, c1), anchor["scale"], field, lit)
+                powers = self._reading_powers(flat[:, i0:i1], out.dtype)  # what this device pass shows
                 y, sat = self._retrieve(field, anchor, (c0, c1), generator, views, powers)
                 y -= anchor["offset"][c0:c1]
                 for weight, part in zip(frames.weights, y.view(count, vectors, c1 - c0)):
@@ -498,8 +502,7 @@ class OPU(Projector):
                     field = torch.zeros(self.blank_frames, 2 * (c1 - c0), dtype=like.dtype, device=like.device)
                     alone = torch.empty(self.blank_frames, c1 - c0, dtype=like.dtype, device=like.device)
                     blank = torch.zeros(1, self.in_features, dtype=torch.bool, device=like.device)
-                    powers = [self.frame_powers(blank, anchored) for anchored in (False, True)]
-                    powers = None if powers[0] is None else [p.to(like.dtype)[:, None] for p in powers]
+                    powers = self._reading_powers(blank, like.dtype)
                     y, _ = self._retrieve(field, anchor, (c0, c1), generator, [alone], powers)
                     self._offset[c0:c1] = y.mean(0)
                 self._calibration_frames += 2 * self.blank_frames * self.tiles[0] * self.tiles[1]
