@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from lightning_dfa.projectors import opu as opu_module
 from lightning_dfa.projectors.opu import OPU
 
 CALLS = 3
@@ -152,7 +153,15 @@ def main() -> None:
         torch.save(results, args.record)
         print(f"recorded {len(results)} configurations x {CALLS} calls to {args.record}")
         return
-    problems = compare(torch.load(args.check), results)
+    recorded, problems = torch.load(args.check), []
+    default = getattr(opu_module, "GROUP_MEMORY", None)
+    # The outputs may not depend on how many passes share a sweep of the medium: every pass streamed (0), the
+    # default, and every call's passes in one group (a huge budget).
+    for memory in (default,) if default is None else (default, 0.0, 1e9):
+        if memory is not None:
+            opu_module.GROUP_MEMORY = memory
+            results = outputs()
+        problems += [f"GROUP_MEMORY={memory}: {line}" for line in compare(recorded, results)]
     print("\n".join(problems) if problems else f"bit-identical: {len(CONFIGS)} configurations x {CALLS} calls")
     raise SystemExit(1 if problems else 0)
 
