@@ -11,6 +11,11 @@ Stages, each switchable:
 2. **Medium**: a complex Gaussian transmission matrix ``R = A + iB`` (``A``, ``B`` i.i.d.
    ``N(0, 1/d_e)``) over the ``d_e`` input pixels and ``anchor_pixels`` extra anchor pixels, computed
    by the counter-based generator like :class:`SeededGaussian`: never stored, regenerated tile by tile.
+   The field ``R x`` of the frames: frames that light few pixels of the whole input (a pass of sparse errors)
+   generate and multiply only the medium's rows at those pixels; otherwise the passes of a group (up to
+   :data:`GROUP_MEMORY` x the Gaussian matrix's memory of frames and fields) share each generated tile of the
+   medium, and frames that light at most two pixels (the negative part of a softmax minus one-hot) add its rows
+   instead of a matmul, bit for bit the same sum. The outputs do not depend on the grouping.
 3. **Detection**: intensities ``|R x|^2`` and ``|R (x + r)|^2`` for every frame ``x``.
 4. **Camera** (:mod:`.camera`): auto exposure (once), shot and read noise, saturation
    (counted in ``stats["saturated"]``, warned above 1 %), ``bit_depth``-bit quantisation.
