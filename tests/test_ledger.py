@@ -43,7 +43,8 @@ def test_ledger_uses_the_emulators_own_frames_and_a_timed_electronic_reference(t
     ledger = OpticalLedger(verbose=False)
     fit(tmp_path, {"class_path": "opu", "init_args": {"encoding": "bitplanes", "bits": 2}}, ledger, batches=3)
     total = ledger.summary()
-    assert total["frames"] == 3 * 32 * 2 * 2 * 2
+    calibration = 64 + 2 * 4096  # the first step's anchor reading and blank frames (x, x + r)
+    assert total["frames"] == 3 * 32 * 2 * 2 * 2 + calibration
     assert total["optical_energy_j"] == pytest.approx(total["frames"] * 0.5e-3 * 30)
     assert ledger._reference_s_per_vector > 0
     assert total["electronic_time_s"] == pytest.approx(ledger._reference_s_per_vector * 96)
@@ -53,7 +54,8 @@ def test_ledger_prices_only_the_vectors_an_opu_sends_and_the_electronic_side_for
     ledger = OpticalLedger(verbose=False)
     fit(tmp_path, {"class_path": "opu", "init_args": {"sample_rows": 0.25}}, ledger, batches=3)
     total = ledger.summary()
-    assert total["vectors"] == 3 * 8 and total["frames"] == 3 * 8 * 4  # 8 of 32 rows a step, 4 frames each
+    assert total["vectors"] == 3 * 8  # 8 of 32 rows a step, 4 frames each, and the one-off calibration
+    assert total["frames"] == 3 * 8 * 4 + 64 + 2 * 4096
     assert total["electronic_time_s"] == pytest.approx(ledger._reference_s_per_vector * 3 * 32)
 
 

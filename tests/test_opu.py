@@ -150,10 +150,44 @@ def test_saturation_is_counted_and_warned_not_silent(errors):
 
 
 def test_camera_clips_quantises_and_counts():
-    cam = Camera(bit_depth=2, full_well=3.0, exposure=0.5, shot_noise=False, read_noise=0.0)
+    cam = Camera(bit_depth=2, full_well=3.0, exposure=0.5, shot_noise=False, read_noise=0.0, adc_dither=False)
     reading = cam.read(torch.tensor([0.0, 0.4, 1.6, 2.9, 3.0, 7.0]), gain=1.0)
     assert torch.equal(reading.intensity, torch.tensor([0.0, 0.0, 2.0, 3.0, 3.0, 3.0]))
     assert reading.saturated == 2 and reading.pixels == 6
+
+
+def test_the_first_calls_frames_include_the_one_off_calibration():
+    opu = OPU(D_E, D_FB, seed=0, blank_frames=8)
+    opu(torch.randn(3, D_E))
+    assert opu.stats["calibration_frames"] == 64 + 2 * 8  # the anchor's reading, the blank frames (x, x + r)
+    assert opu.stats["frames"] == 3 * opu.frames_per_vector()  # the OpticalLedger prices both
+    opu(torch.randn(3, D_E))
+    assert opu.stats["calibration_frames"] == 0 and opu.stats["frames"] == 3 * opu.frames_per_vector()
+
+
+def test_subtractive_adc_dither_makes_rounding_unbiased():
+    quiet = {"bit_depth": 8, "full_well": 255.0, "shot_noise": False, "read_noise": 0.0}  # one electron per count
+    signal = torch.full((4000, 1), 0.3)  # a third of a count, on 4000 frames
+    generator = torch.Generator().manual_seed(0)
+    dithered = Camera(**quiet).read(signal, gain=1.0, generator=generator).intensity
+    plain = Camera(**quiet, adc_dither=False).read(signal, gain=1.0).intensity
+    assert float(plain.mean()) == 0.0  # always rounded down: the same error on every frame
+    assert float(dithered.mean()) == pytest.approx(0.3, abs=0.02)  # sd of the mean: 0.29 / sqrt(4000)
+
+
+def test_black_level_keeps_the_negative_noise_of_dark_pixels():
+    settings = {"bit_depth": None, "full_well": 1e4, "shot_noise": False, "read_noise": 10.0}
+    dark = torch.zeros(20000)
+    clipped = Camera(**settings).read(dark, gain=1.0, generator=torch.Generator().manual_seed(0)).intensity
+    kept = Camera(**settings, black_level=0.01).read(dark, gain=1.0, generator=torch.Generator().manual_seed(0))
+    assert float(clipped.mean()) == pytest.approx(10.0 / (2 * torch.pi) ** 0.5, rel=0.05)  # half-normal mean
+    assert float(kept.intensity.mean()) == pytest.approx(0.0, abs=0.3)
+
+
+@pytest.mark.parametrize("level", [-0.1, 1.0])
+def test_black_level_must_be_a_fraction_of_full_scale(level):
+    with pytest.raises(ValueError, match="black_level must be a fraction of full scale"):
+        Camera(black_level=level)
 
 
 def test_camera_noise_has_the_stated_variance():
@@ -169,12 +203,12 @@ def test_bit_depth_zero_is_an_error():
         OPU(D_E, D_FB, bit_depth=0)
 
 
-def test_frames_are_counted_per_vector_and_the_anchor_once(errors):
+def test_frames_are_counted_per_vector_and_the_anchor_reading_once(errors):
     ternary = OPU(D_E, D_FB, seed=0, camera=False)
     ternary(errors)
     ternary(errors[:5])
     assert ternary.stats["frames"] == 5 * 4  # (p, n) x (alone, with anchor)
-    assert ternary.totals["frames"] == 1 + 37 * 4  # plus the anchor's one frame
+    assert ternary.totals["frames"] == 64 + 37 * 4  # plus the anchor's reading, averaged over anchor_frames=64
     planes = OPU(D_E, D_FB, seed=0, camera=False, encoding="bitplanes", bits=3)
     planes(errors)
     assert planes.stats["frames"] == 32 * 2 * 6
@@ -255,15 +289,24 @@ def test_sample_rows_outside_0_1_is_an_error(share):
         OPU(D_E, D_FB, sample_rows=share)
 
 
-def test_auto_anchor_lights_twice_the_mean_lit_pixels_of_the_first_call():
-    e = torch.zeros(8, 400)
-    e[:, :5], e[:, 5:10] = 1.0, -1.0  # ternary: 5 lit pixels in each of the 2 frames
-    opu = OPU(400, 32, seed=0)
+def test_auto_anchor_weighs_each_frames_lit_pixels_by_its_squared_weight():
+    e = torch.zeros(8, 1000)
+    e[:, :400], e[:, 500] = 0.05, -1.0  # bit planes: a 400-pixel frame of weight 0.05, a 1-pixel frame of weight -1
+    opu = OPU(1000, 32, seed=0)
     with pytest.raises(RuntimeError, match="call it once before"):
         opu.ideal_matrix()
     opu(e)
-    assert opu.anchor_pixels == 10 and opu.settings()["anchor_pixels"] == "auto"
-    opu(torch.randn(8, 400))  # chosen once, like the exposure
+    # sqrt(sum w^2 L^2 / sum w^2) = sqrt((0.05^2 400^2 + 1) / (0.05^2 + 1)) = sqrt(401 / 1.0025) = 20
+    assert opu.anchor_pixels == 20 and opu.settings()["anchor_pixels"] == "auto"
+    opu(torch.randn(8, 1000))  # chosen once, like the exposure
+    assert opu.anchor_pixels == 20
+
+
+def test_auto_anchor_without_frame_power_lights_twice_the_mean_lit_pixels():
+    e = torch.zeros(8, 400)
+    e[:, :5], e[:, 5:10] = 1.0, -1.0  # 5 lit pixels in each of the 2 frames
+    opu = OPU(400, 32, seed=0, frame_power=False)
+    opu(e)
     assert opu.anchor_pixels == 10
 
 
@@ -271,10 +314,63 @@ def test_auto_anchor_is_at_least_the_minimum_and_at_most_a_quarter_of_the_input(
     one_hot = torch.eye(64)[:8]
     small = OPU(64, 32, seed=0)
     small(one_hot)
-    assert small.anchor_pixels == 4  # 2 x 0.5 lit pixels per frame (p: 1, n: 0) -> the minimum, 4
+    assert small.anchor_pixels == 4  # one lit pixel per frame -> the minimum, 4
     dense = OPU(64, 32, seed=0)
-    dense(torch.randn(8, 64))  # ternary lights ~20 of 64 pixels per frame: 2 x 20 -> bounded by 64 // 4
+    dense(torch.ones(8, 64))  # 64 lit pixels, the only weighted frame: 64, bounded by 64 // 4
     assert dense.anchor_pixels == 16
+
+
+def test_frame_power_brings_every_frame_to_the_calibrated_brightness():
+    e = torch.zeros(4, 1000)
+    e[:, :400], e[:, 500] = 0.05, -1.0
+    opu = OPU(1000, 32, seed=0)
+    opu(e)  # mean lit pixels 200.5 per frame, anchor 20: every frame is brought to 220.5 pixels' worth of light
+    frames = torch.zeros(3, 1000, dtype=torch.bool)
+    frames[0, :1], frames[1, :200], frames[2, :800] = True, True, True
+    alone, anchored = opu.frame_powers(frames, False), opu.frame_powers(frames, True)
+    assert alone.tolist() == pytest.approx([220.5, 220.5 / 200, 220.5 / 800])
+    assert anchored.tolist() == pytest.approx([220.5 / 21, 220.5 / 220, 220.5 / 820])
+    assert OPU(1000, 32, seed=0, frame_power=False).frame_powers(frames, True) is None
+
+
+def test_frame_power_leaves_the_map_unchanged():
+    errors = torch.randn(16, 40)
+    quiet = {"shot_noise": False, "read_noise": 0.0, "bit_depth": None, "encoding": "ternary"}
+    powered, fixed = OPU(40, 24, seed=0, **quiet), OPU(40, 24, seed=0, frame_power=False, **quiet)
+    assert torch.allclose(powered(errors), fixed(errors), atol=1e-4)
+
+
+def test_frame_power_lifts_a_one_pixel_frame_out_of_the_shot_noise():
+    generator = torch.Generator().manual_seed(0)
+    errors = (0.1 * torch.randn(256, 4096, generator=generator)).softmax(1)  # nearly uniform: dense positive frames
+    errors[torch.arange(256), torch.randint(0, 4096, (256,), generator=generator)] -= 1.0  # one-pixel negative ones
+
+    def cosine_to_exact(**settings) -> float:
+        opu = OPU(4096, 256, seed=0, **settings)
+        out = opu(errors)
+        exact = errors @ opu.ideal_matrix()
+        return float(torch.nn.functional.cosine_similarity(out, exact, dim=1).mean())
+
+    assert cosine_to_exact() > cosine_to_exact(frame_power=False, anchor_frames=1) + 0.2
+
+
+def test_the_anchor_reading_is_averaged_over_anchor_frames():
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.eye(10)[torch.randint(0, 10, (1024,), generator=generator)]
+    errors = (2 * torch.randn(1024, 10, generator=generator)).softmax(1) - targets
+    exact = OPU(10, 256, seed=0, camera=False)(errors)
+
+    def shared_offset(anchor_frames: int) -> float:  # the mean error over the vectors, against the mean feedback
+        opu = OPU(10, 256, seed=0, blank_frames=0, anchor_frames=anchor_frames)
+        return float((opu(errors) - exact).mean(0).norm() / exact.mean(0).norm())
+
+    assert shared_offset(64) < 0.5 * shared_offset(1)
+
+
+@pytest.mark.parametrize("count", [0, -1, 2.5, True])
+def test_anchor_frames_must_be_a_positive_integer(count):
+    with pytest.raises(ValueError, match="anchor_frames must be a positive integer"):
+        OPU(8, 16, anchor_frames=count)
 
 
 def test_the_chosen_anchor_is_restored_with_the_state():
@@ -307,13 +403,14 @@ def test_blank_frames_remove_most_of_the_offset_shared_by_every_vector():
     exact = OPU(10, 256, seed=0, camera=False)(errors)
 
     def shared_offset(blank_frames: int) -> float:  # the mean error over the vectors, against the mean feedback
-        opu = OPU(10, 256, seed=0, blank_frames=blank_frames)
+        opu = OPU(10, 256, seed=0, blank_frames=blank_frames, anchor_frames=1)  # one noisy anchor reading
         return float((opu(errors) - exact).mean(0).norm() / exact.mean(0).norm())
 
     assert shared_offset(64) < 0.7 * shared_offset(0)
     opu = OPU(10, 256, seed=0, blank_frames=8)
     opu(errors[:1])
-    assert opu.totals["frames"] == 1 + 2 * 8 + opu.frames_per_vector()  # anchor, blank frames (x, x + r), vector
+    # the anchor's 64 frames, the blank frames (x, x + r), the vector
+    assert opu.totals["frames"] == 64 + 2 * 8 + opu.frames_per_vector()
 
 
 def test_an_empty_batch_gives_empty_feedback_and_calibrates():

@@ -9,7 +9,8 @@ a summary table at the end of ``fit``.
 * With an electronic projector (``gaussian``, ``seeded``, ``structured``...), the electronic time is the
   projector's own wall time, measured with forward hooks (CUDA-synchronised); the optical side is what an
   OPU would take with ``encoding`` (2 binary frames per vector by default, as the OPU's default encoding).
-* With the ``OPU`` emulator, the optical side is the emulator's own frame count and settings; its wall
+* With the ``OPU`` emulator, the optical side is the emulator's own frame count (its one-off calibration frames
+  included, in the first step) and settings; its wall
   time is the emulation, not an electronic projection, so the electronic side is a reference projector
   (dense ``Gaussian`` when its matrix takes at most 1 GiB, else ``SeededGaussian``) timed once at the
   first step's size and scaled by the rows.
@@ -107,7 +108,7 @@ class OpticalLedger(Callback):
         self._pending["rows"] += args[0].shape[0]
         if isinstance(module, OPU):  # it may send only some rows (sample_rows)
             self._pending["vectors"] += module.stats["vectors"]
-            self._pending["frames"] += module.stats["frames"]
+            self._pending["frames"] += module.stats["frames"] + module.stats["calibration_frames"]
         else:
             self._pending["vectors"] += args[0].shape[0]
 

@@ -7,7 +7,9 @@ first frames, anchor included, fills ``exposure`` of the full well. Then:
 * shot noise (Poisson, emulated by its Gaussian approximation ``N(λ, λ)``, exact in mean and
   variance; good above ~10 electrons) and read noise ``N(0, read_noise^2)`` electrons;
 * saturation at ``full_well`` electrons: clipped and **counted** (:attr:`Reading.saturated`);
-* an ADC of ``bit_depth`` bits over ``[0, full_well]`` (``None``: no quantisation);
+* an ADC of ``bit_depth`` bits over ``[0, full_well]`` (``None``: no quantisation), with an optional black level
+  and, by default, subtractive dither (a known random pedestal per frame row, removed after rounding, so that
+  rounding errors do not depend on the signal and do not repeat from frame to frame);
 * conversion back to intensity units (``/ gain``), which is what the retrieval sees.
 
 ``Camera(enabled=False)`` passes intensities through unchanged (an ideal detector).
@@ -44,7 +46,7 @@ class Camera:
     enabled: bool = True
     bit_depth: int | None = 8
     full_well: float = 10_000.0
-    exposure: float = 0.125
+    exposure: float = 0.1
     shot_noise: bool = True
     read_noise: float = 5.0
     #: Black level: a pedestal of this fraction of full scale added before the ADC and subtracted after, so that
@@ -53,7 +55,7 @@ class Camera:
     #: Subtractive ADC dither: a known uniform pedestal of one count, drawn per frame row, added before rounding and
     #: subtracted after, so that rounding errors are independent of the signal (the black-level register set to a
     #: known random value for each frame).
-    adc_dither: bool = False
+    adc_dither: bool = True
 
     def __post_init__(self) -> None:
         bits = self.bit_depth

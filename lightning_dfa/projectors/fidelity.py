@@ -55,16 +55,24 @@ def step_fidelity(
     Steps are projected in order (a stateful projector such as the OPU draws new noise per call), so the error
     correlation is what training would see from one step to the next.
     """
-    vectors, gradients, correlations, previous = [], [], [], None
+    vectors, gradients, exact = [], [], []
     for error, inputs in steps:
         if error.shape[0] != inputs.shape[0]:
             raise ValueError(f"A step needs one input row per error row, got {error.shape[0]} and {inputs.shape[0]}.")
         feedback = projector(error)[:, columns].double()
         reference = (error.double() @ matrix.double())[:, columns]
         vectors.append(float(torch.nn.functional.cosine_similarity(feedback, reference, dim=1).mean()))
-        grad, exact = feedback.T @ inputs.double(), reference.T @ inputs.double()
-        gradients.append(cosine(grad, exact))
-        if previous is not None:
-            correlations.append(cosine(grad - exact, previous))
-        previous = grad - exact
-    return StepFidelity(vectors, gradients, correlations)
+        gradients.append(feedback.T @ inputs.double())
+        exact.append(reference.T @ inputs.double())
+    cosines, correlations = gradient_fidelity(gradients, exact)
+    return StepFidelity(vectors, cosines, correlations)
+
+
+def gradient_fidelity(gradients: Sequence[Tensor], references: Sequence[Tensor]) -> tuple[list[float], list[float]]:
+    """Per step, the cosine of a gradient to its reference; from the second step on, the cosine between this step's
+    error ``gradient - reference`` and the previous step's (an error that repeats adds up over training)."""
+    if len(gradients) != len(references):
+        raise ValueError(f"One reference per step: got {len(gradients)} gradients and {len(references)} references.")
+    errors = [g.double() - r.double() for g, r in zip(gradients, references)]
+    cosines = [cosine(g, r) for g, r in zip(gradients, references)]
+    return cosines, [cosine(now, before) for before, now in zip(errors, errors[1:])]

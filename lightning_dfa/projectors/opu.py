@@ -18,10 +18,14 @@ Stages, each switchable:
    instead of a matmul, bit for bit the same sum. The outputs do not depend on the grouping.
 3. **Detection**: intensities ``|R x|^2`` and ``|R (x + r)|^2`` for every frame ``x``.
 4. **Camera** (:mod:`.camera`): auto exposure (once), shot and read noise, saturation
-   (counted in ``stats["saturated"]``, warned above 1 %), ``bit_depth``-bit quantisation.
+   (counted in ``stats["saturated"]``, warned above 1 %), ``bit_depth``-bit quantisation with subtractive dither.
+   With ``frame_power`` (default) the source's power follows each frame's lit pixel count (known before the DMD
+   shows it), so that a one-pixel frame (the one-hot of a softmax error) is read as bright as a dense one instead
+   of drowning in shot noise and rounding; each reading is divided by its power, so the map is unchanged.
 5. **Retrieval** (anchor scheme, Ohana et al. 2023): ``(|R(x+r)|^2 - |Rx|^2 - |Rr|^2) / (2 |Rr|)
    = Re[(Rx) conj(Rr)] / |Rr| = x @ W`` with ``W = Re[R e^{-i angle(Rr)}]``, i.i.d. ``N(0, 1/d_e)``:
-   the library's scale convention. ``|Rr|^2`` is measured once (one frame per device pass), and the mean
+   the library's scale convention. ``|Rr|^2`` is measured once (the mean of ``anchor_frames`` frames: its error
+   would be the same in every retrieval of every step), and the mean
    retrieval of ``blank_frames`` blank frames is subtracted from every output: the anchor's reading error is
    the same offset for every vector and would add up over a step's vectors. Output pixels where the measured
    anchor reads 0 cannot be retrieved; they give 0 and are counted
@@ -55,6 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_dfa._checks import check_int
 from lightning_dfa.projectors.base import Projector, check_saved_state
 from lightning_dfa.projectors.camera import Camera
 from lightning_dfa.projectors.checks import check_error
@@ -79,6 +84,8 @@ SPARSE_PIXELS = 0.25
 SPARSE_FRAMES = 1 / 16
 #: anchor_pixels="auto": this many anchor pixels per lit pixel of the first call's frames, and at least the minimum.
 AUTO_ANCHOR_PER_LIT, AUTO_ANCHOR_MIN = 2.0, 4
+#: The laser's range: a frame's power (frame_power) is at most this factor above or below the calibrated one.
+MAX_FRAME_POWER = 1e4
 #: Error vectors encoded and sent through the emulated optics at a time (bounds the frames' working memory).
 VECTORS_PER_PASS = 256
 #: The passes of a group hold their frames and fields at once, at most this many times the memory of the dense
@@ -98,12 +105,14 @@ class OPU(Projector):
     error vectors sent); ``camera`` (False: ideal detector), ``bit_depth`` (8; None: no quantisation; 0 is an
     error), ``full_well`` electrons, ``exposure`` (mean signal / full well), ``shot_noise``, ``read_noise``
     (electrons rms), ``black_level`` (pedestal, fraction of full scale) and ``adc_dither`` (subtractive dither of
-    the ADC); ``blank_frames`` (the offset's calibration); ``anchor_pixels`` (``"auto"``: chosen at the
-    first call, :meth:`calibrate`); device limits
+    the ADC); ``frame_power`` (the source's power per frame); ``blank_frames`` (the offset's calibration) and
+    ``anchor_frames`` (the anchor reading's); ``anchor_pixels`` (``"auto"``: chosen at the first call,
+    :meth:`calibrate`); device limits
     ``max_input``, ``max_output``, ``frame_time``, ``power_w`` and ``allow_tiling``; ``tile`` (memory of the matrix
     generation) and ``generator`` as in :class:`SeededGaussian`.
 
-    After each call :attr:`stats` holds ``rows``, ``vectors`` (rows sent), ``frames``, ``encoding_error``,
+    After each call :attr:`stats` holds ``rows``, ``vectors`` (rows sent), ``frames`` (the vectors' camera frames),
+    ``calibration_frames`` (one-off: the anchor reading and the blank frames, in the first call), ``encoding_error``,
     ``saturated``, ``saturated_fraction``, ``dark_pixels`` and ``nonfinite_rows``; :attr:`totals` accumulates counts.
     """
 
@@ -121,13 +130,15 @@ class OPU(Projector):
         sample_rows: float = 1.0,
         blank_frames: int = 4096,
         camera: bool = True,
-        bit_depth: int | None = 8,
-        full_well: float = 10_000.0,
-        exposure: float = 0.1,
-        shot_noise: bool = True,
-        read_noise: float = 5.0,
-        black_level: float = 0.0,
-        adc_dither: bool = True,
+        bit_depth: int | None = Camera.bit_depth,  # the camera's settings default to the Camera's own
+        full_well: float = Camera.full_well,
+        exposure: float = Camera.exposure,
+        shot_noise: bool = Camera.shot_noise,
+        read_noise: float = Camera.read_noise,
+        black_level: float = Camera.black_level,
+        adc_dither: bool = Camera.adc_dither,
+        frame_power: bool = True,
+        anchor_frames: int = 64,
         anchor_pixels: int | str = "auto",
         max_input: int = MAX_INPUT,
         max_output: int = MAX_OUTPUT,
@@ -150,6 +161,9 @@ class OPU(Projector):
         if self.dither and encoding != "bitplanes":
             raise ValueError(f"dither=True applies to encoding='bitplanes' (stochastic rounding), got {encoding!r}.")
         self.camera = Camera(camera, bit_depth, full_well, exposure, shot_noise, read_noise, black_level, adc_dither)
+        self.frame_power = bool(frame_power)
+        self.anchor_frames = check_int("anchor_frames", anchor_frames, 1)
+        self._mean_lit: float | None = None  # the first frames' mean lit pixels: what the gain was set for
         if anchor_pixels != "auto" and (isinstance(anchor_pixels, (bool, str)) or not int(anchor_pixels) >= 1):
             raise ValueError(f"anchor_pixels must be 'auto' or an integer of at least 1, got {anchor_pixels!r}.")
         self.anchor_setting = anchor_pixels
@@ -167,6 +181,7 @@ class OPU(Projector):
         self.calls = 0
         self.stats: dict[str, Any] = {}
         self.totals = {"frames": 0, "vectors": 0, "saturated": 0, "pixels": 0, "nonfinite_rows": 0}
+        self._calibration_frames = 0  # one-off frames (anchor reading, blank frames) taken since the last call's stats
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
         self._anchor: dict[str, Tensor] | None = None  # the anchor field, computed on first use
         self._anchor_reading: dict[str, Any] | None = None  # its intensity as the camera read it
@@ -191,6 +206,8 @@ class OPU(Projector):
             "read_noise": cam.read_noise,
             "black_level": cam.black_level,
             "adc_dither": cam.adc_dither,
+            "frame_power": self.frame_power,
+            "anchor_frames": self.anchor_frames,
             "anchor_pixels": self.anchor_setting,
             "blank_frames": self.blank_frames,
             "max_input": self.max_input,
@@ -202,15 +219,17 @@ class OPU(Projector):
         # The call counter seeds the camera noise, so a resumed run continues the same noise sequence.
         # The gain, set by the auto exposure on the first call, is part of the camera's state too.
         # So is the anchor size chosen then (anchor_pixels="auto").
+        # And the first frames' mean lit pixels, which the frames' source powers are set from (frame_power).
         chosen = {"calls": self.calls, "gain": self.gain, "chosen_anchor_pixels": self.anchor_pixels}
+        chosen["mean_lit"] = self._mean_lit
         return {**super().get_extra_state(), **chosen}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         state = dict(state)
         calls, gain = int(state.pop("calls", 0)), state.pop("gain", None)
-        anchor = state.pop("chosen_anchor_pixels", None)
+        anchor, mean_lit = state.pop("chosen_anchor_pixels", None), state.pop("mean_lit", None)
         check_saved_state(state, super().get_extra_state())
-        self.calls, self.gain, self.anchor_pixels = calls, gain, anchor
+        self.calls, self.gain, self.anchor_pixels, self._mean_lit = calls, gain, anchor, mean_lit
         self._anchor = self._anchor_reading = self._offset = None
 
     def _check_limits(self) -> tuple[int, int]:
@@ -293,13 +312,16 @@ class OPU(Projector):
                 imag[c0:c1] += block[c1 - c0 :].float()
         return {"real": real, "imag": imag}
 
-    def calibrate(self, frames: Tensor) -> float:
+    def calibrate(self, frames: Tensor, weights: Tensor | None = None) -> float:
         """The anchor size (``anchor_pixels="auto"``) and the auto exposure, once, from the first frames.
 
-        The retrieved signal is the cross term ``2 Re[(Rx) conj(Rr)]`` of ``|R(x + r)|^2``: with the exposure fixed,
-        it takes the largest share of the camera's counts when the anchor is about as bright as the frames, so
-        "auto" lights :data:`AUTO_ANCHOR_PER_LIT` x the mean lit pixels per frame (at least :data:`AUTO_ANCHOR_MIN`,
-        at most ``anchor_bound``). A fixed large anchor drowns the sparse frames of a softmax error in shot noise.
+        The retrieved signal is the cross term ``2 Re[(Rx) conj(Rr)]`` of ``|R(x + r)|^2``: at a given brightness it
+        takes the largest share of the camera's counts when the anchor is as bright as the frame. Frames differ (a
+        softmax error gives a dense positive frame and a one-pixel negative one), so with ``frame_power`` "auto"
+        takes the anchor that minimises the frames' retrieval noise weighted by their squared weights,
+        ``sqrt(sum w^2 L^2 / sum w^2)`` over the frames' lit pixel counts ``L``; without it,
+        :data:`AUTO_ANCHOR_PER_LIT` x the mean lit pixels per frame. Always at least :data:`AUTO_ANCHOR_MIN` and at
+        most ``anchor_bound``.
 
         The gain puts the expected mean ``|R(x + r)|^2`` of ``frames`` at ``exposure``: over the random medium
         ``E |R(x + r)|_j^2 = 2 (|x|_0 + anchor_pixels) / d_e`` for a binary frame ``x``, so it depends on the first
@@ -309,22 +331,60 @@ class OPU(Projector):
             lit = float(frames.sum()) / max(1, frames.shape[0] * frames.shape[1]) if frames.numel() else 0.0
             if self.anchor_pixels is None:
                 # (analog frames of encoding=None are not binary: they take the largest anchor)
-                chosen = max(AUTO_ANCHOR_MIN, round(AUTO_ANCHOR_PER_LIT * lit)) if self.encoding else self.anchor_bound
+                chosen = self._auto_anchor(frames, weights, lit) if self.encoding else self.anchor_bound
                 self.anchor_pixels, self._anchor = min(self.anchor_bound, chosen), None
+            self._mean_lit = lit
             mean_intensity = 2.0 * (lit + self.anchor_pixels) / self.in_features
             self.gain = self.camera.exposure * self.camera.full_well / mean_intensity
             self._anchor_reading = self._offset = None
         return self.gain
 
+    def _auto_anchor(self, frames: Tensor, weights: Tensor | None, lit: float) -> int:
+        """The anchor size of ``anchor_pixels="auto"`` (see :meth:`calibrate`)."""
+        if not self.frame_power or weights is None or frames.numel() == 0:
+            return max(AUTO_ANCHOR_MIN, round(AUTO_ANCHOR_PER_LIT * lit))
+        # With every frame at the same brightness (frame_power), a frame of L lit pixels retrieves its L-pixel signal
+        # with a noise variance ~ (a + L)^2 / a for an anchor of a pixels; weighted by the frame's squared weight
+        # w^2 (what its error costs the feedback), the sum is least at a = sqrt(sum w^2 L^2 / sum w^2).
+        counts = frames.sum(-1).double()
+        square = weights.squeeze(-1).double().square()
+        total = float(square.sum())
+        best = (float((square * counts.square()).sum()) / total) ** 0.5 if total else 0.0
+        return max(AUTO_ANCHOR_MIN, round(best))
+
+    def frame_powers(self, flat: Tensor, anchored: bool) -> Tensor | None:
+        """Per frame row, the laser power (relative to the calibrated one) that brings its expected intensity to the
+        calibrated mean, alone (``anchored=False``) or with the anchor; None without ``frame_power``.
+
+        The DMD's frames are known before they are shown, so the source's power can follow each one's lit pixel
+        count: a frame of one lit pixel gets as many photons as a dense one, instead of drowning in shot noise and
+        the ADC's rounding. Retrieval divides each reading by its power, so the map is unchanged.
+        """
+        if not (self.frame_power and self.camera.enabled and self._mean_lit is not None):
+            return None
+        lit = flat.sum(1, dtype=torch.float64) + (self.anchor_pixels if anchored else 0)
+        target = self._mean_lit + self.anchor_pixels
+        return (target / lit.clamp_min(1.0)).clamp_(1.0 / MAX_FRAME_POWER, MAX_FRAME_POWER)
+
     def anchor_reading(self, device: torch.device) -> dict[str, Any]:
-        """``|R r|^2`` read once by the camera (one frame per device pass), after :meth:`calibrate`."""
+        """``|R r|^2`` as the camera reads it: the mean of ``anchor_frames`` frames (per device pass), after
+        :meth:`calibrate`; with ``frame_power`` at the power that brings the anchor alone to the exposure.
+
+        Every retrieval divides by ``sqrt`` of this reading and subtracts it: its error is the same for every frame
+        and every step, so it is averaged once rather than left to add up over training.
+        """
         if self._anchor_reading is None:
             field = self.anchor(torch.device("cpu"))
             intensity = field["real"].double() ** 2 + field["imag"].double() ** 2
             generator = self._stream(_ANCHOR_NOISE, torch.device("cpu"))
-            reading = self.camera.read(intensity, self.gain, generator)
-            self.totals["frames"] += self.tiles[0] * self.tiles[1]
-            self._anchor_reading = {"intensity": reading.intensity.float(), "saturated": reading.saturated}
+            power = 1.0
+            if self.frame_power and self._mean_lit is not None:
+                power = min(MAX_FRAME_POWER, (self._mean_lit + self.anchor_pixels) / self.anchor_pixels)
+            frames = intensity.expand(self.anchor_frames, -1).contiguous()
+            reading = self.camera.read(frames, self.gain * power, generator)
+            self._calibration_frames += self.anchor_frames * self.tiles[0] * self.tiles[1]
+            mean = reading.intensity.mean(0).float()
+            self._anchor_reading = {"intensity": mean, "saturated": reading.saturated}
         if self._anchor_reading["intensity"].device != device:
             self._anchor_reading["intensity"] = self._anchor_reading["intensity"].to(device)
         return self._anchor_reading
@@ -393,7 +453,7 @@ class OPU(Projector):
                     dither=dither,
                 )
                 if anchor is None:  # the first frames of the first call set the anchor's size and the exposure
-                    self.calibrate(frames.frames)
+                    self.calibrate(frames.frames, frames.weights)
                     anchor = self._anchor_counts(clean.device, clean.dtype)
                     anchor["offset"] = self._blank_offset(anchor, out)
                 residual += encoding_error(errors, frames, relative=False) ** 2
@@ -445,6 +505,7 @@ class OPU(Projector):
         """
         blocks, like = self._blocks(), passes[0][2]
         lits = [self._lit_pixels(flat) for flat, _, _ in passes]
+        powers = [self._pass_powers(flat, like.dtype) for flat, _, _ in passes]
         rows, width = max(flat.shape[0] for flat, _, _ in passes), min(self.tile, self.out_features)
         stream = len(passes) == 1
         if stream:
@@ -468,21 +529,29 @@ class OPU(Projector):
             for _ in range(1 + self.camera.noisy + (self.camera.noisy and self.camera.shot_noise))
         ]
         saturated = read = 0
-        for (flat, weights, out), lit, pass_fields in zip(passes, lits, fields):
+        for (flat, weights, out), lit, power, pass_fields in zip(passes, lits, powers, fields):
             for block, field in zip(blocks, pass_fields):
                 if stream:
                     self._block_fields([flat], [lit], block, [field], anchor["scale"])
-                sat = self._detect(weights, field, block[0], out, generator, anchor, scratch)
+                sat = self._detect(weights, power, field, block[0], out, generator, anchor, scratch)
                 saturated, read = saturated + sat, read + 2 * field.shape[0] * (block[0][1] - block[0][0])
         return saturated, read
 
-    def _detect(self, weights: Tensor, field: Tensor, cols: tuple[int, int], out: Tensor, generator, anchor, scratch):
-        """One block's field through the camera and the retrieval, less the blank offset, weighted by the frames'
-        ``weights`` into ``out``; returns the saturated pixel count."""
+    def _pass_powers(self, flat: Tensor, work: torch.dtype) -> list[Tensor] | None:
+        """The source powers of the frames ``flat`` for their two readings, alone and with the anchor (``(F N, 1)``
+        each, :meth:`frame_powers`), or None."""
+        powers = [self.frame_powers(flat, anchored) for anchored in (False, True)]
+        return None if powers[0] is None else [p.to(work)[:, None] for p in powers]
+
+    def _detect(
+        self, weights: Tensor, powers, field: Tensor, cols: tuple[int, int], out: Tensor, generator, anchor, scratch
+    ):
+        """One block's field through the camera (``powers``: :meth:`_pass_powers`) and the retrieval, less the blank
+        offset, weighted by the frames' ``weights`` into ``out``; returns the saturated pixel count."""
         count, vectors = weights.shape[:2]
         width, rows = cols[1] - cols[0], field.shape[0]
         views = [b[: rows * width].view(rows, width) for b in scratch]
-        y, sat = self._retrieve(field, anchor, cols, generator, views)
+        y, sat = self._retrieve(field, anchor, cols, generator, views, powers)
         y -= anchor["offset"][cols[0] : cols[1]]
         for weight, part in zip(weights, y.view(count, vectors, width)):
             out[:, cols[0] : cols[1]].addcmul_(weight, part)
@@ -499,9 +568,12 @@ class OPU(Projector):
                     c1 = min(c0 + self.tile, self.out_features)
                     field = torch.zeros(self.blank_frames, 2 * (c1 - c0), dtype=like.dtype, device=like.device)
                     alone = torch.empty(self.blank_frames, c1 - c0, dtype=like.dtype, device=like.device)
-                    y, _ = self._retrieve(field, anchor, (c0, c1), generator, [alone])
+                    blank = torch.zeros(1, self.in_features, dtype=torch.bool, device=like.device)
+                    powers = [self.frame_powers(blank, anchored) for anchored in (False, True)]
+                    powers = None if powers[0] is None else [p.to(like.dtype)[:, None] for p in powers]
+                    y, _ = self._retrieve(field, anchor, (c0, c1), generator, [alone], powers)
                     self._offset[c0:c1] = y.mean(0)
-                self.totals["frames"] += 2 * self.blank_frames * self.tiles[0] * self.tiles[1]
+                self._calibration_frames += 2 * self.blank_frames * self.tiles[0] * self.tiles[1]
         return self._offset.to(like)
 
     def _anchor_counts(self, device: torch.device, work: torch.dtype) -> dict[str, Any]:
@@ -593,23 +665,35 @@ class OPU(Projector):
             else:
                 add_frames_times(out, part, medium)
 
-    def _retrieve(self, field: Tensor, anchor: dict, cols: tuple[int, int], generator: torch.Generator, buffers):
+    def _retrieve(
+        self, field: Tensor, anchor: dict, cols: tuple[int, int], generator: torch.Generator, buffers, powers=None
+    ):
         """Intensities of ``x`` and ``x + r`` through the camera, then the anchor retrieval ``x @ W``.
 
         Overwrites ``field`` (the retrieved projection is returned as a view of it) and uses ``buffers``: the
-        intensities of the frames alone, then the camera's noise and noise scale when it has noise.
+        intensities of the frames alone, then the camera's noise and noise scale when it has noise. ``powers``: the
+        two readings' source powers per frame row (:meth:`frame_powers`), or None.
         """
         width = cols[1] - cols[0]
         real, imag = field[:, :width], field[:, width:]
         alone, noise, scale = (*buffers, None, None)[:3]
         torch.mul(real, real, out=alone).addcmul_(imag, imag)  # |R x|^2, in counts
-        saturated = self.camera.expose_(alone, generator, noise, scale)
+        saturated = self._expose(alone, generator, noise, scale, None if powers is None else powers[0])
         real.add_(anchor["real"][cols[0] : cols[1]])
         imag.add_(anchor["imag"][cols[0] : cols[1]])
         lit = real.mul_(real).addcmul_(imag, imag)  # |R (x + r)|^2, in counts
-        saturated += self.camera.expose_(lit, generator, noise, scale)
+        saturated += self._expose(lit, generator, noise, scale, None if powers is None else powers[1])
         y = lit.sub_(alone).sub_(anchor["counts"][cols[0] : cols[1]]).mul_(anchor["inverse"][cols[0] : cols[1]])
         return y, saturated
+
+    def _expose(self, counts: Tensor, generator, noise, scale, power: Tensor | None) -> int:
+        """The camera's reading of ``counts`` taken at the source ``power`` per row, brought back to the calibrated
+        power (the retrieval's units)."""
+        if power is None:
+            return self.camera.expose_(counts, generator, noise, scale)
+        saturated = self.camera.expose_(counts.mul_(power), generator, noise, scale)
+        counts.div_(power)
+        return saturated
 
     def _record(self, error: Tensor, bad_rows: Tensor | None) -> None:
         """Complete :attr:`stats` of this call (set by :meth:`_project`) and add them to :attr:`totals`."""
@@ -618,11 +702,14 @@ class OPU(Projector):
         stats.update(
             rows=error.shape[0],
             frames=stats["vectors"] * self.frames_per_vector(),
+            calibration_frames=self._calibration_frames,
             nonfinite_rows=0 if bad_rows is None else int(bad_rows.sum()),
             tiles=self.tiles,
         )
         for key in self.totals:
             self.totals[key] += stats[key]
+        self.totals["frames"] += self._calibration_frames
+        self._calibration_frames = 0
         if stats["saturated_fraction"] > SATURATION_WARNING:
             warnings.warn(
                 f"OPU camera: {stats['saturated_fraction']:.1%} of the pixels saturated in this call "
