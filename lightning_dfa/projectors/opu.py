@@ -362,7 +362,11 @@ class OPU(Projector):
         """
         if not (self.frame_power and self.camera.enabled and self._mean_lit is not None):
             return None
-        lit = flat.sum(1, dtype=torch.float64) + (self.anchor_pixels if anchored else 0)
+        if flat.dtype == torch.bool:  # a uint8 sum: exact, and ten times the speed of a float64 one
+            lit = flat.view(torch.uint8).sum(1, dtype=torch.int32).double()
+        else:
+            lit = flat.sum(1, dtype=torch.float64)
+        lit += self.anchor_pixels if anchored else 0
         target = self._mean_lit + self.anchor_pixels
         return (target / lit.clamp_min(1.0)).clamp_(1.0 / MAX_FRAME_POWER, MAX_FRAME_POWER)
 
