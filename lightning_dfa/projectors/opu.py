@@ -12,10 +12,10 @@ Stages, each switchable:
    ``N(0, 1/d_e)``) over the ``d_e`` input pixels and ``anchor_pixels`` extra anchor pixels, computed
    by the counter-based generator like :class:`SeededGaussian`: never stored, regenerated tile by tile.
    The field ``R x`` of the frames: frames that light few pixels of the whole input (a pass of sparse errors)
-   generate and multiply only the medium's rows at those pixels; otherwise the passes of a group (up to
-   :data:`GROUP_MEMORY` x the Gaussian matrix's memory of frames and fields) share each generated tile of the
-   medium, and frames that light at most two pixels (the negative part of a softmax minus one-hot) add its rows
-   instead of a matmul, bit for bit the same sum. The outputs do not depend on the grouping.
+   generate and multiply only the medium's rows at those pixels; otherwise the passes of a group (frames and
+   fields up to :data:`GROUP_MEMORY` x the Gaussian matrix's memory, and :data:`MAX_GROUP_BYTES`) share each
+   generated tile of the medium, and frames that light at most two pixels (the negative part of a softmax minus
+   one-hot) add its rows instead of a matmul, bit for bit the same sum. The outputs do not depend on the grouping.
 3. **Detection**: intensities ``|R x|^2`` and ``|R (x + r)|^2`` for every frame ``x``.
 4. **Camera** (:mod:`.camera`): auto exposure (once), shot and read noise, saturation
    (counted in ``stats["saturated"]``, warned above 1 %), ``bit_depth``-bit quantisation with subtractive dither.
@@ -91,6 +91,8 @@ VECTORS_PER_PASS = 256
 #: The passes of a group hold their frames and fields at once, at most this many times the memory of the dense
 #: Gaussian's matrix (``in x out`` float32): the dense path generates each tile of the medium once per group.
 GROUP_MEMORY = 2.0
+#: ... and never more than this many bytes (wide outputs: one pass's fields alone can be hundreds of MB).
+MAX_GROUP_BYTES = 64 << 20
 #: Frames multiplied by the medium at a time (bounds their float copy for the matmul).
 FRAME_CHUNK = 256
 #: Frames lighting at most this many pixels add the medium's rows at those pixels (the matmul's sum, bit for bit).
@@ -491,11 +493,11 @@ class OPU(Projector):
 
     def _passes_per_group(self, work: torch.dtype) -> int:
         """Passes whose frames and fields (every block's) are held at once: as many as fit in :data:`GROUP_MEMORY`
-        times the dense Gaussian's own matrix (``in x out`` float32), at least one."""
+        times the dense Gaussian's own matrix (``in x out`` float32) and in :data:`MAX_GROUP_BYTES`, at least one."""
         count = binary_frames(self.encoding, self.bits)
         frames = count * VECTORS_PER_PASS * self.in_features * (1 if self.encoding else work.itemsize)
         fields = count * VECTORS_PER_PASS * sum(2 * (c1 - c0) for (c0, c1), _ in self._blocks())
-        budget = GROUP_MEMORY * 4 * self.in_features * self.out_features
+        budget = min(GROUP_MEMORY * 4 * self.in_features * self.out_features, MAX_GROUP_BYTES)
         return max(1, int(budget // (frames + fields * work.itemsize)))
 
     def _project_group(self, passes: list[list], generator: torch.Generator, anchor: dict) -> tuple[int, int]:
