@@ -60,6 +60,7 @@ def test_grouped_passes_give_the_streamed_outputs_bit_for_bit(monkeypatch, setti
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tiling warning
             opu = OPU(1024, 300, seed=2, **settings)
+        assert (opu._passes_per_group(torch.float32) >= 3) == (memory > 0)  # 600 vectors: 3 passes
         results.append([(opu(softmax_minus_one_hot(600, 1024, call)), dict(opu.stats)) for call in range(2)])
     for (streamed, streamed_stats), (grouped, grouped_stats) in zip(*results):
         assert torch.equal(grouped, streamed) and grouped_stats == streamed_stats
