@@ -117,3 +117,24 @@ def test_two_replicas_of_a_two_stage_pipeline_train_as_one_process_on_the_whole_
             got.update(torch.load(tmp_path / f"{2 * replica + stage}.pt"))
         for name, value in expected.items():
             torch.testing.assert_close(got[name], value, rtol=0, atol=1e-12, msg=f"replica {replica} {name}")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[../gloo/transport/tcp/pair.cc:534] Timed out waiting 3000ms for recv operation to complete",
+        "Application timeout caused pair closure",
+        "Connection reset by peer",
+        "Connection closed by peer [127.0.0.1]:29500",
+    ],
+)
+def test_what_gloo_says_of_a_gone_or_silent_peer_is_a_stage_failure(message):
+    from lightning_dfa.pipeline.schedule import _peer_failure
+
+    assert _peer_failure(RuntimeError(message))
+
+
+def test_another_runtime_error_is_not_a_stage_failure():
+    from lightning_dfa.pipeline.schedule import _peer_failure
+
+    assert not _peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x2)"))

@@ -215,7 +215,14 @@ def _peer_failure(error: BaseException) -> bool:
     """Whether the communication failed (a peer gone or silent), as gloo and NCCL report it."""
     text = str(error)
     return isinstance(error, dist.DistError) or any(
-        mark in text for mark in ("Timed out", "Connection reset", "Connection closed", "timed out")
+        mark in text
+        for mark in (
+            "Timed out",
+            "timed out",
+            "Connection reset",
+            "Connection closed",
+            "Application timeout caused pair",
+        )
     )
 
 
