@@ -53,7 +53,10 @@ class Frames:
         frames, weights = self.frames[:, rows], self.weights[:, rows]
         error = torch.zeros(frames.shape[1:], dtype=weights.dtype, device=weights.device)
         for weight, frame in zip(weights, frames):  # frame by frame: no (F, N, d) float temporary
-            error += weight * frame
+            if frame.dtype == torch.bool:  # weight x 0 or 1 is exact: one fused op gives the same sum, 2 x faster
+                error.addcmul_(weight, frame.view(torch.uint8))
+            else:
+                error += weight * frame
         return error
 
 
@@ -131,16 +134,22 @@ def _threshold(error: Tensor, threshold: float, threshold_of: str) -> Tensor | f
 
 def _bitplanes(error: Tensor, frames: Tensor, weights: Tensor, bits: int, dither: torch.Generator | None) -> None:
     levels = (1 << bits) - 1
-    for s, (sign, part) in enumerate(((1.0, error.clamp_min(0)), (-1.0, error.neg().clamp_min(0)))):
+    for s, (sign, part) in enumerate(((1.0, error.clamp_min(0)), (-1.0, error.neg().clamp_min_(0)))):
         peak = part.amax(1, keepdim=True)
-        scaled = part.div_(peak.clamp_min(torch.finfo(error.dtype).tiny)).mul_(levels)
+        scaled = part.div_(peak.clamp_min(torch.finfo(error.dtype).tiny))
+        if levels > 1:  # (times 1 changes nothing)
+            scaled.mul_(levels)
         if dither is None:
-            codes = scaled.round_().to(torch.int64)
+            codes = scaled.round_()
         else:  # stochastic rounding: up with probability the fractional part
             codes = scaled.add_(torch.rand(scaled.shape, generator=dither, device=scaled.device)).floor_()
-            codes = codes.to(torch.int64)
+        if bits == 1:  # codes 0, 1 or (1 + u rounded up to 2) 2: the bit is set for 1 only
+            torch.eq(codes, 1.0, out=frames[s])
+        else:
+            codes = codes.to(torch.int32)  # at most 2^24: exact
+            for bit in range(bits):
+                torch.ne(codes & (1 << bit), 0, out=frames[s * bits + bit])
         for bit in range(bits):
-            torch.ne(codes & (1 << bit), 0, out=frames[s * bits + bit])
             weights[s * bits + bit] = sign * peak * (2**bit / levels)
 
 
