@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -231,7 +232,12 @@ def digits_data():
 FAMILIES = {
     "llama": (text_data, lambda dm: LlamaLM(dm.vocab_size), {"max_steps": 300, "val_check_interval": 100}, "val/ppl"),
     "gpt": (text_data, lambda dm: GPTLM(dm.vocab_size), {"max_steps": 300, "val_check_interval": 100}, "val/ppl"),
-    "gpt2": (text_data, lambda dm: GPTLM(dm.vocab_size, hf=True), {"max_steps": 300, "val_check_interval": 100}, "val/ppl"),
+    "gpt2": (
+        text_data,
+        lambda dm: GPTLM(dm.vocab_size, hf=True),
+        {"max_steps": 300, "val_check_interval": 100},
+        "val/ppl",
+    ),
     "bert": (digits_data, lambda dm: BertDigits(), {"max_epochs": 8}, "val/error"),
     "resnet": (digits_data, lambda dm: ResNetDigits(), {"max_epochs": 8}, "val/error"),
 }
@@ -251,14 +257,44 @@ METHODS = ("dfa", "frozen", "backprop")
 LR = 1e-3
 
 
+class ScaleSchedule(pl.Callback):
+    """The points' ``lr_scale`` times ``min(1, max(0, (step - hold) / ramp))``: the blocks held still for ``hold``
+    steps, then ramped to the default over ``ramp`` steps (a lever measured here, not a plugin setting)."""
+
+    def __init__(self, hold: int = 0, ramp: int = 1) -> None:
+        self.hold, self.ramp, self.base = hold, max(ramp, 1), None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        from lightning_dfa.callbacks.common import find_dfa
+
+        engine = find_dfa(trainer)
+        self.base = self.base if self.base is not None else engine.points_lr_scale
+        engine.points_lr_scale = self.base * min(1.0, max(0.0, (trainer.global_step - self.hold) / self.ramp))
+        for scaled in engine._scaled_updates:
+            scaled.rescale()
+
+
+def schedule(method: str) -> tuple[str, ScaleSchedule | None]:
+    """``method`` without its ``hold=`` / ``ramp=`` items, and their schedule (``None`` without them)."""
+    every = re.split(r",(?![^\[]*\])", method)
+    items = [item for item in every if item.split("=")[0] not in ("hold", "ramp")]
+    timing = {k: int(v) for k, v in (item.split("=", 1) for item in every if "=" in item) if k in ("hold", "ramp")}
+    rest = ",".join(items) or "dfa"
+    return rest, ScaleSchedule(**timing) if timing else None
+
+
 def strategy(method: str):
     """``"dfa"``, ``"frozen"``, ``"backprop"``, or ``"setting=value,..."``: DFA with those settings changed
     (``lr_scale=0.03``, ``embeddings=first_block``), to compare with the defaults."""
     from lightning_dfa import DFAStrategy
 
     if "=" in method:  # "embeddings=first_block,lr_scale=0"
-        settings = dict(item.split("=") for item in method.split(","))
-        return DFAStrategy(**{key: yaml.safe_load(value) for key, value in settings.items()})
+        items = re.split(r",(?![^\[]*\])", method)  # commas inside [...] belong to a list
+        settings = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
+        if settings.get("projector") == "shared":  # one Gaussian matrix for the 4 blocks of the GPTs (d_e = 2048)
+            generator = torch.Generator().manual_seed(0)
+            settings["projector"] = torch.randn(2048, 128, generator=generator).repeat(1, 4) / math.sqrt(2048)
+        return DFAStrategy(**settings)
     return {"dfa": "dfa", "frozen": DFAStrategy(mode="frozen"), "backprop": "auto"}[method]
 
 
@@ -275,8 +311,9 @@ def train_one(family: str, method: str, seed: int, lr: float, alignment: bool = 
     model = make_model(data)
     model.lr = lr
     probe = Alignment(every_n_steps=50) if alignment and method not in ("frozen", "backprop") else None
+    method, timing = schedule(method)
     trainer = pl.Trainer(
-        callbacks=[probe] if probe else None,
+        callbacks=[c for c in (probe, timing) if c] or None,
         strategy=strategy(method),
         accelerator="cpu",
         logger=False,
