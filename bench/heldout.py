@@ -4,8 +4,10 @@ Llama-style causal LM on pydoc text, a GPT written from scratch in plain PyTorch
 of GPT-2 through HuggingFace on the same text, a BERT-style encoder classifying digits read as tokens, torchvision's
 ResNet-18 on digits; ``gpt-*`` families change one detail of the from-scratch GPT (see ``GPT_CELLS``).
 
-    python bench/heldout.py                                   # 3 families x {dfa, frozen, backprop} x seeds 0 1 2
+    python bench/heldout.py                                   # 5 families x {dfa, frozen, backprop} x seeds 0 1 2
     python bench/heldout.py --families resnet --seeds 0       # one cell
+    python bench/heldout.py --families gpt-plain --methods "blocks=[model.layers.*.attn,model.layers.*.mlp]" ramp=150
+                                                              # DFA with settings changed; ramp=/hold=: ScaleSchedule
     python bench/heldout.py --table-only                      # the table from the saved runs
 
 Each family is a plain LightningModule: AdamW over ``self.parameters()``, a warmup, no DFA settings and no
@@ -258,18 +260,23 @@ LR = 1e-3
 
 
 class ScaleSchedule(pl.Callback):
-    """The points' ``lr_scale`` times ``min(1, max(0, (step - hold) / ramp))``: the blocks held still for ``hold``
-    steps, then ramped to the default over ``ramp`` steps (a lever measured here, not a plugin setting)."""
+    """The points' ``lr_scale="auto"`` share held at 0 for ``hold`` steps, then ramped up over ``ramp`` steps (the
+    plugin's ``lr_scale_ramp`` is the ``hold=0`` case); a lever measured here."""
 
-    def __init__(self, hold: int = 0, ramp: int = 1) -> None:
-        self.hold, self.ramp, self.base = hold, max(ramp, 1), None
+    def __init__(self, hold: int = 0, ramp: int = 0) -> None:
+        self.hold, self.ramp, self.base = hold, ramp, None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         from lightning_dfa.callbacks.common import find_dfa
+        from lightning_dfa.feedback.update_scale import ramp_factor
 
         engine = find_dfa(trainer)
         self.base = self.base if self.base is not None else engine.points_lr_scale
-        engine.points_lr_scale = self.base * min(1.0, max(0.0, (trainer.global_step - self.hold) / self.ramp))
+        if trainer.global_step < self.hold:
+            factor = 0.0
+        else:
+            factor = ramp_factor(trainer.global_step - self.hold, self.ramp)
+        engine.points_lr_scale = self.base * factor
         for scaled in engine._scaled_updates:
             scaled.rescale()
 

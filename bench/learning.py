@@ -79,6 +79,7 @@ STUDY: dict[str, dict] = {
             **BASELINES,
             **scales(),
             "embeddings": variant(embeddings=True),
+            "sublayers": variant(blocks=["model.transformer.h.*.attn", "model.transformer.h.*.mlp"]),
             "embeddings first block": variant(embeddings="first_block"),
             "untied": variant("dfa", UNTIED),
             "untied, embeddings": variant("dfa", UNTIED, embeddings=True),
