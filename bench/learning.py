@@ -48,8 +48,16 @@ def lr_scale(scale: float, **dfa: object) -> dict:
 SCALES = (1, 0.3, 0.1, 0.03, 0.01)
 
 
+#: Optimizer steps over which lr_scale="auto" rises from 0 (``lr_scale_ramp``), compared on every recipe.
+RAMPS = (0, 150)
+
+
 def scales(**dfa: object) -> dict[str, dict]:
-    return {"dfa": variant(**dfa), **{f"lr_scale {scale}": lr_scale(scale, **dfa) for scale in SCALES}}
+    ramps = {
+        f"lr_scale_ramp {steps}": variant("dfa", f"--trainer.strategy.init_args.lr_scale_ramp={steps}", **dfa)
+        for steps in RAMPS
+    }
+    return {"dfa": variant(**dfa), **{f"lr_scale {scale}": lr_scale(scale, **dfa) for scale in SCALES}, **ramps}
 
 
 BASELINES = {"backprop": variant("backprop"), "frozen": variant("frozen")}
@@ -71,6 +79,7 @@ STUDY: dict[str, dict] = {
             **BASELINES,
             **scales(),
             "embeddings": variant(embeddings=True),
+            "sublayers": variant(blocks=["model.transformer.h.*.attn", "model.transformer.h.*.mlp"]),
             "embeddings first block": variant(embeddings="first_block"),
             "untied": variant("dfa", UNTIED),
             "untied, embeddings": variant("dfa", UNTIED, embeddings=True),

@@ -52,6 +52,7 @@ class DFA(Callback):
         mode: str | None = None,
         error_rows: int | None = None,
         lr_scale: float | str | None = None,
+        lr_scale_ramp: int | None = None,
         backprop_top: int | None = None,
         embeddings: bool | str | None = None,
         spatial_feedback: bool | None = None,

@@ -376,3 +376,51 @@ def test_auto_in_a_lightning_step_scales_the_very_first_update():
     fit(scaled, DFAStrategy(lr_scale="auto"))  # the first forward runs inside step(closure)
     fit(reference, DFAStrategy(lr_scale=1.0))
     assert_same_weights(scaled.net, reference.net)
+
+
+# ---------------------------------------------------------------------- lr_scale_ramp
+def scaled_rates(scale, ramp, steps=6, engine_state=None):
+    """The points' learning rate inside each optimizer step (plain SGD, so nothing else depends on it)."""
+    from lightning_dfa.feedback.update_scale import SCALED
+
+    model, seen = TinyMLP(), []
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head", lr_scale=scale, lr_scale_ramp=ramp).attach(model)
+    if engine_state is not None:
+        dfa.load_state_dict(engine_state)
+    dfa.scale_updates(optimizer)
+    optimizer.register_step_pre_hook(lambda opt, *_: seen.append([g["lr"] for g in opt.param_groups if g.get(SCALED)]))
+    for x, y in batches(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return [rates[0] for rates in seen], dfa
+
+
+def test_an_auto_share_rises_linearly_from_zero_over_the_ramp():
+    rates, _ = scaled_rates("auto", ramp=4)  # 3 classes: "auto" gives 0.1
+    assert rates == pytest.approx([LR * 0.1 * k / 4 for k in (0, 1, 2, 3, 4, 4)])
+
+
+def test_no_ramp_gives_the_full_share_from_the_first_step():
+    rates, _ = scaled_rates("auto", ramp=0)
+    assert rates == pytest.approx([LR * 0.1] * 6)
+
+
+def test_a_number_for_lr_scale_is_not_ramped():
+    rates, _ = scaled_rates(0.3, ramp=4)
+    assert rates == pytest.approx([LR * 0.3] * 6)
+
+
+def test_the_steps_taken_are_saved_and_a_resumed_engine_goes_on_from_them():
+    _, dfa = scaled_rates("auto", ramp=4, steps=2)
+    state = dfa.state_dict()
+    assert state["lr_scale_steps"] == 2
+    rates, _ = scaled_rates("auto", ramp=4, steps=3, engine_state=state)
+    assert rates == pytest.approx([LR * 0.1 * k / 4 for k in (2, 3, 4)])
+
+
+@pytest.mark.parametrize("ramp", [-1, 1.5, True, "150"])
+def test_a_bad_ramp_names_what_is_allowed(ramp):
+    with pytest.raises(ValueError, match=r"lr_scale_ramp must be a whole number of optimizer steps >= 0.*got"):
+        DFAStrategy(lr_scale_ramp=ramp)

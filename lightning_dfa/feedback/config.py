@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_dfa._checks import check_int, closest
-from lightning_dfa.feedback.update_scale import DEFAULT_LR_SCALE, check_lr_scale
+from lightning_dfa.feedback.update_scale import (
+    DEFAULT_LR_SCALE,
+    DEFAULT_LR_SCALE_RAMP,
+    check_lr_scale,
+    check_lr_scale_ramp,
+)
 
 MODES = ("dfa", "backprop", "frozen")
 EMBEDDINGS = (False, True, "first_block")
@@ -34,6 +39,7 @@ class DFAConfig:
         mode: ``"dfa"``, ``"backprop"`` (true gradients) or ``"frozen"`` (points frozen: the control).
         error_rows: leading dimensions of the error that are rows (default: 2 for ``(B, T, V)``, else 1).
         lr_scale: the points learn at ``lr_scale`` x the optimizer's rate; ``"auto"``: ``min(0.1, 1/sqrt(d_e))``.
+        lr_scale_ramp: optimizer steps over which an ``"auto"`` share rises linearly from 0 (0: none).
         backprop_top: the top ``k`` blocks train with their true gradient.
         embeddings: ``True``: embeddings are points; ``"first_block"``: they learn from block 0's feedback.
         spatial_feedback, spatial_patch: image errors give one row per pixel (patch), pooled per point.
@@ -48,6 +54,7 @@ class DFAConfig:
     mode: str = "dfa"
     error_rows: int | None = None
     lr_scale: float | str = DEFAULT_LR_SCALE
+    lr_scale_ramp: int = DEFAULT_LR_SCALE_RAMP
     backprop_top: int = 0
     embeddings: bool | str = False
     spatial_feedback: bool = False
@@ -73,6 +80,7 @@ class DFAConfig:
                 f"spatial_patch must be an odd positive integer (1, 3, 5, ...), got {self.spatial_patch!r}."
             )
         check_lr_scale(self.lr_scale)
+        check_lr_scale_ramp(self.lr_scale_ramp)
         if not isinstance(self.strict, bool):
             raise ValueError(f"strict must be True or False, got {self.strict!r}.")
 

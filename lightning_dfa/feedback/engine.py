@@ -26,7 +26,7 @@ from lightning_dfa.feedback.hooks import EngineHook, attached_engine
 from lightning_dfa.feedback.outputs import cut_inputs, cut_side_inputs, first_tensor, replace_first, swap_copies, trains
 from lightning_dfa.feedback.points import point_parameters, select
 from lightning_dfa.feedback.projection import FeedbackRouter, Observer, Projection
-from lightning_dfa.feedback.update_scale import ScaledUpdates, auto_lr_scale
+from lightning_dfa.feedback.update_scale import UPDATE_STEPS, ScaledUpdates, auto_lr_scale, scale_and_ramp
 
 
 class FeedbackEngine:
@@ -53,6 +53,7 @@ class FeedbackEngine:
         self._output_ran = False  # the output point ran after the last block: a second call is a reuse
         self._handles: list[RemovableHandle] = []
         self._scaled_updates: list[ScaledUpdates] = []
+        self._resumed_steps = 0  # a checkpoint's optimizer steps (where lr_scale_ramp stands), until scale_updates()
         self._frozen: list[nn.Parameter] = []
         self._built_for: weakref.ref | None = None  # the model the projection was built for
         #: The source of each trainable parameter's gradient under the layout (set at :meth:`attach`; not in backprop).
@@ -171,8 +172,20 @@ class FeedbackEngine:
         if self.mode != "dfa" or self.lr_scale == 1.0:
             return
         params = self._own_trainable()
-        scale = (lambda: self.points_lr_scale) if self.lr_scale == "auto" else self.lr_scale
-        self._scaled_updates += [ScaledUpdates(optimizer, params, scale) for optimizer in optimizers]
+        scale, ramp = scale_and_ramp(self.config, lambda: self.points_lr_scale)
+        self._scaled_updates += [ScaledUpdates(optimizer, params, scale, ramp) for optimizer in optimizers]
+        self.update_steps, self._resumed_steps = self._resumed_steps, 0
+
+    @property
+    def update_steps(self) -> int:
+        """Optimizer steps taken under :meth:`scale_updates` (where ``lr_scale_ramp`` stands); settable to resume."""
+        return max((scaled.steps for scaled in self._scaled_updates), default=self._resumed_steps)
+
+    @update_steps.setter
+    def update_steps(self, steps: int) -> None:
+        self._resumed_steps = 0 if self._scaled_updates else steps  # kept for scale_updates() if not yet called
+        for scaled in self._scaled_updates:
+            scaled.steps = steps
 
     def _own_trainable(self) -> list[nn.Parameter]:
         """The points' own trainable parameters: what the frozen control freezes and ``lr_scale`` slows down."""
@@ -283,12 +296,14 @@ class FeedbackEngine:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Seed, layout and projector state: enough to prove a resumed run uses the same projection."""
-        return self.projection.state_dict()
+        """Seed, layout and projector state (enough to prove a resumed run uses the same projection), and the
+        optimizer steps taken (where ``lr_scale_ramp`` stands)."""
+        return {**self.projection.state_dict(), UPDATE_STEPS: self.update_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the feedback state; the projector is rebuilt (and checked) at the next forward pass."""
-        self.projection.load_state_dict(state)
+        self.update_steps = int(state.get(UPDATE_STEPS, 0))
+        self.projection.load_state_dict({k: v for k, v in state.items() if k != UPDATE_STEPS})
 
     def __repr__(self) -> str:
         c = self.config

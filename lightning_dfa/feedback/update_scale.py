@@ -6,7 +6,7 @@ a user would write, so it is exact for any optimizer and scheduler.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +19,12 @@ DEFAULT_LR_SCALE = "auto"
 
 #: The largest share ``"auto"`` gives (narrow errors: ten classes, a small image).
 AUTO_LR_SCALE_CAP = 0.1
+
+#: The default ``lr_scale_ramp``: 0, the full share from the first step (see ``check_lr_scale_ramp``).
+DEFAULT_LR_SCALE_RAMP = 0
+
+#: Key of the optimizer steps taken (where ``lr_scale_ramp`` stands) in the feedback state of a checkpoint.
+UPDATE_STEPS = "lr_scale_steps"
 
 #: Key of the scaled copies in the optimizer's groups while a step runs (to tell them apart).
 SCALED = "lightning_dfa_lr_scale"
@@ -34,9 +40,16 @@ class ScaledUpdates:
         scaled.remove()
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], scale: Any) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], scale: Any, ramp: int = 0
+    ) -> None:
         if not callable(scale):
             check_lr_scale(scale)
+        check_lr_scale_ramp(ramp)
+        #: ``ramp > 0``: step ``k`` (from 0) scales by ``scale * min(1, k / ramp)``: the points start still.
+        self.ramp = ramp
+        #: Optimizer steps taken under these hooks (a resumed run sets it to its own count).
+        self.steps = 0
         # A number, or a function read at every step: ``"auto"`` is known once the first error has been seen, which in a
         # Lightning step (forward and backward inside ``step(closure)``) is after the pre-hook: see rescale().
         self.scale = scale
@@ -44,7 +57,10 @@ class ScaledUpdates:
         self._params = set(params)
         self._groups: list[tuple[dict[str, Any], list[nn.Parameter]]] = []
         self._scaled: list[dict[str, Any]] = []
-        self._handles = [optimizer.register_step_pre_hook(self._split), optimizer.register_step_post_hook(self._merge)]
+        self._handles = [
+            optimizer.register_step_pre_hook(self._split),
+            optimizer.register_step_post_hook(self._stepped),
+        ]
 
     def _split(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         self._merge()  # a step that raised left its groups split
@@ -62,8 +78,13 @@ class ScaledUpdates:
     def rescale(self) -> None:
         """Set the scaled groups' rates from the scale now known (called again when ``"auto"`` is resolved)."""
         scale = self.scale() if callable(self.scale) else self.scale
+        share = (1.0 if scale is None else scale) * ramp_factor(self.steps, self.ramp)
         for (group, _), scaled in zip(self._groups, self._scaled):
-            scaled["lr"] = group["lr"] * (1.0 if scale is None else scale)
+            scaled["lr"] = group["lr"] * share
+
+    def _stepped(self, *_: Any) -> None:
+        self.steps += 1
+        self._merge()
 
     def _merge(self, *_: Any) -> None:
         if not self._groups:
@@ -90,6 +111,33 @@ def check_lr_scale(scale: Any) -> None:
         raise ValueError(
             f"lr_scale must be 'auto' or a number in [0, 1], the feedback points' share of the learning rate (1.0 "
             f"leaves the optimizer as it is), got {scale!r}."
+        )
+
+
+def scale_and_ramp(config: Any, auto: Callable[[], float | None]) -> tuple[Any, int]:
+    """The ``scale`` and ``ramp`` of :class:`ScaledUpdates` for a ``DFAConfig``: ``"auto"`` is read from ``auto()``
+    at every step and ramped over ``lr_scale_ramp`` steps; a number is used as given, from the first step."""
+    if config.lr_scale == "auto":
+        return auto, config.lr_scale_ramp
+    return config.lr_scale, 0
+
+
+def ramp_factor(step: int, ramp: int) -> float:
+    """``min(1, step / ramp)`` (1 when ``ramp`` is 0): the share of ``lr_scale`` that step ``step`` (from 0) takes.
+
+    Example::
+
+        ramp_factor(0, 150), ramp_factor(75, 150), ramp_factor(400, 150)   # 0.0, 0.5, 1.0
+    """
+    return 1.0 if ramp == 0 else min(1.0, step / ramp)
+
+
+def check_lr_scale_ramp(ramp: Any) -> None:
+    """``lr_scale_ramp`` is a whole number of optimizer steps, 0 or more (0: the full share from the first step)."""
+    if isinstance(ramp, bool) or not isinstance(ramp, int) or ramp < 0:
+        raise ValueError(
+            f"lr_scale_ramp must be a whole number of optimizer steps >= 0 over which lr_scale='auto' rises from 0 "
+            f"(0: no ramp), got {ramp!r}."
         )
 
 

@@ -18,7 +18,7 @@ from lightning_dfa.feedback.projection import (
     layout_of,
 )
 from lightning_dfa.feedback.rows import PointShape, error_row_dims
-from lightning_dfa.feedback.update_scale import ScaledUpdates, auto_lr_scale
+from lightning_dfa.feedback.update_scale import UPDATE_STEPS, ScaledUpdates, auto_lr_scale, scale_and_ramp
 from lightning_dfa.pipeline.projection import StageProjection
 from lightning_dfa.projectors import build_projector
 
@@ -38,6 +38,7 @@ class StageFeedback:
         self.projector_state: dict[str, Any] | None = None  # the whole projector's state, as the engine saves it
         self.points_lr_scale: float | None = None if config.lr_scale == "auto" else float(config.lr_scale)
         self._scaled: list[ScaledUpdates] = []
+        self._resumed_steps = 0  # a checkpoint's optimizer steps (where lr_scale_ramp stands), until scale_updates()
         self._saved: dict[str, Any] | None = None
 
     def shapes(self, records: list[tuple[str, Tensor]], error_shape: torch.Size) -> dict[str, PointShape]:
@@ -93,16 +94,21 @@ class StageFeedback:
         if self.config.lr_scale == 1.0:
             return
         params = [p for name in self.points for p in module.get_submodule(name).parameters() if p.requires_grad]
-        scale = (lambda: self.points_lr_scale) if self.config.lr_scale == "auto" else self.config.lr_scale
-        self._scaled.append(ScaledUpdates(optimizer, params, scale))
+        scale, ramp = scale_and_ramp(self.config, lambda: self.points_lr_scale)
+        self._scaled.append(ScaledUpdates(optimizer, params, scale, ramp))
+        self._scaled[-1].steps, self._resumed_steps = self._resumed_steps, 0
 
     def state_dict(self) -> dict[str, Any]:
         """What the one-process engine saves (seed, layout, projector, lr_scale): loadable into the unsplit engine."""
+        steps = {UPDATE_STEPS: max((scaled.steps for scaled in self._scaled), default=self._resumed_steps)}
         if self.projection is None:
-            return dict(self._saved) if self._saved else {"seed": self.config.seed}
-        return feedback_state(self.config, self.error_features, self.layout, self.projector_state)
+            return {**(dict(self._saved) if self._saved else {"seed": self.config.seed}), **steps}
+        return {**feedback_state(self.config, self.error_features, self.layout, self.projector_state), **steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_saved_settings(state, self.config)
+        self._resumed_steps = int(state.get(UPDATE_STEPS, 0))
+        for scaled in self._scaled:
+            scaled.steps = self._resumed_steps
         if "layout" in state:
             self._saved = dict(state)  # checked against the layout agreed at the next first error
