@@ -26,7 +26,13 @@ from lightning_dfa.feedback.hooks import EngineHook, attached_engine
 from lightning_dfa.feedback.outputs import cut_inputs, cut_side_inputs, first_tensor, replace_first, swap_copies, trains
 from lightning_dfa.feedback.points import point_parameters, select
 from lightning_dfa.feedback.projection import FeedbackRouter, Observer, Projection
-from lightning_dfa.feedback.update_scale import UPDATE_STEPS, ScaledUpdates, auto_lr_scale, scale_and_ramp
+from lightning_dfa.feedback.update_scale import (
+    UPDATE_STEPS,
+    ScaledUpdates,
+    auto_lr_scale,
+    scale_and_ramp,
+    steps_taken,
+)
 
 
 class FeedbackEngine:
@@ -179,7 +185,7 @@ class FeedbackEngine:
     @property
     def update_steps(self) -> int:
         """Optimizer steps taken under :meth:`scale_updates` (where ``lr_scale_ramp`` stands); settable to resume."""
-        return max((scaled.steps for scaled in self._scaled_updates), default=self._resumed_steps)
+        return steps_taken(self._scaled_updates, self._resumed_steps)
 
     @update_steps.setter
     def update_steps(self, steps: int) -> None:

@@ -114,6 +114,12 @@ def check_lr_scale(scale: Any) -> None:
         )
 
 
+def steps_taken(scaled: Sequence[ScaledUpdates], resumed: int) -> int:
+    """Optimizer steps taken under ``scaled`` (where ``lr_scale_ramp`` stands), or a checkpoint's ``resumed`` count
+    while no optimizer is scaled yet."""
+    return max((each.steps for each in scaled), default=resumed)
+
+
 def scale_and_ramp(config: Any, auto: Callable[[], float | None]) -> tuple[Any, int]:
     """The ``scale`` and ``ramp`` of :class:`ScaledUpdates` for a ``DFAConfig``: ``"auto"`` is read from ``auto()``
     at every step and ramped over ``lr_scale_ramp`` steps; a number is used as given, from the first step."""

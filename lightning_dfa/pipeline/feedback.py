@@ -18,7 +18,13 @@ from lightning_dfa.feedback.projection import (
     layout_of,
 )
 from lightning_dfa.feedback.rows import PointShape, error_row_dims
-from lightning_dfa.feedback.update_scale import UPDATE_STEPS, ScaledUpdates, auto_lr_scale, scale_and_ramp
+from lightning_dfa.feedback.update_scale import (
+    UPDATE_STEPS,
+    ScaledUpdates,
+    auto_lr_scale,
+    scale_and_ramp,
+    steps_taken,
+)
 from lightning_dfa.pipeline.projection import StageProjection
 from lightning_dfa.projectors import build_projector
 
@@ -100,7 +106,7 @@ class StageFeedback:
 
     def state_dict(self) -> dict[str, Any]:
         """What the one-process engine saves (seed, layout, projector, lr_scale): loadable into the unsplit engine."""
-        steps = {UPDATE_STEPS: max((scaled.steps for scaled in self._scaled), default=self._resumed_steps)}
+        steps = {UPDATE_STEPS: steps_taken(self._scaled, self._resumed_steps)}
         if self.projection is None:
             return {**(dict(self._saved) if self._saved else {"seed": self.config.seed}), **steps}
         return {**feedback_state(self.config, self.error_features, self.layout, self.projector_state), **steps}

@@ -119,18 +119,22 @@ class Camera:
             else:
                 counts.add_(noise.normal_(0.0, self.read_noise / unit, generator=generator))
         full = self.full_well / unit
-        pedestal = self.black_level * full
-        dither = None
-        if self.adc_dither and self.bit_depth is not None:
-            shape = (*counts.shape[:-1], 1) if counts.dim() > 1 else (1,)
-            dither = torch.rand(shape, generator=generator, dtype=counts.dtype, device=counts.device)
-            pedestal = dither.add_(pedestal)
-        if self.black_level or dither is not None:
+        pedestal = self._pedestal(counts, full, generator)
+        if pedestal is not None:
             counts.add_(pedestal)
         saturated = int(torch.count_nonzero(counts >= full))
         counts.clamp_(0.0, full)
         if self.bit_depth is not None:
             counts.round_()
-        if self.black_level or dither is not None:
+        if pedestal is not None:
             counts.sub_(pedestal)
         return saturated
+
+    def _pedestal(self, counts: Tensor, full: float, generator: torch.Generator | None) -> Tensor | float | None:
+        """What is added before the ADC and subtracted after: the black level, plus (``adc_dither``) a uniform
+        one-count value per frame row; None when there is neither."""
+        if not (self.adc_dither and self.bit_depth is not None):
+            return self.black_level * full if self.black_level else None
+        shape = (*counts.shape[:-1], 1) if counts.dim() > 1 else (1,)
+        dither = torch.rand(shape, generator=generator, dtype=counts.dtype, device=counts.device)
+        return dither.add_(self.black_level * full)

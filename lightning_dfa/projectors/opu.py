@@ -362,13 +362,15 @@ class OPU(Projector):
         count: a frame of one lit pixel gets as many photons as a dense one, instead of drowning in shot noise and
         the ADC's rounding. Retrieval divides each reading by its power, so the map is unchanged.
         """
-        if not (self.frame_power and self.camera.enabled and self._mean_lit is not None):
-            return None
-        if flat.dtype == torch.bool:  # a uint8 sum: exact, and ten times the speed of a float64 one
-            lit = flat.view(torch.uint8).sum(1, dtype=torch.int32).double()
-        else:
-            lit = flat.sum(1, dtype=torch.float64)
-        lit += self.anchor_pixels if anchored else 0
+        return self._powers(_lit_counts(flat), anchored) if self._powered() else None
+
+    def _powered(self) -> bool:
+        """Whether readings are taken at per-frame powers: ``frame_power``, a camera, and the exposure calibrated."""
+        return self.frame_power and self.camera.enabled and self._mean_lit is not None
+
+    def _powers(self, lit: Tensor, anchored: bool) -> Tensor:
+        """The powers of frames of ``lit`` pixels (float64 counts), read alone or with the anchor."""
+        lit = lit + (self.anchor_pixels if anchored else 0)
         target = self._mean_lit + self.anchor_pixels
         return (target / lit.clamp_min(1.0)).clamp_(1.0 / MAX_FRAME_POWER, MAX_FRAME_POWER)
 
@@ -383,9 +385,8 @@ class OPU(Projector):
             field = self.anchor(torch.device("cpu"))
             intensity = field["real"].double() ** 2 + field["imag"].double() ** 2
             generator = self._stream(_ANCHOR_NOISE, torch.device("cpu"))
-            power = 1.0
-            if self.frame_power and self._mean_lit is not None:
-                power = min(MAX_FRAME_POWER, (self._mean_lit + self.anchor_pixels) / self.anchor_pixels)
+            # the anchor alone is a blank frame read with the anchor
+            power = float(self._powers(torch.zeros(1, dtype=torch.float64), True)) if self._powered() else 1.0
             frames = intensity.expand(self.anchor_frames, -1).contiguous()
             reading = self.camera.read(frames, self.gain * power, generator)
             self._calibration_frames += self.anchor_frames * self.tiles[0] * self.tiles[1]
@@ -548,8 +549,10 @@ class OPU(Projector):
     def _pass_powers(self, flat: Tensor, work: torch.dtype) -> list[Tensor] | None:
         """The source powers of the frames ``flat`` for their two readings, alone and with the anchor (``(F N, 1)``
         each, :meth:`frame_powers`), or None."""
-        powers = [self.frame_powers(flat, anchored) for anchored in (False, True)]
-        return None if powers[0] is None else [p.to(work)[:, None] for p in powers]
+        if not self._powered():
+            return None
+        lit = _lit_counts(flat)  # counted once for both readings
+        return [self._powers(lit, anchored).to(work)[:, None] for anchored in (False, True)]
 
     def _detect(
         self, weights: Tensor, powers, field: Tensor, cols: tuple[int, int], out: Tensor, generator, anchor, scratch
@@ -572,12 +575,12 @@ class OPU(Projector):
             self._offset = torch.zeros(self.out_features, dtype=like.dtype, device=like.device)
             if self.camera.enabled and self.blank_frames:
                 generator = self._stream(_BLANK, like.device)
+                blank = torch.zeros(1, self.in_features, dtype=torch.bool, device=like.device)
+                powers = self._pass_powers(blank, like.dtype)
                 for c0 in range(0, self.out_features, self.tile):
                     c1 = min(c0 + self.tile, self.out_features)
                     field = torch.zeros(self.blank_frames, 2 * (c1 - c0), dtype=like.dtype, device=like.device)
                     alone = torch.empty(self.blank_frames, c1 - c0, dtype=like.dtype, device=like.device)
-                    blank = torch.zeros(1, self.in_features, dtype=torch.bool, device=like.device)
-                    powers = self._pass_powers(blank, like.dtype)
                     y, _ = self._retrieve(field, anchor, (c0, c1), generator, [alone], powers)
                     self._offset[c0:c1] = y.mean(0)
                 self._calibration_frames += 2 * self.blank_frames * self.tiles[0] * self.tiles[1]
@@ -724,6 +727,13 @@ class OPU(Projector):
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+
+def _lit_counts(flat: Tensor) -> Tensor:
+    """Lit pixels per frame row, float64; binary frames by a uint8 sum (exact, ten times a float64 sum's speed)."""
+    if flat.dtype == torch.bool:
+        return flat.view(torch.uint8).sum(1, dtype=torch.int32).double()
+    return flat.sum(1, dtype=torch.float64)
 
 
 def add_frames_times(
