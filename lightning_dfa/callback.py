@@ -51,6 +51,7 @@ class DFA(Callback):
         seed: int | None = None,
         mode: str | None = None,
         error_rows: int | None = None,
+        head_lr_scale: float | None = None,
         lr_scale: float | str | None = None,
         lr_scale_ramp: int | None = None,
         backprop_top: int | None = None,
@@ -123,7 +124,11 @@ class DFA(Callback):
         engine.check_routed()
         if engine.lr_scale == "auto" and engine.points_lr_scale is not None and not self._told_scale:
             self._told_scale = True  # known from the first error only
-            rank_zero_info(f"DFA: lr_scale='auto' set the points' learning rate to {engine.points_lr_scale:.3g} x lr")
+            rate = engine.points_lr_scale * engine.config.head_lr_scale
+            rank_zero_info(
+                f"DFA: lr_scale='auto' set the points' learning rate to {engine.points_lr_scale:.3g} x the head's "
+                f"({rate:.3g} x lr)"
+            )
 
     # ------------------------------------------------------------------ non-finite steps
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -238,10 +243,13 @@ def _chosen(dfa: FeedbackEngine) -> str:
     )
     if dfa.backprop_points:
         line += f", {len(dfa.backprop_points)} top blocks by backprop"
-    if dfa.mode != "dfa":
-        return f"{line}, mode {dfa.mode}"
+    head = f"head and embeddings at head_lr_scale={config.head_lr_scale:g} x lr"
+    if dfa.mode == "backprop":
+        return f"{line}, mode backprop"
+    if dfa.mode == "frozen":
+        return f"{line}, mode frozen, {head}"
     scale = "auto (min(0.1, 1/sqrt(error width)))" if dfa.lr_scale == "auto" else dfa.lr_scale
-    return f"{line}, points at lr_scale={scale} x lr"
+    return f"{line}, {head}, points at lr_scale={scale} x that"
 
 
 def _projector_name(spec: Any) -> str:

@@ -170,16 +170,21 @@ class FeedbackEngine:
                 self._install_hooks()
 
     def scale_updates(self, *optimizers: torch.optim.Optimizer) -> None:
-        """Make the points learn at ``lr_scale`` x each optimizer's learning rate (exactly as their own parameter
-        group would), until :meth:`detach`. Only in ``mode="dfa"``: the baselines keep the plain rate. Parameters
-        shared with modules outside the points (a head tied to embedding points) keep the full rate."""
+        """Make everything learn at ``head_lr_scale`` x each optimizer's learning rate and the points at
+        ``lr_scale`` x that (exactly as their own parameter groups would), until :meth:`detach`. The frozen control
+        gets the same ``head_lr_scale``; backprop keeps the plain rate. Parameters shared with modules outside the
+        points (a head tied to embedding points) learn at the head's rate."""
         if self.model is None:
             raise RuntimeError("scale_updates() needs the model: call attach(model) first.")
-        if self.mode != "dfa" or self.lr_scale == 1.0:
+        head = self.config.head_lr_scale
+        if self.mode == "backprop" or (self.lr_scale == 1.0 and head == 1.0) or (self.mode == "frozen" and head == 1):
             return
-        params = self._own_trainable()
-        scale, ramp = scale_and_ramp(self.config, lambda: self.points_lr_scale)
-        self._scaled_updates += [ScaledUpdates(optimizer, params, scale, ramp) for optimizer in optimizers]
+        if self.mode == "frozen":  # the points are frozen: only the rest's rate
+            params, scale, ramp = [], 1.0, 0
+        else:
+            params = self._own_trainable()
+            scale, ramp = scale_and_ramp(self.config, lambda: self.points_lr_scale)
+        self._scaled_updates += [ScaledUpdates(optimizer, params, scale, ramp, head) for optimizer in optimizers]
         self.update_steps, self._resumed_steps = self._resumed_steps, 0
 
     @property

@@ -96,12 +96,13 @@ class StageFeedback:
         torch.autograd.backward([hidden for _, hidden in records], grads)
 
     def scale_updates(self, optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
-        """The points' parameters learn at ``lr_scale`` x the optimizer's rate, as in one process."""
-        if self.config.lr_scale == 1.0:
+        """The stage learns at ``head_lr_scale`` x the optimizer's rate and its points at ``lr_scale`` x that, as in
+        one process."""
+        if self.config.lr_scale == 1.0 and self.config.head_lr_scale == 1.0:
             return
         params = [p for name in self.points for p in module.get_submodule(name).parameters() if p.requires_grad]
         scale, ramp = scale_and_ramp(self.config, lambda: self.points_lr_scale)
-        self._scaled.append(ScaledUpdates(optimizer, params, scale, ramp))
+        self._scaled.append(ScaledUpdates(optimizer, params, scale, ramp, self.config.head_lr_scale))
         self._scaled[-1].steps, self._resumed_steps = self._resumed_steps, 0
 
     def state_dict(self) -> dict[str, Any]:
