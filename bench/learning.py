@@ -243,7 +243,7 @@ def _sweep(ax, results: list[dict], recipe: str) -> None:
         xs, ys, errs = zip(*[(x, row["mean"], row["std"]) for x, row in points])
         ax.errorbar(xs, ys, yerr=errs, color="grey", marker="o", label="DFA, fixed lr_scale")
     if "dfa" in rows:
-        auto = auto_lr_scale((1, STUDY[recipe]["error_width"]))
+        auto = auto_lr_scale((1, STUDY[recipe]["error_width"]))  # at the default head_lr_scale
         ax.errorbar(
             [auto],
             [rows["dfa"]["mean"]],

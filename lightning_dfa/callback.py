@@ -124,11 +124,7 @@ class DFA(Callback):
         engine.check_routed()
         if engine.lr_scale == "auto" and engine.points_lr_scale is not None and not self._told_scale:
             self._told_scale = True  # known from the first error only
-            rate = engine.points_lr_scale * engine.config.head_lr_scale
-            rank_zero_info(
-                f"DFA: lr_scale='auto' set the points' learning rate to {engine.points_lr_scale:.3g} x the head's "
-                f"({rate:.3g} x lr)"
-            )
+            rank_zero_info(f"DFA: lr_scale='auto' set the points' learning rate to {engine.points_lr_scale:.3g} x lr")
 
     # ------------------------------------------------------------------ non-finite steps
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -248,8 +244,8 @@ def _chosen(dfa: FeedbackEngine) -> str:
         return f"{line}, mode backprop"
     if dfa.mode == "frozen":
         return f"{line}, mode frozen, {head}"
-    scale = "auto (min(0.1, 1/sqrt(error width)))" if dfa.lr_scale == "auto" else dfa.lr_scale
-    return f"{line}, {head}, points at lr_scale={scale} x that"
+    scale = "auto (min(0.1, head_lr_scale/sqrt(error width)))" if dfa.lr_scale == "auto" else dfa.lr_scale
+    return f"{line}, {head}, points at lr_scale={scale} x lr"
 
 
 def _projector_name(spec: Any) -> str:

@@ -341,14 +341,21 @@ def test_the_cli_sets_the_scale(tmp_path):
     [((4, 16, 4096), 1 / 64), ((4, 256), 1 / 16), ((4, 10), 0.1), ((4, 1, 16, 16), 1 / 16), ((4, 3, 4, 4), 0.1)],
     ids=["tokens-are-rows", "samples-are-rows", "capped", "a-whole-image-is-one-row", "capped-image"],
 )
-def test_auto_is_one_over_the_square_root_of_the_error_width_at_most_a_tenth(error_shape, scale):
+def test_auto_is_the_head_rate_over_the_square_root_of_the_error_width_at_most_a_tenth(error_shape, scale):
     from lightning_dfa.feedback.update_scale import auto_lr_scale
 
-    assert auto_lr_scale(error_shape) == pytest.approx(scale)
+    assert auto_lr_scale(error_shape, head_lr_scale=1.0) == pytest.approx(scale)
+    assert auto_lr_scale(error_shape, head_lr_scale=2.0) == pytest.approx(min(0.1, 2 * scale))
+
+
+def test_auto_follows_the_default_head_lr_scale():
+    from lightning_dfa.feedback.update_scale import auto_lr_scale
+
+    assert auto_lr_scale((8, 128, 4096)) == pytest.approx(HEAD / 64)  # the quick start's logits: 0.047
 
 
 def test_auto_is_the_default_and_is_set_by_the_first_forward():
-    model = TinyMLP(classes=400)  # 400 classes: 1 / sqrt(400) = 0.05
+    model = TinyMLP(classes=3600)  # 3600 classes: 3 / sqrt(3600) = 0.05
     dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(model)
     assert dfa.lr_scale == "auto" and dfa.points_lr_scale is None
     model(torch.randn(2, 5))
@@ -366,7 +373,7 @@ def test_auto_sees_the_whole_image_with_spatial_feedback():
         unet
     ) as dfa:  # rows are pixels for the projection, not for the rule
         unet(torch.zeros(2, 1, 16, 16), torch.tensor([1, 2]))
-        assert dfa.points_lr_scale == pytest.approx(1 / 16)
+        assert dfa.points_lr_scale == pytest.approx(0.1)  # 3 / 16, capped: a 16 x 16 image is one row
 
 
 def test_auto_scales_the_points_as_a_group_at_the_chosen_rate():
@@ -440,12 +447,13 @@ HEAD = 3.0
 
 
 def explicit_head_groups(model, scale=SCALE):
-    """What a user would write for head_lr_scale=3: everything at 3 x LR, the points at scale x that."""
-    return explicit_groups(model, lr=LR * HEAD, scale=scale)
+    """What a user would write for head_lr_scale=3: the points at scale x LR, everything else at 3 x LR."""
+    points, rest = points_and_rest(model)
+    return [{"params": rest, "lr": LR * HEAD}, {"params": points, "lr": LR * scale}]
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd-momentum"])
-def test_everything_learns_at_head_lr_scale_and_the_points_at_lr_scale_of_that(name):
+def test_the_rest_learns_at_head_lr_scale_and_the_points_at_lr_scale(name):
     scaled, reference = two_copies()
     opt = OPTIMIZERS[name](scaled.parameters())
     ref_opt = OPTIMIZERS[name](explicit_head_groups(reference))

@@ -42,7 +42,8 @@ class DFAConfig:
         error_rows: leading dimensions of the error that are rows (default: 2 for ``(B, T, V)``, else 1).
         head_lr_scale: in ``"dfa"`` and ``"frozen"`` modes, what trains by true gradient (head, embeddings) learns
             at ``head_lr_scale`` x the optimizer's rate (default 3; 1: the optimizer's own).
-        lr_scale: the points learn at ``lr_scale`` x the head's rate; ``"auto"``: ``min(0.1, 1/sqrt(d_e))``.
+        lr_scale: the points learn at ``lr_scale`` x the optimizer's rate; ``"auto"``:
+            ``min(0.1, head_lr_scale / sqrt(d_e))``.
         lr_scale_ramp: optimizer steps over which an ``"auto"`` share rises linearly from 0 (0: none).
         backprop_top: the top ``k`` blocks train with their true gradient.
         embeddings: ``True``: embeddings are points; ``"first_block"``: they learn from block 0's feedback.

@@ -170,10 +170,10 @@ class FeedbackEngine:
                 self._install_hooks()
 
     def scale_updates(self, *optimizers: torch.optim.Optimizer) -> None:
-        """Make everything learn at ``head_lr_scale`` x each optimizer's learning rate and the points at
-        ``lr_scale`` x that (exactly as their own parameter groups would), until :meth:`detach`. The frozen control
-        gets the same ``head_lr_scale``; backprop keeps the plain rate. Parameters shared with modules outside the
-        points (a head tied to embedding points) learn at the head's rate."""
+        """Make the points learn at ``lr_scale`` x each optimizer's learning rate and everything else at
+        ``head_lr_scale`` x it (exactly as their own parameter groups would), until :meth:`detach`. The frozen
+        control gets the same ``head_lr_scale``; backprop keeps the plain rate. Parameters shared with modules
+        outside the points (a head tied to embedding points) learn at the head's rate."""
         if self.model is None:
             raise RuntimeError("scale_updates() needs the model: call attach(model) first.")
         head = self.config.head_lr_scale
@@ -265,7 +265,7 @@ class FeedbackEngine:
             )
         shapes = self.projection.shapes(self.points, records, error_point)
         if self.points_lr_scale is None:  # lr_scale="auto": known from the first error
-            self.points_lr_scale = auto_lr_scale(error_point.shape)
+            self.points_lr_scale = auto_lr_scale(error_point.shape, self.config.head_lr_scale)
             for scaled in self._scaled_updates:  # a step already under way (Lightning's closure) learns it now
                 scaled.rescale()
         # The frozen-blocks control feeds no block (parameters it shares with the head train with their true

@@ -1,6 +1,6 @@
-"""Under DFA everything trained by its true gradient (the head, the embeddings, norms outside the blocks) learns at
-``head_lr_scale`` x the learning rate of whatever optimizer trains it, and the feedback points at ``lr_scale`` x
-that: step hooks set the groups' ``lr`` for the step only (the points in groups of their own): the optimizer then
+"""Under DFA the feedback points learn at ``lr_scale`` x the learning rate of whatever optimizer trains them, and
+everything trained by its true gradient (the head, the embeddings, norms outside the blocks) at ``head_lr_scale`` x
+it: step hooks set the groups' ``lr`` for the step only (the points in groups of their own): the optimizer then
 sees exactly the groups a user would write, so it is exact for any optimizer and scheduler.
 """
 
@@ -15,10 +15,10 @@ from torch import nn
 
 from lightning_dfa.feedback.rows import error_row_dims
 
-#: The default: ``"auto"``, one over the square root of the error's width (:func:`auto_lr_scale`).
+#: The default: ``"auto"``, ``head_lr_scale`` over the square root of the error's width (:func:`auto_lr_scale`).
 DEFAULT_LR_SCALE = "auto"
 
-#: The largest share ``"auto"`` gives (narrow errors: ten classes, a small image).
+#: The largest share ``"auto"`` gives (narrow errors: ten classes, a small image), of the optimizer's rate.
 AUTO_LR_SCALE_CAP = 0.1
 
 #: The default ``lr_scale_ramp``: 0, the full share from the first step (see ``check_lr_scale_ramp``).
@@ -39,13 +39,13 @@ SCALED = "lightning_dfa_lr_scale"
 
 
 class ScaledUpdates:
-    """Scale the update of ``params`` to ``scale`` x what ``optimizer`` gives the rest of their group, and (``rest``)
-    every other parameter's to ``rest`` x its group's rate.
+    """Scale the update of ``params`` to ``scale`` x what ``optimizer`` gives their group, and (``rest``) every other
+    parameter's to ``rest`` x its group's rate.
 
     Example::
 
         scaled = ScaledUpdates(optimizer, model.blocks.parameters(), scale=0.03, rest=3.0)
-        optimizer.step()      # everything: a step at 3 x lr; the blocks: at 0.03 x that
+        optimizer.step()      # the blocks: a step at 0.03 x lr; everything else: at 3 x lr
         scaled.remove()
     """
 
@@ -61,7 +61,7 @@ class ScaledUpdates:
             check_lr_scale(scale)
         check_lr_scale_ramp(ramp)
         check_head_lr_scale(rest)
-        #: The rate of every parameter, ``params`` included, relative to its group's (``head_lr_scale``).
+        #: The rate of every other parameter relative to its group's (``head_lr_scale``).
         self.rest = rest
         #: ``ramp > 0``: step ``k`` (from 0) scales by ``scale * min(1, k / ramp)``: the points start still.
         self.ramp = ramp
@@ -99,7 +99,7 @@ class ScaledUpdates:
         for (group, _, lr), scaled in zip(self._groups, self._scaled):
             if self.rest != 1.0:
                 group["lr"] = lr * self.rest
-            scaled["lr"] = lr * self.rest * share
+            scaled["lr"] = lr * share
 
     def _stepped(self, *_: Any) -> None:
         self.steps += 1
@@ -176,12 +176,14 @@ def check_lr_scale_ramp(ramp: Any) -> None:
         )
 
 
-def auto_lr_scale(error_shape: Sequence[int]) -> float:
-    """``min(0.1, 1 / sqrt(width))``, ``width`` the error's values per row with the default rows.
+def auto_lr_scale(error_shape: Sequence[int], head_lr_scale: float = DEFAULT_HEAD_LR_SCALE) -> float:
+    """``min(0.1, head_lr_scale / sqrt(width))``, ``width`` the error's values per row with the default rows: the
+    points at one over the square root of the width of the head's rate, and never above a tenth of the optimizer's.
 
     Example::
 
-        auto_lr_scale((8, 128, 4096))   # 0.015625: a GPT's logits, per token
+        auto_lr_scale((8, 128, 4096))        # 0.046875 = 3 / 64: a GPT's logits, per token
+        auto_lr_scale((8, 128, 4096), 1.0)   # 0.015625 with the head at the optimizer's own rate
     """
     width = math.prod(error_shape[error_row_dims(torch.Size(error_shape), None) :])
-    return min(AUTO_LR_SCALE_CAP, 1.0 / math.sqrt(width))
+    return min(AUTO_LR_SCALE_CAP, head_lr_scale / math.sqrt(width))
