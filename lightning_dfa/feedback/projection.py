@@ -178,7 +178,8 @@ def feedback_state(
 
 
 def check_saved_settings(state: dict[str, Any], config: DFAConfig) -> None:
-    """Refuse another feedback seed (another projection); warn when ``lr_scale`` or ``head_lr_scale`` changed (another trajectory)."""
+    """Refuse another feedback seed (another projection); warn when ``lr_scale`` or ``head_lr_scale`` changed
+    (another trajectory)."""
     if state.get("seed", config.seed) != config.seed:
         raise ValueError(
             f"The checkpoint's feedback seed is {state['seed']}, this DFA's is {config.seed}: resume with "
