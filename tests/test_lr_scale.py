@@ -551,3 +551,39 @@ def test_a_checkpoint_from_before_head_lr_scale_warns_that_the_rate_changes():
     state = {k: v for k, v in dfa.state_dict().items() if k != "head_lr_scale"}  # what an older version saved
     with pytest.warns(UserWarning, match=r"trained with head_lr_scale=1.0, this run uses head_lr_scale=3.0"):
         FeedbackEngine(blocks="blocks.*", output="head").load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "mode, said",
+    [
+        ("dfa", "head and embeddings at head_lr_scale=3 x lr, points at lr_scale=auto"),
+        ("frozen", "mode frozen, head and embeddings at head_lr_scale=3 x lr"),
+    ],
+)
+def test_the_start_of_fit_names_the_heads_rate(mode, said, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        fit(Classifier(), DFAStrategy(mode=mode))
+    assert said in caplog.text
+
+
+def test_the_cli_sets_the_heads_rate(tmp_path):
+    from lightning_dfa.cli import main
+
+    main(
+        [
+            "fit",
+            "--config",
+            "digits-mlp",
+            "--trainer.strategy.init_args.head_lr_scale=1.5",
+            "--trainer.max_steps=2",
+            "--trainer.logger=false",
+            "--trainer.limit_val_batches=0",
+            "--trainer.limit_test_batches=0",
+            "--trainer.callbacks=[]",
+            "--baselines=[]",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert "head_lr_scale: 1.5" in (tmp_path / "latest" / "config.yaml").read_text()
