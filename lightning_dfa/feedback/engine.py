@@ -176,10 +176,10 @@ class FeedbackEngine:
         outside the points (a head tied to embedding points) learn at the head's rate."""
         if self.model is None:
             raise RuntimeError("scale_updates() needs the model: call attach(model) first.")
-        head = self.config.head_lr_scale
-        if self.mode == "backprop" or (self.lr_scale == 1.0 and head == 1.0) or (self.mode == "frozen" and head == 1):
-            return
-        if self.mode == "frozen":  # the points are frozen: only the rest's rate
+        head, frozen = self.config.head_lr_scale, self.mode == "frozen"
+        if self.mode == "backprop" or (head == 1.0 and (frozen or self.lr_scale == 1.0)):
+            return  # nothing to scale
+        if frozen:  # the points do not learn: only the rest's rate
             params, scale, ramp = [], 1.0, 0
         else:
             params = self._own_trainable()
