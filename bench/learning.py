@@ -320,7 +320,7 @@ Plots: left, the training loss (moving average of 20 steps) and validation loss 
 frozen control and DFA with the plugin's defaults, mean over seeds; right, the final metric against
 `lr_scale` (mean ± sd over the seeds run), with the default (`"auto"`) as a star and the baselines as
 lines. Runs made before `head_lr_scale` existed trained the head at the optimizer's own rate: the variant
-`head_lr_scale 1` (the dfa, frozen and `lr_scale` rows of a page generated before 0.3 are such runs)."""
+`head_lr_scale 1` (the dfa, frozen and `lr_scale` rows of a page generated before head_lr_scale are such runs)."""
 
 
 def study_parser(description: str, out: str, seeds: list[int]) -> argparse.ArgumentParser:
