@@ -281,12 +281,49 @@ class ScaleSchedule(pl.Callback):
             scaled.rescale()
 
 
-def schedule(method: str) -> tuple[str, ScaleSchedule | None]:
-    """``method`` without its ``hold=`` / ``ramp=`` items, and their schedule (``None`` without them)."""
+class DepthScale(pl.Callback):
+    """``lr_scale`` by depth, a lever measured here: block ``i`` of ``n`` (from the input) moves ``profile(i)`` x the
+    step the plugin gave it, with the profile's mean 1 (``"rise"``: ``2 (i + 1) / (n + 1)``, ``"fall"``: its mirror).
+    Exact for Adam-type optimizers: their update is proportional to the learning rate, so scaling a block's step
+    after it is taken is the same as a group at the scaled rate."""
+
+    def __init__(self, profile: str) -> None:
+        if profile not in ("rise", "fall"):
+            raise ValueError(f"depth must be 'rise' or 'fall', got {profile!r}")
+        self.profile, self._before = profile, {}
+
+    def factors(self, n: int) -> list[float]:
+        rise = [2 * (i + 1) / (n + 1) for i in range(n)]
+        return rise if self.profile == "rise" else rise[::-1]
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        from lightning_dfa.callbacks.common import find_dfa
+
+        modules = dict(pl_module.named_modules())
+        points = find_dfa(trainer).points
+        self._before = {
+            (param, factor): param.detach().clone()
+            for name, factor in zip(points, self.factors(len(points)))
+            for param in modules[name].parameters()
+            if param.requires_grad
+        }
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            for (param, factor), before in self._before.items():
+                param.copy_(before + factor * (param - before))
+        self._before = {}
+
+
+def schedule(method: str) -> tuple[str, pl.Callback | None]:
+    """``method`` without its ``hold=`` / ``ramp=`` / ``depth=`` items, and the callback they make (or ``None``)."""
     every = re.split(r",(?![^\[]*\])", method)
-    items = [item for item in every if item.split("=")[0] not in ("hold", "ramp")]
-    timing = {k: int(v) for k, v in (item.split("=", 1) for item in every if "=" in item) if k in ("hold", "ramp")}
+    items = [item for item in every if item.split("=")[0] not in ("hold", "ramp", "depth")]
+    pairs = dict(item.split("=", 1) for item in every if "=" in item)
     rest = ",".join(items) or "dfa"
+    if "depth" in pairs:
+        return rest, DepthScale(pairs["depth"])
+    timing = {k: int(v) for k, v in pairs.items() if k in ("hold", "ramp")}
     return rest, ScaleSchedule(**timing) if timing else None
 
 

@@ -51,6 +51,7 @@ class DFA(Callback):
         seed: int | None = None,
         mode: str | None = None,
         error_rows: int | None = None,
+        head_lr_scale: float | None = None,
         lr_scale: float | str | None = None,
         lr_scale_ramp: int | None = None,
         backprop_top: int | None = None,
@@ -238,10 +239,13 @@ def _chosen(dfa: FeedbackEngine) -> str:
     )
     if dfa.backprop_points:
         line += f", {len(dfa.backprop_points)} top blocks by backprop"
-    if dfa.mode != "dfa":
-        return f"{line}, mode {dfa.mode}"
-    scale = "auto (min(0.1, 1/sqrt(error width)))" if dfa.lr_scale == "auto" else dfa.lr_scale
-    return f"{line}, points at lr_scale={scale} x lr"
+    head = f"head and embeddings at head_lr_scale={config.head_lr_scale:g} x lr"
+    if dfa.mode == "backprop":
+        return f"{line}, mode backprop"
+    if dfa.mode == "frozen":
+        return f"{line}, mode frozen, {head}"
+    scale = "auto (min(0.1, head_lr_scale/sqrt(error width)))" if dfa.lr_scale == "auto" else dfa.lr_scale
+    return f"{line}, {head}, points at lr_scale={scale} x lr"
 
 
 def _projector_name(spec: Any) -> str:

@@ -37,6 +37,7 @@ class _DFAStrategyMixin:
         seed: int | None = None,
         mode: str | None = None,
         error_rows: int | None = None,
+        head_lr_scale: float | None = None,
         lr_scale: float | str | None = None,
         lr_scale_ramp: int | None = None,
         backprop_top: int | None = None,

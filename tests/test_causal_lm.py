@@ -170,5 +170,5 @@ def test_the_quickstart_recipe_runs_end_to_end(tmp_path):
     assert type(cli.trainer.strategy.dfa.engine.projector).__name__ == "Gaussian"
     dfa = cli.trainer.strategy.dfa.engine
     assert dfa.lr_scale == "auto"  # the plugin's default: the recipe sets no learning rate for the blocks
-    assert dfa.points_lr_scale == pytest.approx(cli.model.hparams.vocab_size**-0.5)
+    assert dfa.points_lr_scale == pytest.approx(min(0.1, dfa.config.head_lr_scale * cli.model.hparams.vocab_size**-0.5))
     assert math.isfinite(float(cli.trainer.callback_metrics["test/ppl"]))

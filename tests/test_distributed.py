@@ -194,12 +194,13 @@ def test_dfa_fsdp_gradients_equal_a_single_process_on_the_global_batch(dfa_fsdp_
 
 
 @pytest.mark.slow
-def test_dfa_fsdp_steps_the_points_at_lr_scale_as_one_process_with_an_explicit_group(dfa_fsdp_ranks):
+def test_dfa_fsdp_steps_the_points_and_the_head_at_their_scales_as_one_process_with_explicit_groups(dfa_fsdp_ranks):
     model = classifier()
     x, y = global_batch()
-    scale = 0.1  # lr_scale="auto" for three classes (capped)
+    scale, head = 0.1, 3.0  # lr_scale="auto" for three classes (capped); the default head_lr_scale
     blocks = [p for block in model.blocks for p in block.parameters()]
-    optimizer = torch.optim.Adam([{"params": blocks, "lr": 1e-3 * scale}, {"params": model.head.parameters()}], lr=1e-3)
+    groups = [{"params": blocks, "lr": 1e-3 * scale}, {"params": model.head.parameters(), "lr": 1e-3 * head}]
+    optimizer = torch.optim.Adam(groups, lr=1e-3)
     with FeedbackEngine(blocks="blocks.*", output="head", seed=3).attach(model):
         F.cross_entropy(model(x), y).backward()
     optimizer.step()

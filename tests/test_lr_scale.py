@@ -1,7 +1,8 @@
 """``lr_scale``: the feedback points learn at ``lr_scale`` x the optimizer's rate, for any optimizer and schedule.
 
 The reference everywhere is what a user would write by hand: the points in their own parameter group at the
-scaled learning rate, with ``lr_scale=1.0`` (the optimizer untouched).
+scaled learning rate, with ``lr_scale=1.0`` (the optimizer untouched). The ``lr_scale`` tests keep the head at the
+optimizer's own rate (``head_lr_scale=1.0``); the ``head_lr_scale`` tests at the end scale both.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def batches(steps=6):
 
 
 def train_plain(model, optimizer, scheduler, scale):
-    with FeedbackEngine(blocks="blocks.*", output="head", lr_scale=scale).attach(model) as dfa:
+    with FeedbackEngine(blocks="blocks.*", output="head", head_lr_scale=1.0, lr_scale=scale).attach(model) as dfa:
         dfa.scale_updates(optimizer)
         for x, y in batches():
             optimizer.zero_grad()
@@ -121,7 +122,7 @@ def test_each_of_two_optimizers_scales_its_own_points():
     )
     ref_second = torch.optim.SGD(reference.blocks[1].parameters(), lr=LR * SCALE, momentum=0.9)
     for model, optimizers, scale in ((scaled, (first, second), SCALE), (reference, (ref_first, ref_second), 1.0)):
-        with FeedbackEngine(blocks="blocks.*", output="head", lr_scale=scale).attach(model) as dfa:
+        with FeedbackEngine(blocks="blocks.*", output="head", head_lr_scale=1.0, lr_scale=scale).attach(model) as dfa:
             dfa.scale_updates(*optimizers)
             for x, y in batches():
                 F.cross_entropy(model(x), y).backward()
@@ -135,7 +136,7 @@ def test_outside_the_step_the_optimizer_keeps_the_users_groups():
     model = TinyMLP()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     scheduler = cosine(optimizer)
-    with FeedbackEngine(blocks="blocks.*", output="head", lr_scale=SCALE).attach(model) as dfa:
+    with FeedbackEngine(blocks="blocks.*", output="head", head_lr_scale=1.0, lr_scale=SCALE).attach(model) as dfa:
         dfa.scale_updates(optimizer)
         x, y = batches()[0]
         F.cross_entropy(model(x), y).backward()
@@ -168,7 +169,7 @@ def test_a_step_that_raised_leaves_no_split_groups_behind():
 def test_detach_restores_plain_optimizer_steps():
     scaled, reference = two_copies()
     optimizer = torch.optim.SGD(scaled.parameters(), lr=LR)
-    dfa = FeedbackEngine(blocks="blocks.*", output="head", lr_scale=SCALE).attach(scaled)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head", head_lr_scale=1.0, lr_scale=SCALE).attach(scaled)
     dfa.scale_updates(optimizer)
     dfa.detach()
     ref_optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
@@ -183,12 +184,13 @@ def test_detach_restores_plain_optimizer_steps():
 def test_the_baselines_keep_the_plain_rate(mode):
     baseline, reference = two_copies()
     optimizer = torch.optim.SGD(baseline.parameters(), lr=LR)
-    with FeedbackEngine(blocks="blocks.*", output="head", mode=mode, lr_scale=SCALE).attach(baseline) as dfa:
+    engine = FeedbackEngine(blocks="blocks.*", output="head", mode=mode, head_lr_scale=1.0, lr_scale=SCALE)
+    with engine.attach(baseline) as dfa:
         dfa.scale_updates(optimizer)
         x, y = batches()[0]
         F.cross_entropy(baseline(x), y).backward()
         optimizer.step()
-    with FeedbackEngine(blocks="blocks.*", output="head", mode=mode, lr_scale=1.0).attach(reference):
+    with FeedbackEngine(blocks="blocks.*", output="head", mode=mode, head_lr_scale=1.0, lr_scale=1.0).attach(reference):
         F.cross_entropy(reference(x), y).backward()
         torch.optim.SGD(reference.parameters(), lr=LR).step()
     assert_same_weights(baseline, reference)
@@ -212,22 +214,22 @@ def test_a_scale_outside_0_to_1_is_refused_with_its_meaning(bad):
 
 def test_scale_updates_before_attach_says_to_attach():
     with pytest.raises(RuntimeError, match=r"call attach\(model\) first"):
-        FeedbackEngine(lr_scale=SCALE).scale_updates(torch.optim.SGD(TinyMLP().parameters(), lr=LR))
+        FeedbackEngine(head_lr_scale=1.0, lr_scale=SCALE).scale_updates(torch.optim.SGD(TinyMLP().parameters(), lr=LR))
 
 
 def test_resuming_with_another_scale_warns():
     model = TinyMLP()
-    dfa = FeedbackEngine(blocks="blocks.*", output="head", lr_scale=SCALE).attach(model)
+    dfa = FeedbackEngine(blocks="blocks.*", output="head", head_lr_scale=1.0, lr_scale=SCALE).attach(model)
     x, y = batches()[0]
     F.cross_entropy(model(x), y).backward()
     state = dfa.state_dict()
     assert state["lr_scale"] == SCALE
-    other = FeedbackEngine(blocks="blocks.*", output="head", lr_scale=0.5)
+    other = FeedbackEngine(blocks="blocks.*", output="head", head_lr_scale=1.0, lr_scale=0.5)
     with pytest.warns(UserWarning, match=r"lr_scale=0.1, this run uses lr_scale=0.5"):
         other.load_state_dict(state)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        FeedbackEngine(blocks="blocks.*", output="head", lr_scale=SCALE).load_state_dict(state)
+        FeedbackEngine(blocks="blocks.*", output="head", head_lr_scale=1.0, lr_scale=SCALE).load_state_dict(state)
 
 
 # ---------------------------------------------------------------------- Lightning
@@ -275,15 +277,15 @@ def fit(module, strategy, **trainer_args):
 def test_a_lightning_run_scales_the_points_as_an_explicit_group(manual, trainer_args):
     scaled = Classifier(manual=manual)
     reference = Classifier(explicit=True, manual=manual)
-    fit(scaled, DFAStrategy(lr_scale=SCALE), **trainer_args)
-    fit(reference, DFAStrategy(lr_scale=1.0), **trainer_args)
+    fit(scaled, DFAStrategy(head_lr_scale=1.0, lr_scale=SCALE), **trainer_args)
+    fit(reference, DFAStrategy(head_lr_scale=1.0, lr_scale=1.0), **trainer_args)
     assert_same_weights(scaled.net, reference.net)
 
 
 def test_the_callback_applies_the_scale_under_another_strategy():
     scaled, reference = Classifier(), Classifier(explicit=True)
-    fit(scaled, "auto", callbacks=[DFA(blocks="net.blocks.*", output="net.head", lr_scale=SCALE)])
-    fit(reference, DFAStrategy(lr_scale=1.0))
+    fit(scaled, "auto", callbacks=[DFA(blocks="net.blocks.*", output="net.head", head_lr_scale=1.0, lr_scale=SCALE)])
+    fit(reference, DFAStrategy(head_lr_scale=1.0, lr_scale=1.0))
     assert_same_weights(scaled.net, reference.net)
 
 
@@ -300,9 +302,14 @@ def test_the_default_scale_is_used_without_settings():
 def test_dfa_ddp_with_a_scale_trains_like_one_process(monkeypatch):
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the process group's variables leave with the test
     scaled, reference = Classifier(), Classifier(explicit=True)
-    fit(scaled, DFADDPStrategy(lr_scale=SCALE, process_group_backend="gloo"), devices=1, use_distributed_sampler=False)
+    fit(
+        scaled,
+        DFADDPStrategy(head_lr_scale=1.0, lr_scale=SCALE, process_group_backend="gloo"),
+        devices=1,
+        use_distributed_sampler=False,
+    )
     torch.distributed.destroy_process_group()
-    fit(reference, DFAStrategy(lr_scale=1.0))
+    fit(reference, DFAStrategy(head_lr_scale=1.0, lr_scale=1.0))
     assert_same_weights(scaled.net, reference.net)
 
 
@@ -334,14 +341,21 @@ def test_the_cli_sets_the_scale(tmp_path):
     [((4, 16, 4096), 1 / 64), ((4, 256), 1 / 16), ((4, 10), 0.1), ((4, 1, 16, 16), 1 / 16), ((4, 3, 4, 4), 0.1)],
     ids=["tokens-are-rows", "samples-are-rows", "capped", "a-whole-image-is-one-row", "capped-image"],
 )
-def test_auto_is_one_over_the_square_root_of_the_error_width_at_most_a_tenth(error_shape, scale):
+def test_auto_is_the_head_rate_over_the_square_root_of_the_error_width_at_most_a_tenth(error_shape, scale):
     from lightning_dfa.feedback.update_scale import auto_lr_scale
 
-    assert auto_lr_scale(error_shape) == pytest.approx(scale)
+    assert auto_lr_scale(error_shape, head_lr_scale=1.0) == pytest.approx(scale)
+    assert auto_lr_scale(error_shape, head_lr_scale=2.0) == pytest.approx(min(0.1, 2 * scale))
+
+
+def test_auto_follows_the_default_head_lr_scale():
+    from lightning_dfa.feedback.update_scale import auto_lr_scale
+
+    assert auto_lr_scale((8, 128, 4096)) == pytest.approx(HEAD / 64)  # the quick start's logits: 0.047
 
 
 def test_auto_is_the_default_and_is_set_by_the_first_forward():
-    model = TinyMLP(classes=400)  # 400 classes: 1 / sqrt(400) = 0.05
+    model = TinyMLP(classes=3600)  # 3600 classes: 3 / sqrt(3600) = 0.05
     dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(model)
     assert dfa.lr_scale == "auto" and dfa.points_lr_scale is None
     model(torch.randn(2, 5))
@@ -359,7 +373,7 @@ def test_auto_sees_the_whole_image_with_spatial_feedback():
         unet
     ) as dfa:  # rows are pixels for the projection, not for the rule
         unet(torch.zeros(2, 1, 16, 16), torch.tensor([1, 2]))
-        assert dfa.points_lr_scale == pytest.approx(1 / 16)
+        assert dfa.points_lr_scale == pytest.approx(0.1)  # 3 / 16, capped: a 16 x 16 image is one row
 
 
 def test_auto_scales_the_points_as_a_group_at_the_chosen_rate():
@@ -373,8 +387,8 @@ def test_auto_scales_the_points_as_a_group_at_the_chosen_rate():
 
 def test_auto_in_a_lightning_step_scales_the_very_first_update():
     scaled, reference = Classifier(), Classifier(explicit=True, scale=0.1)  # 3 classes: "auto" gives 0.1
-    fit(scaled, DFAStrategy(lr_scale="auto"))  # the first forward runs inside step(closure)
-    fit(reference, DFAStrategy(lr_scale=1.0))
+    fit(scaled, DFAStrategy(head_lr_scale=1.0, lr_scale="auto"))  # the first forward runs inside step(closure)
+    fit(reference, DFAStrategy(head_lr_scale=1.0, lr_scale=1.0))
     assert_same_weights(scaled.net, reference.net)
 
 
@@ -385,7 +399,9 @@ def scaled_rates(scale, ramp, steps=6, engine_state=None):
 
     model, seen = TinyMLP(), []
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    dfa = FeedbackEngine(blocks="blocks.*", output="head", lr_scale=scale, lr_scale_ramp=ramp).attach(model)
+    dfa = FeedbackEngine(
+        blocks="blocks.*", output="head", head_lr_scale=1.0, lr_scale=scale, lr_scale_ramp=ramp
+    ).attach(model)
     if engine_state is not None:
         dfa.load_state_dict(engine_state)
     dfa.scale_updates(optimizer)
@@ -424,3 +440,150 @@ def test_the_steps_taken_are_saved_and_a_resumed_engine_goes_on_from_them():
 def test_a_bad_ramp_names_what_is_allowed(ramp):
     with pytest.raises(ValueError, match=r"lr_scale_ramp must be a whole number of optimizer steps >= 0.*got"):
         DFAStrategy(lr_scale_ramp=ramp)
+
+
+# ---------------------------------------------------------------------- head_lr_scale
+HEAD = 3.0
+
+
+def explicit_head_groups(model, scale=SCALE):
+    """What a user would write for head_lr_scale=3: the points at scale x LR, everything else at 3 x LR."""
+    points, rest = points_and_rest(model)
+    return [{"params": rest, "lr": LR * HEAD}, {"params": points, "lr": LR * scale}]
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd-momentum"])
+def test_the_rest_learns_at_head_lr_scale_and_the_points_at_lr_scale(name):
+    scaled, reference = two_copies()
+    opt = OPTIMIZERS[name](scaled.parameters())
+    ref_opt = OPTIMIZERS[name](explicit_head_groups(reference))
+    with FeedbackEngine(blocks="blocks.*", output="head", head_lr_scale=HEAD, lr_scale=SCALE).attach(scaled) as dfa:
+        dfa.scale_updates(opt)
+        for x, y in batches():
+            opt.zero_grad()
+            F.cross_entropy(scaled(x), y).backward()
+            opt.step()
+    train_plain(reference, ref_opt, None, 1.0)
+    assert_same_weights(scaled, reference)
+
+
+def test_the_frozen_control_trains_the_head_at_head_lr_scale():
+    control, reference = two_copies()
+    optimizer = torch.optim.SGD(control.parameters(), lr=LR)
+    with FeedbackEngine(blocks="blocks.*", output="head", mode="frozen").attach(control) as dfa:  # default: 3
+        dfa.scale_updates(optimizer)
+        x, y = batches()[0]
+        F.cross_entropy(control(x), y).backward()
+        optimizer.step()
+    with FeedbackEngine(blocks="blocks.*", output="head", mode="frozen", head_lr_scale=1.0).attach(reference):
+        F.cross_entropy(reference(x), y).backward()
+        torch.optim.SGD(reference.parameters(), lr=LR * HEAD).step()
+    assert_same_weights(control, reference)
+    assert not torch.equal(control.head.weight, two_copies()[0].head.weight)  # the head did learn
+
+
+def test_backprop_keeps_the_optimizers_rate_at_the_default_head_lr_scale():
+    baseline, reference = two_copies()
+    optimizer = torch.optim.SGD(baseline.parameters(), lr=LR)
+    with FeedbackEngine(mode="backprop").attach(baseline) as dfa:
+        dfa.scale_updates(optimizer)
+        x, y = batches()[0]
+        F.cross_entropy(baseline(x), y).backward()
+        optimizer.step()
+    F.cross_entropy(reference(x), y).backward()
+    torch.optim.SGD(reference.parameters(), lr=LR).step()
+    assert_same_weights(baseline, reference)
+
+
+def test_outside_the_step_the_users_groups_keep_their_own_rate():
+    model = TinyMLP()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    scheduler = warmup(optimizer)
+    with FeedbackEngine(blocks="blocks.*", output="head", head_lr_scale=HEAD).attach(model) as dfa:
+        dfa.scale_updates(optimizer)
+        for x, y in batches(3):
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            scheduler.step()
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(scheduler.get_last_lr()[0])
+            assert len(optimizer.param_groups) == 1
+
+
+def test_a_lightning_run_at_the_defaults_is_explicit_groups_at_three_times_the_rate():
+    scaled = Classifier()
+    reference = Classifier(explicit=True)  # 3 classes: "auto" gives 0.1, the reference's groups at SCALE = 0.1
+
+    def head_groups(module=reference):
+        optimizer = torch.optim.AdamW(explicit_head_groups(module.net), lr=LR * HEAD, weight_decay=0.1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup(optimizer), "interval": "step"}}
+
+    reference.configure_optimizers = head_groups
+    fit(scaled, DFAStrategy())
+    fit(reference, DFAStrategy(head_lr_scale=1.0, lr_scale=1.0))
+    assert_same_weights(scaled.net, reference.net)
+
+
+def test_the_default_head_lr_scale_is_three():
+    assert FeedbackEngine().config.head_lr_scale == HEAD
+    assert DFAStrategy(head_lr_scale=2.0)._dfa_settings["head_lr_scale"] == 2.0  # noqa: SLF001
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, 101, "3", True])
+def test_a_bad_head_lr_scale_names_what_is_allowed(bad):
+    with pytest.raises(ValueError, match=r"head_lr_scale must be a number in \(0, 100\].*got"):
+        DFAStrategy(head_lr_scale=bad)
+
+
+def test_resuming_with_another_head_lr_scale_warns():
+    model = TinyMLP()
+    dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(model)
+    F.cross_entropy(model(batches()[0][0]), batches()[0][1]).backward()
+    state = dfa.state_dict()
+    assert state["head_lr_scale"] == HEAD
+    with pytest.warns(UserWarning, match=r"head_lr_scale=3.0, this run uses head_lr_scale=1.0"):
+        FeedbackEngine(blocks="blocks.*", output="head", head_lr_scale=1.0).load_state_dict(state)
+
+
+def test_a_checkpoint_from_before_head_lr_scale_warns_that_the_rate_changes():
+    model = TinyMLP()
+    dfa = FeedbackEngine(blocks="blocks.*", output="head").attach(model)
+    F.cross_entropy(model(batches()[0][0]), batches()[0][1]).backward()
+    state = {k: v for k, v in dfa.state_dict().items() if k != "head_lr_scale"}  # what an older version saved
+    with pytest.warns(UserWarning, match=r"trained with head_lr_scale=1.0, this run uses head_lr_scale=3.0"):
+        FeedbackEngine(blocks="blocks.*", output="head").load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "mode, said",
+    [
+        ("dfa", "head and embeddings at head_lr_scale=3 x lr, points at lr_scale=auto"),
+        ("frozen", "mode frozen, head and embeddings at head_lr_scale=3 x lr"),
+    ],
+)
+def test_the_start_of_fit_names_the_heads_rate(mode, said, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        fit(Classifier(), DFAStrategy(mode=mode))
+    assert said in caplog.text
+
+
+def test_the_cli_sets_the_heads_rate(tmp_path):
+    from lightning_dfa.cli import main
+
+    main(
+        [
+            "fit",
+            "--config",
+            "digits-mlp",
+            "--trainer.strategy.init_args.head_lr_scale=1.5",
+            "--trainer.max_steps=2",
+            "--trainer.logger=false",
+            "--trainer.limit_val_batches=0",
+            "--trainer.limit_test_batches=0",
+            "--trainer.callbacks=[]",
+            "--baselines=[]",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert "head_lr_scale: 1.5" in (tmp_path / "latest" / "config.yaml").read_text()

@@ -25,9 +25,11 @@ EPOCHS = 8
 RESULTS: dict[str, float] = {}
 
 
-def test_accuracy(projector, lr_scale: float | str = 1.0, mode: str = "dfa", epochs: int = EPOCHS) -> float:
+def test_accuracy(
+    projector, lr_scale: float | str = 1.0, mode: str = "dfa", epochs: int = EPOCHS, depth: int = 2
+) -> float:
     pl.seed_everything(0, workers=True)
-    model = MLPClassifier(hidden=128, depth=2, lr=1e-3)
+    model = MLPClassifier(hidden=128, depth=depth, lr=1e-3)
     # The full rate: the projectors are compared where the blocks learn fastest (at lr_scale="auto", 0.1 here,
     # 8 epochs leave the blocks mid-way and the comparison noisy; docs/emulator.md has both).
     dfa = DFA(blocks="blocks.*", output="head", projector=projector, seed=0, lr_scale=lr_scale, mode=mode)
@@ -73,8 +75,9 @@ def test_the_physical_opu_with_an_8_bit_noisy_camera_learns_close_to_the_dense_g
 
 
 def test_the_physical_opu_at_the_plugins_defaults_beats_the_frozen_control():
-    # 20 epochs: at lr_scale="auto" (0.1 here) the blocks need longer than at the full rate
-    opu = test_accuracy("opu", lr_scale="auto", epochs=20)
-    frozen = test_accuracy("opu", lr_scale="auto", mode="frozen", epochs=20)
+    # 20 epochs: at lr_scale="auto" (0.1 here) the blocks need longer than at the full rate; three blocks: with
+    # the head at head_lr_scale=3 x lr, two 128-wide random blocks and a trained head already reach 92% (measured)
+    opu = test_accuracy("opu", lr_scale="auto", epochs=20, depth=3)
+    frozen = test_accuracy("opu", lr_scale="auto", mode="frozen", epochs=20, depth=3)
     print(f"\nOPU at lr_scale='auto': test accuracy {opu:.3f} (frozen-blocks control {frozen:.3f})")
     assert opu > frozen + 0.03

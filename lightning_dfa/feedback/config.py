@@ -15,8 +15,10 @@ from typing import Any
 
 from lightning_dfa._checks import check_int, closest
 from lightning_dfa.feedback.update_scale import (
+    DEFAULT_HEAD_LR_SCALE,
     DEFAULT_LR_SCALE,
     DEFAULT_LR_SCALE_RAMP,
+    check_head_lr_scale,
     check_lr_scale,
     check_lr_scale_ramp,
 )
@@ -38,7 +40,10 @@ class DFAConfig:
         seed: seed of the projection, the same on every device and rank.
         mode: ``"dfa"``, ``"backprop"`` (true gradients) or ``"frozen"`` (points frozen: the control).
         error_rows: leading dimensions of the error that are rows (default: 2 for ``(B, T, V)``, else 1).
-        lr_scale: the points learn at ``lr_scale`` x the optimizer's rate; ``"auto"``: ``min(0.1, 1/sqrt(d_e))``.
+        head_lr_scale: in ``"dfa"`` and ``"frozen"`` modes, what trains by true gradient (head, embeddings) learns
+            at ``head_lr_scale`` x the optimizer's rate (default 3; 1: the optimizer's own).
+        lr_scale: the points learn at ``lr_scale`` x the optimizer's rate; ``"auto"``:
+            ``min(0.1, head_lr_scale / sqrt(d_e))``.
         lr_scale_ramp: optimizer steps over which an ``"auto"`` share rises linearly from 0 (0: none).
         backprop_top: the top ``k`` blocks train with their true gradient.
         embeddings: ``True``: embeddings are points; ``"first_block"``: they learn from block 0's feedback.
@@ -53,6 +58,7 @@ class DFAConfig:
     seed: int = 0
     mode: str = "dfa"
     error_rows: int | None = None
+    head_lr_scale: float = DEFAULT_HEAD_LR_SCALE
     lr_scale: float | str = DEFAULT_LR_SCALE
     lr_scale_ramp: int = DEFAULT_LR_SCALE_RAMP
     backprop_top: int = 0
@@ -79,6 +85,7 @@ class DFAConfig:
             raise ValueError(
                 f"spatial_patch must be an odd positive integer (1, 3, 5, ...), got {self.spatial_patch!r}."
             )
+        check_head_lr_scale(self.head_lr_scale)
         check_lr_scale(self.lr_scale)
         check_lr_scale_ramp(self.lr_scale_ramp)
         if not isinstance(self.strict, bool):

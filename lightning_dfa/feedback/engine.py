@@ -170,16 +170,21 @@ class FeedbackEngine:
                 self._install_hooks()
 
     def scale_updates(self, *optimizers: torch.optim.Optimizer) -> None:
-        """Make the points learn at ``lr_scale`` x each optimizer's learning rate (exactly as their own parameter
-        group would), until :meth:`detach`. Only in ``mode="dfa"``: the baselines keep the plain rate. Parameters
-        shared with modules outside the points (a head tied to embedding points) keep the full rate."""
+        """Make the points learn at ``lr_scale`` x each optimizer's learning rate and everything else at
+        ``head_lr_scale`` x it (exactly as their own parameter groups would), until :meth:`detach`. The frozen
+        control gets the same ``head_lr_scale``; backprop keeps the plain rate. Parameters shared with modules
+        outside the points (a head tied to embedding points) learn at the head's rate."""
         if self.model is None:
             raise RuntimeError("scale_updates() needs the model: call attach(model) first.")
-        if self.mode != "dfa" or self.lr_scale == 1.0:
-            return
-        params = self._own_trainable()
-        scale, ramp = scale_and_ramp(self.config, lambda: self.points_lr_scale)
-        self._scaled_updates += [ScaledUpdates(optimizer, params, scale, ramp) for optimizer in optimizers]
+        head, frozen = self.config.head_lr_scale, self.mode == "frozen"
+        if self.mode == "backprop" or (head == 1.0 and (frozen or self.lr_scale == 1.0)):
+            return  # nothing to scale
+        if frozen:  # the points do not learn: only the rest's rate
+            params, scale, ramp = [], 1.0, 0
+        else:
+            params = self._own_trainable()
+            scale, ramp = scale_and_ramp(self.config, lambda: self.points_lr_scale)
+        self._scaled_updates += [ScaledUpdates(optimizer, params, scale, ramp, head) for optimizer in optimizers]
         self.update_steps, self._resumed_steps = self._resumed_steps, 0
 
     @property
@@ -260,7 +265,7 @@ class FeedbackEngine:
             )
         shapes = self.projection.shapes(self.points, records, error_point)
         if self.points_lr_scale is None:  # lr_scale="auto": known from the first error
-            self.points_lr_scale = auto_lr_scale(error_point.shape)
+            self.points_lr_scale = auto_lr_scale(error_point.shape, self.config.head_lr_scale)
             for scaled in self._scaled_updates:  # a step already under way (Lightning's closure) learns it now
                 scaled.rescale()
         # The frozen-blocks control feeds no block (parameters it shares with the head train with their true

@@ -173,24 +173,29 @@ def feedback_state(
         "layout": {name: (s.start, s.stop) for name, s in layout.items()},
         "projector": projector_state,
         "lr_scale": config.lr_scale,
+        "head_lr_scale": config.head_lr_scale,
     }
 
 
 def check_saved_settings(state: dict[str, Any], config: DFAConfig) -> None:
-    """Refuse another feedback seed (another projection); warn when ``lr_scale`` changed (another trajectory)."""
+    """Refuse another feedback seed (another projection); warn when ``lr_scale`` or ``head_lr_scale`` changed
+    (another trajectory)."""
     if state.get("seed", config.seed) != config.seed:
         raise ValueError(
             f"The checkpoint's feedback seed is {state['seed']}, this DFA's is {config.seed}: resume with "
             f"seed={state['seed']} so the run keeps its projection."
         )
-    saved_scale, scale = state.get("lr_scale", config.lr_scale), config.lr_scale
-    if saved_scale != scale:
-        warnings.warn(
-            f"The checkpoint was trained with lr_scale={saved_scale}, this run uses lr_scale={scale}: the "
-            f"feedback points' learning rate changes from here on (set lr_scale={saved_scale} to resume the "
-            "same trajectory).",
-            stacklevel=4,
-        )
+    if "lr_scale" not in state:  # saved before the first step: no trajectory yet
+        return
+    # A checkpoint from before head_lr_scale existed trained everything at the optimizer's own rate.
+    for setting, saved in (("lr_scale", state["lr_scale"]), ("head_lr_scale", state.get("head_lr_scale", 1.0))):
+        now = getattr(config, setting)
+        if saved != now:
+            warnings.warn(
+                f"The checkpoint was trained with {setting}={saved}, this run uses {setting}={now}: the learning "
+                f"rate under DFA changes from here on (set {setting}={saved} to resume the same trajectory).",
+                stacklevel=4,
+            )
 
 
 def check_saved_layout(state: dict[str, Any], layout: dict[str, slice], error_features: int) -> None:

@@ -70,7 +70,7 @@ class StageFeedback:
             self._saved = None
         self.layout, self.error_features = layout, error_features
         if self.config.lr_scale == "auto":
-            self.points_lr_scale = auto_lr_scale(error_shape)
+            self.points_lr_scale = auto_lr_scale(error_shape, self.config.head_lr_scale)
             for scaled in self._scaled:
                 scaled.rescale()
 
@@ -96,12 +96,13 @@ class StageFeedback:
         torch.autograd.backward([hidden for _, hidden in records], grads)
 
     def scale_updates(self, optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
-        """The points' parameters learn at ``lr_scale`` x the optimizer's rate, as in one process."""
-        if self.config.lr_scale == 1.0:
+        """The stage's points learn at ``lr_scale`` x the optimizer's rate and the rest at ``head_lr_scale`` x it, as
+        in one process."""
+        if self.config.lr_scale == 1.0 and self.config.head_lr_scale == 1.0:
             return
         params = [p for name in self.points for p in module.get_submodule(name).parameters() if p.requires_grad]
         scale, ramp = scale_and_ramp(self.config, lambda: self.points_lr_scale)
-        self._scaled.append(ScaledUpdates(optimizer, params, scale, ramp))
+        self._scaled.append(ScaledUpdates(optimizer, params, scale, ramp, self.config.head_lr_scale))
         self._scaled[-1].steps, self._resumed_steps = self._resumed_steps, 0
 
     def state_dict(self) -> dict[str, Any]:
