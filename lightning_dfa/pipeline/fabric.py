@@ -5,7 +5,7 @@ Example (every rank runs this; each loads the same batches)::
     fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_fork")
     fabric.launch()
     pipe = FabricPipeline(fabric, model, cross_entropy, n_microbatches=4, config=DFAConfig(projector="seeded"))
-    optimizer = pipe.optimizer(torch.optim.AdamW, lr=1e-3)     # this stage's parameters; lr_scale applied
+    optimizer = pipe.optimizer(torch.optim.AdamW, lr=1e-3)     # this stage's parameters, both lr scales applied
     for x, y in loader:
         loss = pipe.step(x, y, optimizer)                        # the batch's mean loss, on every rank
     pipe.save("checkpoints/step-100", optimizer)                 # one file per stage, the unsplit model's names
@@ -69,7 +69,8 @@ class FabricPipeline:
         return self.index == self.stages - 1
 
     def optimizer(self, optimizer_class: type[torch.optim.Optimizer], **settings: Any) -> torch.optim.Optimizer:
-        """``optimizer_class`` over this stage's parameters, its points at ``lr_scale`` x the rate."""
+        """``optimizer_class`` over this stage's parameters: its points at ``lr_scale`` x the rate, the rest at
+        ``head_lr_scale`` x."""
         optimizer = optimizer_class(self.module.parameters(), **settings)
         self.schedule.scale_updates(optimizer)
         return optimizer
