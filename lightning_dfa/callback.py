@@ -122,7 +122,8 @@ class DFA(Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine = self.engine
         engine.check_routed()
-        if engine.lr_scale == "auto" and engine.points_lr_scale is not None and not self._told_scale:
+        auto = engine.mode == "dfa" and engine.lr_scale == "auto"  # the frozen control's points do not learn
+        if auto and engine.points_lr_scale is not None and not self._told_scale:
             self._told_scale = True  # known from the first error only
             rank_zero_info(f"DFA: lr_scale='auto' set the points' learning rate to {engine.points_lr_scale:.3g} x lr")
 

@@ -587,3 +587,11 @@ def test_the_cli_sets_the_heads_rate(tmp_path):
         ]
     )
     assert "head_lr_scale: 1.5" in (tmp_path / "latest" / "config.yaml").read_text()
+
+
+def test_the_frozen_control_does_not_announce_a_rate_for_its_points(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        fit(Classifier(), DFAStrategy(mode="frozen"))
+    assert "set the points' learning rate" not in caplog.text
