@@ -313,7 +313,8 @@ def test_dfa_ddp_with_a_scale_trains_like_one_process(monkeypatch):
     assert_same_weights(scaled.net, reference.net)
 
 
-def test_the_cli_sets_the_scale(tmp_path):
+def cli_config(tmp_path, setting: str) -> str:
+    """The config.yaml of a 2-step ``lightning-dfa fit`` of digits-mlp with one strategy setting given."""
     from lightning_dfa.cli import main
 
     main(
@@ -321,7 +322,7 @@ def test_the_cli_sets_the_scale(tmp_path):
             "fit",
             "--config",
             "digits-mlp",
-            "--trainer.strategy.init_args.lr_scale=0.25",
+            f"--trainer.strategy.init_args.{setting}",
             "--trainer.max_steps=2",
             "--trainer.logger=false",
             "--trainer.limit_val_batches=0",
@@ -331,8 +332,11 @@ def test_the_cli_sets_the_scale(tmp_path):
             f"--trainer.default_root_dir={tmp_path}",
         ]
     )
-    config = (tmp_path / "latest" / "config.yaml").read_text()
-    assert "lr_scale: 0.25" in config
+    return (tmp_path / "latest" / "config.yaml").read_text()
+
+
+def test_the_cli_sets_the_scale(tmp_path):
+    assert "lr_scale: 0.25" in cli_config(tmp_path, "lr_scale=0.25")
 
 
 # ---------------------------------------------------------------------- lr_scale="auto"
@@ -569,24 +573,7 @@ def test_the_start_of_fit_names_the_heads_rate(mode, said, caplog):
 
 
 def test_the_cli_sets_the_heads_rate(tmp_path):
-    from lightning_dfa.cli import main
-
-    main(
-        [
-            "fit",
-            "--config",
-            "digits-mlp",
-            "--trainer.strategy.init_args.head_lr_scale=1.5",
-            "--trainer.max_steps=2",
-            "--trainer.logger=false",
-            "--trainer.limit_val_batches=0",
-            "--trainer.limit_test_batches=0",
-            "--trainer.callbacks=[]",
-            "--baselines=[]",
-            f"--trainer.default_root_dir={tmp_path}",
-        ]
-    )
-    assert "head_lr_scale: 1.5" in (tmp_path / "latest" / "config.yaml").read_text()
+    assert "head_lr_scale: 1.5" in cli_config(tmp_path, "head_lr_scale=1.5")
 
 
 def test_the_frozen_control_does_not_announce_a_rate_for_its_points(caplog):

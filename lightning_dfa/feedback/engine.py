@@ -30,8 +30,8 @@ from lightning_dfa.feedback.update_scale import (
     UPDATE_STEPS,
     ScaledUpdates,
     auto_lr_scale,
-    scale_and_ramp,
     steps_taken,
+    update_rates,
 )
 
 
@@ -176,15 +176,11 @@ class FeedbackEngine:
         outside the points (a head tied to embedding points) learn at the head's rate."""
         if self.model is None:
             raise RuntimeError("scale_updates() needs the model: call attach(model) first.")
-        head, frozen = self.config.head_lr_scale, self.mode == "frozen"
-        if self.mode == "backprop" or (head == 1.0 and (frozen or self.lr_scale == 1.0)):
-            return  # nothing to scale
-        if frozen:  # the points do not learn: only the rest's rate
-            params, scale, ramp = [], 1.0, 0
-        else:
-            params = self._own_trainable()
-            scale, ramp = scale_and_ramp(self.config, lambda: self.points_lr_scale)
-        self._scaled_updates += [ScaledUpdates(optimizer, params, scale, ramp, head) for optimizer in optimizers]
+        rates = update_rates(self.config, lambda: self.points_lr_scale)
+        if rates is None:
+            return
+        params = [] if self.mode == "frozen" else self._own_trainable()
+        self._scaled_updates += [ScaledUpdates(optimizer, params, *rates) for optimizer in optimizers]
         self.update_steps, self._resumed_steps = self._resumed_steps, 0
 
     @property

@@ -149,12 +149,19 @@ def steps_taken(scaled: Sequence[ScaledUpdates], resumed: int) -> int:
     return max((each.steps for each in scaled), default=resumed)
 
 
-def scale_and_ramp(config: Any, auto: Callable[[], float | None]) -> tuple[Any, int]:
-    """The ``scale`` and ``ramp`` of :class:`ScaledUpdates` for a ``DFAConfig``: ``"auto"`` is read from ``auto()``
-    at every step and ramped over ``lr_scale_ramp`` steps; a number is used as given, from the first step."""
+def update_rates(config: Any, auto: Callable[[], float | None]) -> tuple[Any, int, float] | None:
+    """The ``scale``, ``ramp`` and ``rest`` of :class:`ScaledUpdates` for a ``DFAConfig``, or ``None`` where nothing
+    changes (backprop; every rate at the optimizer's own). ``"auto"`` is read from ``auto()`` at every step and
+    ramped over ``lr_scale_ramp`` steps; a number is used as given, from the first step. The frozen control's points
+    do not learn: only its ``head_lr_scale`` applies."""
+    head = config.head_lr_scale
+    if config.mode == "backprop" or (head == 1.0 and (config.mode == "frozen" or config.lr_scale == 1.0)):
+        return None
+    if config.mode == "frozen":
+        return 1.0, 0, head
     if config.lr_scale == "auto":
-        return auto, config.lr_scale_ramp
-    return config.lr_scale, 0
+        return auto, config.lr_scale_ramp, head
+    return config.lr_scale, 0, head
 
 
 def ramp_factor(step: int, ramp: int) -> float:

@@ -22,8 +22,8 @@ from lightning_dfa.feedback.update_scale import (
     UPDATE_STEPS,
     ScaledUpdates,
     auto_lr_scale,
-    scale_and_ramp,
     steps_taken,
+    update_rates,
 )
 from lightning_dfa.pipeline.projection import StageProjection
 from lightning_dfa.projectors import build_projector
@@ -98,11 +98,11 @@ class StageFeedback:
     def scale_updates(self, optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
         """The stage's points learn at ``lr_scale`` x the optimizer's rate and the rest at ``head_lr_scale`` x it, as
         in one process."""
-        if self.config.lr_scale == 1.0 and self.config.head_lr_scale == 1.0:
+        rates = update_rates(self.config, lambda: self.points_lr_scale)
+        if rates is None:
             return
         params = [p for name in self.points for p in module.get_submodule(name).parameters() if p.requires_grad]
-        scale, ramp = scale_and_ramp(self.config, lambda: self.points_lr_scale)
-        self._scaled.append(ScaledUpdates(optimizer, params, scale, ramp, self.config.head_lr_scale))
+        self._scaled.append(ScaledUpdates(optimizer, params, *rates))
         self._scaled[-1].steps, self._resumed_steps = self._resumed_steps, 0
 
     def state_dict(self) -> dict[str, Any]:
